@@ -1,0 +1,1165 @@
+//! JSON payloads decoded straight into Arrow builders.
+//!
+//! Two shapes are recognised per record, with no configuration:
+//!
+//! ```text
+//! sample: {"sensor":"s1","ts":"2024-01-01T00:00:00Z","v":0.12}
+//!         -> one row; fields matched to columns by name, unknown fields ignored
+//!
+//! block:  {"sensor":"s1","t0":"2024-01-01T00:00:00Z","rate_hz":1000,"samples":[0.1,0.2,...]}
+//!         -> one row per sample; event time = t0 + i * 1e9 / rate_hz ns, the sample goes to
+//!            the value column, every other column is copied from the object
+//! ```
+//!
+//! A record with a `samples` key is a block. Its value column is the configured
+//! `value_column`, or else the one numeric column, other than event time, that the object does
+//! not name. `t0` may also be written under the event-time column's own name.
+//!
+//! The scanner is specialised for the flat objects sensors send: it finds each field's value
+//! by position, parses numbers with `fast-float2`, borrows strings from the record (unescaping
+//! only those that contain a backslash) and allocates nothing per record once warmed up.
+//! Nested values of unknown fields are skipped, not validated.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+
+use super::{
+    Cell, Column, ColumnKind, Columns, DecodeError, DecodeOptions, DecodeResult, RecordDecoder,
+    StrSources, event_time_index, integer_cell, is_non_finite_word, starts_like_number,
+};
+use crate::dead_letter::DeadLetterQueue;
+use crate::error::{ConnectorError, Result};
+use crate::time::{TimeUnit, parse_epoch, parse_timestamp};
+
+const T0: &str = "t0";
+const RATE_HZ: &str = "rate_hz";
+const SAMPLES: &str = "samples";
+
+/// Key positions remembered from the previous record; producers repeat their key order.
+const MAX_KEY_HINTS: usize = 64;
+
+/// Decodes JSON objects into batches of a fixed schema; see the module docs.
+#[derive(Debug)]
+pub struct JsonDecoder {
+    columns: Columns,
+    event_time: Option<usize>,
+    value_column: Option<usize>,
+    time_unit: TimeUnit,
+    scratch: Scratch,
+    t0_name: Arc<str>,
+    rate_hz_name: Arc<str>,
+    samples_name: Arc<str>,
+}
+
+/// Per-record state, reused from record to record.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Where each column's field is in the current record.
+    values: Vec<Value>,
+    cells: Vec<Cell>,
+    t0: Value,
+    rate_hz: Value,
+    samples: Value,
+    key_hints: Vec<KeyTarget>,
+    key: String,
+    unescaped: String,
+    sample_floats: Vec<f64>,
+    sample_valid: Vec<bool>,
+    sample_cells: Vec<Cell>,
+}
+
+/// A JSON value located in the record, not yet interpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Value {
+    #[default]
+    Absent,
+    Null,
+    Bool(bool),
+    Str {
+        start: usize,
+        end: usize,
+        escaped: bool,
+    },
+    Num {
+        start: usize,
+        end: usize,
+    },
+    /// Bare `NaN`, `Infinity` or `-Infinity`, as Python's `json.dumps` writes them.
+    NonFinite,
+    /// From the `[` to just past the `]`.
+    Array {
+        start: usize,
+        end: usize,
+    },
+    Object,
+}
+
+/// What a key of the record feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyTarget {
+    Column(usize),
+    T0,
+    RateHz,
+    Samples,
+    Ignored,
+}
+
+/// Sample offsets from `t0` for a block's rate, in integer arithmetic whenever the rate is a
+/// whole number so that sample times do not drift over long blocks.
+#[derive(Debug, Clone, Copy)]
+enum SampleClock {
+    /// The period is a whole number of nanoseconds (1 kHz, 1024 Hz is not).
+    Step(i64),
+    /// Integer rate: offset = floor(i * 1e9 / rate).
+    IntegerRate(i128),
+    /// Fractional rate: offset = round(i * period).
+    Period(f64),
+}
+
+impl SampleClock {
+    fn new(rate_hz: f64) -> Self {
+        const NANOS: i128 = 1_000_000_000;
+        if rate_hz.fract() == 0.0 && rate_hz <= 1e12 {
+            let rate = rate_hz as i128;
+            if NANOS % rate == 0 {
+                Self::Step((NANOS / rate) as i64)
+            } else {
+                Self::IntegerRate(rate)
+            }
+        } else {
+            Self::Period(1e9 / rate_hz)
+        }
+    }
+
+    fn offset(self, index: usize) -> i64 {
+        match self {
+            Self::Step(step) => index as i64 * step,
+            Self::IntegerRate(rate) => (index as i128 * 1_000_000_000 / rate) as i64,
+            Self::Period(period) => (index as f64 * period).round() as i64,
+        }
+    }
+}
+
+impl JsonDecoder {
+    /// A decoder for `schema`. `event_time` names the event-time column (a block's `t0` maps
+    /// to it). Fails with a configuration error for a column type JSON cannot fill or a
+    /// `value_column` that is not a numeric column of the schema.
+    pub fn new(
+        schema: SchemaRef,
+        event_time: Option<&str>,
+        options: DecodeOptions,
+    ) -> Result<Self> {
+        let columns = Columns::new(schema, "json decoder")?;
+        let event_time = event_time_index(&columns, event_time, "json decoder")?;
+        let value_column = match &options.value_column {
+            None => None,
+            Some(name) => {
+                let index = columns
+                    .index_of(name)
+                    .filter(|&i| columns.columns[i].kind.is_numeric() && Some(i) != event_time);
+                Some(index.ok_or_else(|| {
+                    ConnectorError::config(
+                        "json decoder",
+                        format!("value_column '{name}' must name a numeric column of the schema"),
+                    )
+                })?)
+            }
+        };
+        let width = columns.columns.len();
+        Ok(Self {
+            columns,
+            event_time,
+            value_column,
+            time_unit: options.time_unit,
+            scratch: Scratch {
+                values: vec![Value::Absent; width],
+                cells: vec![Cell::Null; width],
+                ..Scratch::default()
+            },
+            t0_name: Arc::from(T0),
+            rate_hz_name: Arc::from(RATE_HZ),
+            samples_name: Arc::from(SAMPLES),
+        })
+    }
+
+    /// The schema of the batches this decoder produces.
+    pub fn schema(&self) -> SchemaRef {
+        self.columns.schema.clone()
+    }
+
+    /// Decodes one JSON object; returns the rows it added (0 for an empty block). On error the
+    /// pending rows are exactly as before the call.
+    pub fn decode_record(&mut self, record: &[u8]) -> DecodeResult<usize> {
+        let text = std::str::from_utf8(record).map_err(|_| DecodeError::InvalidUtf8)?;
+        self.scan_object(text.as_bytes())?;
+        self.scratch.unescaped.clear();
+        if self.scratch.samples == Value::Absent {
+            self.decode_sample(text)
+        } else {
+            self.decode_block(text)
+        }
+    }
+
+    /// Decodes JSON lines; see [`RecordDecoder::decode_lines`].
+    pub fn decode_lines(
+        &mut self,
+        bytes: &[u8],
+        source: &str,
+        dead_letters: &DeadLetterQueue,
+    ) -> usize {
+        <Self as RecordDecoder>::decode_lines(self, bytes, source, dead_letters)
+    }
+
+    /// Rows decoded and not yet flushed.
+    pub fn len(&self) -> usize {
+        self.columns.rows
+    }
+
+    /// Whether no rows are pending.
+    pub fn is_empty(&self) -> bool {
+        self.columns.rows == 0
+    }
+
+    /// Turns the pending rows into a batch; `None` when there are none.
+    pub fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        self.columns.flush()
+    }
+
+    /// Locates every field of the object in `b` without interpreting values.
+    fn scan_object(&mut self, b: &[u8]) -> DecodeResult<()> {
+        let scratch = &mut self.scratch;
+        scratch.values.fill(Value::Absent);
+        scratch.t0 = Value::Absent;
+        scratch.rate_hz = Value::Absent;
+        scratch.samples = Value::Absent;
+        let mut i = skip_ws(b, 0);
+        match b.get(i) {
+            Some(b'{') => {}
+            None => return Err(DecodeError::InvalidJson),
+            Some(_) => {
+                // Tell a valid non-object apart from garbage for a more useful reason.
+                let (_, end) = scan_value(b, i)?;
+                return Err(if skip_ws(b, end) == b.len() {
+                    DecodeError::NotAnObject
+                } else {
+                    DecodeError::InvalidJson
+                });
+            }
+        }
+        i = skip_ws(b, i + 1);
+        if b.get(i) == Some(&b'}') {
+            i += 1;
+        } else {
+            let mut position = 0;
+            loop {
+                if b.get(i) != Some(&b'"') {
+                    return Err(DecodeError::InvalidJson);
+                }
+                let (key_start, key_end, escaped, next) = scan_string(b, i)?;
+                i = skip_ws(b, next);
+                if b.get(i) != Some(&b':') {
+                    return Err(DecodeError::InvalidJson);
+                }
+                let (value, next) = scan_value(b, skip_ws(b, i + 1))?;
+                let key = &b[key_start..key_end];
+                let target = if escaped {
+                    scratch.key.clear();
+                    unescape(key, &mut scratch.key)?;
+                    resolve_key(
+                        &self.columns.columns,
+                        &mut scratch.key_hints,
+                        scratch.key.as_bytes(),
+                        position,
+                    )
+                } else {
+                    resolve_key(&self.columns.columns, &mut scratch.key_hints, key, position)
+                };
+                match target {
+                    KeyTarget::Column(c) => scratch.values[c] = value,
+                    KeyTarget::T0 => scratch.t0 = value,
+                    KeyTarget::RateHz => scratch.rate_hz = value,
+                    KeyTarget::Samples => scratch.samples = value,
+                    KeyTarget::Ignored => {}
+                }
+                i = skip_ws(b, next);
+                match b.get(i) {
+                    Some(b',') => {
+                        i = skip_ws(b, i + 1);
+                        position += 1;
+                    }
+                    Some(b'}') => {
+                        i += 1;
+                        break;
+                    }
+                    _ => return Err(DecodeError::InvalidJson),
+                }
+            }
+        }
+        if skip_ws(b, i) != b.len() {
+            return Err(DecodeError::InvalidJson);
+        }
+        Ok(())
+    }
+
+    fn decode_sample(&mut self, text: &str) -> DecodeResult<usize> {
+        let scratch = &mut self.scratch;
+        for ((cell, value), column) in scratch
+            .cells
+            .iter_mut()
+            .zip(&scratch.values)
+            .zip(&self.columns.columns)
+        {
+            *cell = json_cell(column, *value, text, self.time_unit, &mut scratch.unescaped)?;
+        }
+        let strings = StrSources {
+            record: text,
+            unescaped: &scratch.unescaped,
+        };
+        for (builder, cell) in self.columns.builders.iter_mut().zip(&scratch.cells) {
+            builder.append(*cell, &strings);
+        }
+        self.columns.rows += 1;
+        Ok(1)
+    }
+
+    fn decode_block(&mut self, text: &str) -> DecodeResult<usize> {
+        let b = text.as_bytes();
+        let scratch = &mut self.scratch;
+        let columns = &self.columns.columns;
+        let Value::Array { start, end } = scratch.samples else {
+            return Err(DecodeError::WrongType {
+                column: self.samples_name.clone(),
+                expected: "array of numbers",
+            });
+        };
+        let value_column = match self.value_column {
+            Some(c) => c,
+            None => {
+                let mut found = None;
+                for (c, column) in columns.iter().enumerate() {
+                    if Some(c) == self.event_time
+                        || !column.kind.is_numeric()
+                        || scratch.values[c] != Value::Absent
+                    {
+                        continue;
+                    }
+                    if found.is_some() {
+                        return Err(DecodeError::AmbiguousValueColumn);
+                    }
+                    found = Some(c);
+                }
+                found.ok_or(DecodeError::NoValueColumn)?
+            }
+        };
+        let timing = match self.event_time {
+            None => None,
+            Some(event_time) => {
+                let t0 = match scratch.t0 {
+                    Value::Absent => scratch.values[event_time],
+                    t0 => t0,
+                };
+                let t0 = match t0 {
+                    Value::Absent | Value::Null => {
+                        return Err(DecodeError::MissingField(self.t0_name.clone()));
+                    }
+                    Value::Str { start, end, .. } => text
+                        .get(start..end)
+                        .and_then(|t| parse_timestamp(t, self.time_unit)),
+                    Value::Num { start, end } => parse_epoch(&b[start..end], self.time_unit),
+                    _ => None,
+                }
+                .ok_or_else(|| DecodeError::InvalidTimestamp(self.t0_name.clone()))?;
+                let rate = match scratch.rate_hz {
+                    Value::Absent | Value::Null => {
+                        return Err(DecodeError::MissingField(self.rate_hz_name.clone()));
+                    }
+                    Value::Num { start, end } => fast_float2::parse::<f64, _>(&b[start..end])
+                        .ok()
+                        .filter(|r| r.is_finite() && *r > 0.0)
+                        .ok_or(DecodeError::InvalidRate)?,
+                    _ => return Err(DecodeError::InvalidRate),
+                };
+                Some((event_time, t0, SampleClock::new(rate)))
+            }
+        };
+        for (c, column) in columns.iter().enumerate() {
+            scratch.cells[c] = if c == value_column || Some(c) == self.event_time {
+                Cell::Null
+            } else {
+                json_cell(
+                    column,
+                    scratch.values[c],
+                    text,
+                    self.time_unit,
+                    &mut scratch.unescaped,
+                )?
+            };
+        }
+        let value = &columns[value_column];
+        let float_samples = value.kind == ColumnKind::Float64;
+        let count = if float_samples {
+            scan_float_samples(b, start, end, value, scratch)?
+        } else {
+            scan_samples(b, start, end, value, text, self.time_unit, scratch)?
+        };
+        if let Some((event_time, t0, clock)) = timing
+            && count > 0
+            && t0.checked_add(clock.offset(count - 1)).is_none()
+        {
+            return Err(DecodeError::InvalidTimestamp(
+                columns[event_time].name.clone(),
+            ));
+        }
+
+        let strings = StrSources {
+            record: text,
+            unescaped: &scratch.unescaped,
+        };
+        for (c, builder) in self.columns.builders.iter_mut().enumerate() {
+            if c == value_column {
+                if float_samples {
+                    builder.append_floats(&scratch.sample_floats, &scratch.sample_valid);
+                } else {
+                    for cell in &scratch.sample_cells {
+                        builder.append(*cell, &strings);
+                    }
+                }
+            } else if let Some((event_time, t0, clock)) = timing
+                && c == event_time
+            {
+                builder.append_timestamps((0..count).map(|i| t0 + clock.offset(i)));
+            } else {
+                builder.append_n(scratch.cells[c], count, &strings);
+            }
+        }
+        self.columns.rows += count;
+        Ok(count)
+    }
+}
+
+impl RecordDecoder for JsonDecoder {
+    fn decode_record(&mut self, record: &[u8]) -> DecodeResult<usize> {
+        JsonDecoder::decode_record(self, record)
+    }
+
+    fn len(&self) -> usize {
+        self.columns.rows
+    }
+
+    fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        self.columns.flush()
+    }
+}
+
+/// Finds what `key` (the `position`-th key of the object) feeds, trying the previous record's
+/// answer for that position first.
+fn resolve_key(
+    columns: &[Column],
+    hints: &mut Vec<KeyTarget>,
+    key: &[u8],
+    position: usize,
+) -> KeyTarget {
+    let name_of = |target: KeyTarget| -> &[u8] {
+        match target {
+            KeyTarget::Column(c) => columns[c].name.as_bytes(),
+            KeyTarget::T0 => T0.as_bytes(),
+            KeyTarget::RateHz => RATE_HZ.as_bytes(),
+            KeyTarget::Samples => SAMPLES.as_bytes(),
+            KeyTarget::Ignored => &[],
+        }
+    };
+    if let Some(&hint) = hints.get(position)
+        && hint != KeyTarget::Ignored
+        && name_of(hint) == key
+    {
+        return hint;
+    }
+    // Columns win over the block keys, so a schema may have a column called `t0`.
+    let target = match columns.iter().position(|c| c.name.as_bytes() == key) {
+        Some(c) => KeyTarget::Column(c),
+        None if key == T0.as_bytes() => KeyTarget::T0,
+        None if key == RATE_HZ.as_bytes() => KeyTarget::RateHz,
+        None if key == SAMPLES.as_bytes() => KeyTarget::Samples,
+        None => KeyTarget::Ignored,
+    };
+    if position < MAX_KEY_HINTS {
+        if hints.len() <= position {
+            hints.resize(position + 1, KeyTarget::Ignored);
+        }
+        hints[position] = target;
+    }
+    target
+}
+
+/// Interprets one located value for `column`.
+fn json_cell(
+    column: &Column,
+    value: Value,
+    text: &str,
+    time_unit: TimeUnit,
+    unescaped: &mut String,
+) -> DecodeResult<Cell> {
+    let b = text.as_bytes();
+    let wrong_type = |expected| DecodeError::WrongType {
+        column: column.name.clone(),
+        expected,
+    };
+    match (column.kind, value) {
+        (_, Value::Absent) if column.nullable => Ok(Cell::Null),
+        (_, Value::Absent) => Err(DecodeError::MissingField(column.name.clone())),
+        (_, Value::Null) if column.nullable => Ok(Cell::Null),
+        (_, Value::Null) => Err(DecodeError::NullField(column.name.clone())),
+        (
+            ColumnKind::Utf8,
+            Value::Str {
+                start,
+                end,
+                escaped,
+            },
+        ) => {
+            if escaped {
+                let from = unescaped.len();
+                unescape(&b[start..end], unescaped)?;
+                Ok(Cell::Str {
+                    start: from,
+                    end: unescaped.len(),
+                    unescaped: true,
+                })
+            } else {
+                Ok(Cell::Str {
+                    start,
+                    end,
+                    unescaped: false,
+                })
+            }
+        }
+        (ColumnKind::Utf8, _) => Err(wrong_type("string")),
+        (ColumnKind::Boolean, Value::Bool(v)) => Ok(Cell::Bool(v)),
+        (ColumnKind::Boolean, _) => Err(wrong_type("boolean")),
+        (ColumnKind::Timestamp, Value::Str { start, end, .. }) => text
+            .get(start..end)
+            .and_then(|t| parse_timestamp(t, time_unit))
+            .map(Cell::Int)
+            .ok_or_else(|| DecodeError::InvalidTimestamp(column.name.clone())),
+        (ColumnKind::Timestamp, Value::Num { start, end }) => {
+            parse_epoch(&b[start..end], time_unit)
+                .map(Cell::Int)
+                .ok_or_else(|| DecodeError::InvalidTimestamp(column.name.clone()))
+        }
+        (ColumnKind::Timestamp, Value::NonFinite) => {
+            Err(DecodeError::InvalidTimestamp(column.name.clone()))
+        }
+        (ColumnKind::Timestamp, _) => Err(wrong_type("timestamp")),
+        (_, Value::Num { start, end }) => json_number(column, &b[start..end]),
+        (_, Value::NonFinite) => Err(DecodeError::NonNumeric(column.name.clone())),
+        (_, Value::Str { start, end, .. }) if is_non_finite_word(&b[start..end]) => {
+            Err(DecodeError::NonNumeric(column.name.clone()))
+        }
+        (_, _) => Err(wrong_type("number")),
+    }
+}
+
+/// A JSON number for a numeric column. A malformed number is invalid JSON; a well-formed one
+/// that the column cannot hold (a fraction for an integer column) is the wrong type.
+fn json_number(column: &Column, text: &[u8]) -> DecodeResult<Cell> {
+    if column.kind == ColumnKind::Float64 || column.kind == ColumnKind::Float32 {
+        let value = if column.kind == ColumnKind::Float32 {
+            fast_float2::parse::<f32, _>(text).map(f64::from)
+        } else {
+            fast_float2::parse::<f64, _>(text)
+        }
+        .map_err(|_| DecodeError::InvalidJson)?;
+        if !value.is_finite() {
+            return Err(DecodeError::OutOfRange(column.name.clone()));
+        }
+        return Ok(Cell::Float(value));
+    }
+    integer_cell(column, text).map_err(|error| match error {
+        DecodeError::WrongType { .. } if fast_float2::parse::<f64, _>(text).is_err() => {
+            DecodeError::InvalidJson
+        }
+        other => other,
+    })
+}
+
+/// Reads the samples of a block into `scratch.sample_floats` / `sample_valid`: the hot loop
+/// for vibration data, one `fast-float2` call per sample.
+fn scan_float_samples(
+    b: &[u8],
+    start: usize,
+    end: usize,
+    column: &Column,
+    scratch: &mut Scratch,
+) -> DecodeResult<usize> {
+    let floats = &mut scratch.sample_floats;
+    let valid = &mut scratch.sample_valid;
+    floats.clear();
+    valid.clear();
+    // `end` is just past the closing bracket.
+    let body = &b[..end - 1];
+    let mut i = skip_ws(body, start + 1);
+    if i == body.len() {
+        return Ok(0);
+    }
+    loop {
+        if starts_like_number(&body[i..]) {
+            let (value, length) = fast_float2::parse_partial::<f64, _>(&body[i..])
+                .map_err(|_| DecodeError::InvalidJson)?;
+            if !value.is_finite() {
+                return Err(DecodeError::OutOfRange(column.name.clone()));
+            }
+            floats.push(value);
+            valid.push(true);
+            i += length;
+        } else {
+            let (value, next) = scan_value(body, i)?;
+            match value {
+                Value::Null if column.nullable => {
+                    floats.push(0.0);
+                    valid.push(false);
+                }
+                Value::Null => return Err(DecodeError::NullField(column.name.clone())),
+                Value::NonFinite => return Err(DecodeError::NonNumeric(column.name.clone())),
+                Value::Str { start, end, .. } if is_non_finite_word(&b[start..end]) => {
+                    return Err(DecodeError::NonNumeric(column.name.clone()));
+                }
+                _ => {
+                    return Err(DecodeError::WrongType {
+                        column: column.name.clone(),
+                        expected: "number",
+                    });
+                }
+            }
+            i = next;
+        }
+        i = skip_ws(body, i);
+        match body.get(i) {
+            None => return Ok(floats.len()),
+            Some(b',') => i = skip_ws(body, i + 1),
+            Some(_) => return Err(DecodeError::InvalidJson),
+        }
+    }
+}
+
+/// Reads the samples of a block for a value column that is not `DOUBLE`.
+fn scan_samples(
+    b: &[u8],
+    start: usize,
+    end: usize,
+    column: &Column,
+    text: &str,
+    time_unit: TimeUnit,
+    scratch: &mut Scratch,
+) -> DecodeResult<usize> {
+    scratch.sample_cells.clear();
+    let body = &b[..end - 1];
+    let mut i = skip_ws(body, start + 1);
+    if i == body.len() {
+        return Ok(0);
+    }
+    loop {
+        let (value, next) = scan_value(body, i)?;
+        let cell = json_cell(column, value, text, time_unit, &mut scratch.unescaped)?;
+        scratch.sample_cells.push(cell);
+        i = skip_ws(body, next);
+        match body.get(i) {
+            None => return Ok(scratch.sample_cells.len()),
+            Some(b',') => i = skip_ws(body, i + 1),
+            Some(_) => return Err(DecodeError::InvalidJson),
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
+        i += 1;
+    }
+    i
+}
+
+/// Scans the string whose opening quote is at `i`; returns the content range, whether it
+/// holds escapes, and the position after the closing quote.
+fn scan_string(b: &[u8], i: usize) -> DecodeResult<(usize, usize, bool, usize)> {
+    let start = i + 1;
+    let mut j = start;
+    let mut escaped = false;
+    loop {
+        match b.get(j) {
+            Some(b'"') => return Ok((start, j, escaped, j + 1)),
+            Some(b'\\') => {
+                escaped = true;
+                j += 2;
+            }
+            Some(&c) if c >= 0x20 => j += 1,
+            _ => return Err(DecodeError::InvalidJson),
+        }
+    }
+}
+
+/// Locates the value starting at `i`; returns it and the position just after it.
+fn scan_value(b: &[u8], i: usize) -> DecodeResult<(Value, usize)> {
+    let literal = |word: &[u8], value: Value| {
+        if b.get(i..i + word.len()) == Some(word) {
+            Ok((value, i + word.len()))
+        } else {
+            Err(DecodeError::InvalidJson)
+        }
+    };
+    match b.get(i) {
+        Some(b'"') => {
+            let (start, end, escaped, next) = scan_string(b, i)?;
+            Ok((
+                Value::Str {
+                    start,
+                    end,
+                    escaped,
+                },
+                next,
+            ))
+        }
+        Some(b'-') if b.get(i + 1) == Some(&b'I') => literal(b"-Infinity", Value::NonFinite),
+        Some(b'-' | b'0'..=b'9') => {
+            let length = b[i..]
+                .iter()
+                .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                .unwrap_or(b.len() - i);
+            Ok((
+                Value::Num {
+                    start: i,
+                    end: i + length,
+                },
+                i + length,
+            ))
+        }
+        Some(b't') => literal(b"true", Value::Bool(true)),
+        Some(b'f') => literal(b"false", Value::Bool(false)),
+        Some(b'n') => literal(b"null", Value::Null),
+        Some(b'N') => literal(b"NaN", Value::NonFinite),
+        Some(b'I') => literal(b"Infinity", Value::NonFinite),
+        Some(b'[') => {
+            let end = skip_nested(b, i)?;
+            Ok((Value::Array { start: i, end }, end))
+        }
+        Some(b'{') => Ok((Value::Object, skip_nested(b, i)?)),
+        _ => Err(DecodeError::InvalidJson),
+    }
+}
+
+/// Skips the array or object opening at `i`, returning the position after its close. Only
+/// brackets and strings are checked: nested values of ignored fields need not be parsed.
+fn skip_nested(b: &[u8], i: usize) -> DecodeResult<usize> {
+    let mut depth = 0usize;
+    let mut j = i;
+    while let Some(&c) = b.get(j) {
+        match c {
+            b'"' => {
+                j = scan_string(b, j)?.3;
+                continue;
+            }
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Ok(j + 1);
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    Err(DecodeError::InvalidJson)
+}
+
+/// Appends the unescaped form of the JSON string body `raw` to `out`.
+fn unescape(raw: &[u8], out: &mut String) -> DecodeResult<()> {
+    let text = std::str::from_utf8(raw).map_err(|_| DecodeError::InvalidUtf8)?;
+    let mut run_start = 0;
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        out.push_str(text.get(run_start..i).ok_or(DecodeError::InvalidJson)?);
+        let escape = raw.get(i + 1).ok_or(DecodeError::InvalidJson)?;
+        i += 2;
+        let c = match escape {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let high = hex4(raw, i)?;
+                i += 4;
+                let code = if (0xD800..0xDC00).contains(&high) {
+                    if raw.get(i..i + 2) != Some(b"\\u") {
+                        return Err(DecodeError::InvalidJson);
+                    }
+                    let low = hex4(raw, i + 2)?;
+                    if !(0xDC00..0xE000).contains(&low) {
+                        return Err(DecodeError::InvalidJson);
+                    }
+                    i += 6;
+                    0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)
+                } else {
+                    high
+                };
+                char::from_u32(code).ok_or(DecodeError::InvalidJson)?
+            }
+            _ => return Err(DecodeError::InvalidJson),
+        };
+        out.push(c);
+        run_start = i;
+    }
+    out.push_str(text.get(run_start..).ok_or(DecodeError::InvalidJson)?);
+    Ok(())
+}
+
+fn hex4(raw: &[u8], at: usize) -> DecodeResult<u32> {
+    let digits = raw.get(at..at + 4).ok_or(DecodeError::InvalidJson)?;
+    let mut value = 0;
+    for &d in digits {
+        let nibble = (d as char).to_digit(16).ok_or(DecodeError::InvalidJson)?;
+        value = value * 16 + nibble;
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit as ArrowTimeUnit};
+
+    use super::*;
+    use crate::decode::test_support::{table, vibration_schema};
+
+    fn decoder() -> JsonDecoder {
+        JsonDecoder::new(vibration_schema(), Some("ts"), DecodeOptions::default()).expect("decoder")
+    }
+
+    fn rejection(record: &str) -> String {
+        let mut decoder = decoder();
+        match decoder.decode_record(record.as_bytes()) {
+            Ok(rows) => format!("accepted {rows} rows"),
+            Err(reason) => reason.to_string(),
+        }
+    }
+
+    fn decoded(decoder: &mut JsonDecoder) -> Vec<String> {
+        match decoder.flush() {
+            Ok(Some(batch)) => table(&batch),
+            other => vec![format!("{other:?}")],
+        }
+    }
+
+    #[test]
+    fn single_samples_match_fields_by_name() {
+        let mut decoder = decoder();
+        let lines = concat!(
+            r#"{"sensor":"s1","ts":"2024-01-01T00:00:00Z","v":0.12}"#,
+            "\n",
+            r#"{ "v" : -3e2 , "extra": {"nested": [1, "]"]}, "ts": 1704067200500, "sensor": "s\u00e9\n" }"#,
+            "\n",
+            r#"{"sensor":"s3","ts":"2024-01-01T00:00:01.25+00:00","v":null}"#,
+            "\n",
+            r#"{"sensor":"s4","ts":"2024-01-01T00:00:02Z"}"#,
+            "\n",
+        );
+        let dlq = DeadLetterQueue::default();
+        assert_eq!(decoder.decode_lines(lines.as_bytes(), "test", &dlq), 4);
+        assert_eq!(dlq.count(), 0);
+        assert_eq!(
+            decoded(&mut decoder),
+            vec![
+                "+--------+-------------------------+--------+",
+                "| sensor | ts                      | v      |",
+                "+--------+-------------------------+--------+",
+                "| s1     | 2024-01-01T00:00:00     | 0.12   |",
+                "| sé     | 2024-01-01T00:00:00.500 | -300.0 |",
+                "|        |                         |        |",
+                "| s3     | 2024-01-01T00:00:01.250 |        |",
+                "| s4     | 2024-01-01T00:00:02     |        |",
+                "+--------+-------------------------+--------+",
+            ]
+        );
+        assert!(decoder.is_empty());
+        assert_eq!(decoder.flush().ok(), Some(None));
+    }
+
+    #[test]
+    fn blocks_expand_to_one_row_per_sample() {
+        let mut decoder = decoder();
+        let record = r#"{"sensor":"s1","t0":"2024-01-01T00:00:00Z","rate_hz":4,"samples":[0.5,-1,2e-1,null]}"#;
+        assert_eq!(decoder.decode_record(record.as_bytes()), Ok(4));
+        assert_eq!(
+            decoded(&mut decoder),
+            vec![
+                "+--------+-------------------------+------+",
+                "| sensor | ts                      | v    |",
+                "+--------+-------------------------+------+",
+                "| s1     | 2024-01-01T00:00:00     | 0.5  |",
+                "| s1     | 2024-01-01T00:00:00.250 | -1.0 |",
+                "| s1     | 2024-01-01T00:00:00.500 | 0.2  |",
+                "| s1     | 2024-01-01T00:00:00.750 |      |",
+                "+--------+-------------------------+------+",
+            ]
+        );
+    }
+
+    #[test]
+    fn block_times_use_exact_integer_math_for_uneven_rates() {
+        let mut decoder = decoder();
+        let record = r#"{"sensor":"s1","ts":0,"rate_hz":3,"samples":[1,2,3,4]}"#;
+        assert_eq!(decoder.decode_record(record.as_bytes()), Ok(4));
+        let batch = decoder.flush().ok().flatten().expect("batch");
+        let ts = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampNanosecondArray>()
+            .expect("timestamps");
+        assert_eq!(
+            ts.values().to_vec(),
+            vec![0, 333_333_333, 666_666_666, 1_000_000_000]
+        );
+    }
+
+    #[test]
+    fn block_value_column_is_the_one_numeric_column_not_named() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("sensor", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(ArrowTimeUnit::Nanosecond, None),
+                false,
+            ),
+            Field::new("axis", DataType::Int32, true),
+            Field::new("v", DataType::Float64, true),
+            Field::new("temp", DataType::Float32, true),
+        ]));
+        let mut decoder = JsonDecoder::new(schema.clone(), Some("ts"), DecodeOptions::default())
+            .expect("decoder");
+        let ambiguous = r#"{"sensor":"s1","axis":2,"t0":0,"rate_hz":1,"samples":[1]}"#;
+        assert_eq!(
+            decoder.decode_record(ambiguous.as_bytes()),
+            Err(DecodeError::AmbiguousValueColumn)
+        );
+        let resolved = r#"{"sensor":"s1","axis":2,"temp":21.5,"t0":0,"rate_hz":1,"samples":[1,2]}"#;
+        assert_eq!(decoder.decode_record(resolved.as_bytes()), Ok(2));
+        let all_named =
+            r#"{"sensor":"s1","axis":2,"temp":21.5,"v":1,"t0":0,"rate_hz":1,"samples":[1]}"#;
+        assert_eq!(
+            decoder.decode_record(all_named.as_bytes()),
+            Err(DecodeError::NoValueColumn)
+        );
+
+        let options = DecodeOptions {
+            value_column: Some("temp".into()),
+            ..DecodeOptions::default()
+        };
+        let mut explicit = JsonDecoder::new(schema, Some("ts"), options).expect("decoder");
+        assert_eq!(explicit.decode_record(ambiguous.as_bytes()), Ok(1));
+        assert_eq!(
+            decoded(&mut decoder)[3],
+            "| s1     | 1970-01-01T00:00:00 | 2    | 1.0 | 21.5 |"
+        );
+        assert_eq!(
+            decoded(&mut explicit)[3],
+            "| s1     | 1970-01-01T00:00:00 | 2    |   | 1.0  |"
+        );
+    }
+
+    #[test]
+    fn each_rejection_has_its_reason() {
+        for (record, reason) in [
+            (r#"{"sensor":"s1","ts":0,"v":1"#, "invalid json"),
+            (r#"{"sensor":"s1" "ts":0}"#, "invalid json"),
+            (r#"{"sensor":"s1","ts":0,"v":1} trailing"#, "invalid json"),
+            (r#"{"sensor":"s1","ts":0,"v":1.2.3}"#, "invalid json"),
+            (r#"{"sensor":"s1","ts":0,"v":tru}"#, "invalid json"),
+            ("", "invalid json"),
+            (r#"[1,2]"#, "expected a json object"),
+            (r#"{"ts":0,"v":1}"#, "missing field 'sensor'"),
+            (r#"{"sensor":"s1","v":1}"#, "missing field 'ts'"),
+            (
+                r#"{"sensor":null,"ts":0}"#,
+                "null for required field 'sensor'",
+            ),
+            (
+                r#"{"sensor":"s1","ts":0,"v":"0.5"}"#,
+                "wrong type for 'v': expected number",
+            ),
+            (
+                r#"{"sensor":"s1","ts":0,"v":true}"#,
+                "wrong type for 'v': expected number",
+            ),
+            (
+                r#"{"sensor":7,"ts":0}"#,
+                "wrong type for 'sensor': expected string",
+            ),
+            (
+                r#"{"sensor":"s1","ts":0,"v":"NaN"}"#,
+                "non-numeric value for 'v'",
+            ),
+            (
+                r#"{"sensor":"s1","ts":0,"v":NaN}"#,
+                "non-numeric value for 'v'",
+            ),
+            (
+                r#"{"sensor":"s1","ts":0,"v":-Infinity}"#,
+                "non-numeric value for 'v'",
+            ),
+            (
+                r#"{"sensor":"s1","ts":0,"v":1e999}"#,
+                "value out of range for 'v'",
+            ),
+            (
+                r#"{"sensor":"s1","ts":"yesterday"}"#,
+                "invalid timestamp for 'ts'",
+            ),
+            (r#"{"sensor":"s1","ts":1e30}"#, "invalid timestamp for 'ts'"),
+            (
+                r#"{"sensor":"s1","ts":[0]}"#,
+                "wrong type for 'ts': expected timestamp",
+            ),
+            (
+                r#"{"sensor":"s1","rate_hz":10,"samples":[1]}"#,
+                "missing field 't0'",
+            ),
+            (
+                r#"{"sensor":"s1","t0":0,"samples":[1]}"#,
+                "missing field 'rate_hz'",
+            ),
+            (
+                r#"{"sensor":"s1","t0":0,"rate_hz":0,"samples":[1]}"#,
+                "invalid rate_hz: expected a positive number",
+            ),
+            (
+                r#"{"sensor":"s1","t0":"x","rate_hz":1,"samples":[1]}"#,
+                "invalid timestamp for 't0'",
+            ),
+            (
+                r#"{"sensor":"s1","t0":0,"rate_hz":1,"samples":3}"#,
+                "wrong type for 'samples': expected array of numbers",
+            ),
+            (
+                r#"{"sensor":"s1","t0":0,"rate_hz":1,"samples":[1,"x"]}"#,
+                "wrong type for 'v': expected number",
+            ),
+            (
+                r#"{"sensor":"s1","t0":0,"rate_hz":1,"samples":[1,NaN]}"#,
+                "non-numeric value for 'v'",
+            ),
+            (
+                r#"{"sensor":"s1","t0":0,"rate_hz":1,"samples":[1 2]}"#,
+                "invalid json",
+            ),
+            (
+                r#"{"sensor":"s1","t0":0,"rate_hz":1,"samples":[1,]}"#,
+                "invalid json",
+            ),
+            (
+                r#"{"sensor":"s1","v":1,"t0":0,"rate_hz":1,"samples":[1]}"#,
+                "block has no value column",
+            ),
+        ] {
+            assert_eq!(rejection(record), reason, "{record}");
+        }
+        let mut decoder = decoder();
+        assert_eq!(
+            decoder.decode_record(b"{\"sensor\":\"\xff\",\"ts\":0}"),
+            Err(DecodeError::InvalidUtf8)
+        );
+    }
+
+    #[test]
+    fn a_rejected_record_leaves_no_partial_row() {
+        let mut decoder = decoder();
+        let good = br#"{"sensor":"s1","ts":0,"v":1}"#;
+        assert_eq!(decoder.decode_record(good), Ok(1));
+        // Each of these fails after earlier columns were already parsed.
+        for bad in [
+            &br#"{"sensor":"s2","ts":0,"v":"oops"}"#[..],
+            br#"{"sensor":"s\u0041","ts":"bad"}"#,
+            br#"{"sensor":"s3","t0":0,"rate_hz":1,"samples":[1,2,"x"]}"#,
+        ] {
+            assert!(decoder.decode_record(bad).is_err());
+        }
+        assert_eq!(decoder.len(), 1);
+        assert_eq!(decoder.decode_record(good), Ok(1));
+        let batch = decoder.flush().ok().flatten().expect("batch");
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(table(&batch)[3], table(&batch)[4]);
+    }
+
+    #[test]
+    fn integer_boolean_and_unsigned_columns() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::UInt16, false),
+            Field::new("delta", DataType::Int8, true),
+            Field::new("ok", DataType::Boolean, true),
+        ]));
+        let mut decoder =
+            JsonDecoder::new(schema, None, DecodeOptions::default()).expect("decoder");
+        assert_eq!(
+            decoder.decode_record(br#"{"id":65535,"delta":-128,"ok":false}"#),
+            Ok(1)
+        );
+        assert_eq!(
+            decoder.decode_record(br#"{"id":65536}"#),
+            Err(DecodeError::OutOfRange(Arc::from("id")))
+        );
+        assert_eq!(
+            decoder
+                .decode_record(br#"{"id":1.5}"#)
+                .map_err(|e| e.to_string()),
+            Err("wrong type for 'id': expected integer".to_owned())
+        );
+        assert_eq!(
+            decoder
+                .decode_record(br#"{"id":1,"ok":"yes"}"#)
+                .map_err(|e| e.to_string()),
+            Err("wrong type for 'ok': expected boolean".to_owned())
+        );
+        assert_eq!(decoded(&mut decoder)[3], "| 65535 | -128  | false |");
+    }
+
+    #[test]
+    fn unsupported_column_types_and_bad_value_columns_are_config_errors() {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "tags",
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            true,
+        )]));
+        let error = JsonDecoder::new(schema, None, DecodeOptions::default())
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        assert!(error.is_err_and(|e| e.contains("column 'tags' has type List")));
+
+        let options = DecodeOptions {
+            value_column: Some("sensor".into()),
+            ..DecodeOptions::default()
+        };
+        assert!(JsonDecoder::new(vibration_schema(), Some("ts"), options).is_err());
+        assert!(JsonDecoder::new(vibration_schema(), Some("v"), DecodeOptions::default()).is_err());
+    }
+
+    #[test]
+    fn unescapes_surrogate_pairs_and_rejects_bad_escapes() {
+        let mut out = String::new();
+        assert_eq!(unescape(br#"a\"b\\\/\n\ud83d\ude00"#, &mut out), Ok(()));
+        assert_eq!(out, "a\"b\\/\n\u{1F600}");
+        for bad in [&br#"\x"#[..], br#"\ud83d"#, br#"\u12"#] {
+            assert_eq!(
+                unescape(bad, &mut String::new()),
+                Err(DecodeError::InvalidJson)
+            );
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! Payload decoders: bytes in, Arrow record batches out, malformed records out to the side.
+//!
+//! A decoder owns one Arrow builder per column of the target schema and appends each record
+//! straight into them; [`RecordDecoder::flush`] turns what has accumulated into a batch.
+//! A record is decoded in two steps: first every field is parsed and checked into small
+//! reusable scratch state, and only when the whole record is valid are the builders touched.
+//! So a rejected record never leaves half a row behind, and the caller can send it to the
+//! [`DeadLetterQueue`] and carry on.
+//!
+//! - [`JsonDecoder`]: JSON objects, one sample per object or a block of samples per object.
+//! - [`CsvDecoder`]: CSV lines, columns matched by the header row.
+
+pub mod csv;
+pub mod json;
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int8Builder, Int16Builder,
+    Int32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder,
+    UInt8Builder, UInt16Builder, UInt32Builder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, SchemaRef, TimeUnit as ArrowTimeUnit};
+
+pub use self::csv::CsvDecoder;
+pub use self::json::JsonDecoder;
+use crate::dead_letter::DeadLetterQueue;
+use crate::error::{ConnectorError, Result};
+use crate::time::TimeUnit;
+
+/// Options shared by the decoders.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Unit of epoch numbers in timestamp columns.
+    pub time_unit: TimeUnit,
+    /// Column that receives the samples of a JSON block; when `None`, the one numeric column
+    /// (other than event time) that the block object does not name.
+    pub value_column: Option<String>,
+}
+
+/// Why one record was rejected.
+///
+/// The `Display` form is the dead-letter reason: short, stable, and free of the record's
+/// values so that letters can be counted per reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The record is not UTF-8.
+    #[error("invalid utf-8")]
+    InvalidUtf8,
+    /// The record is not well-formed JSON.
+    #[error("invalid json")]
+    InvalidJson,
+    /// The record is JSON but not an object.
+    #[error("expected a json object")]
+    NotAnObject,
+    /// A non-nullable column has no field in the record.
+    #[error("missing field '{0}'")]
+    MissingField(Arc<str>),
+    /// A non-nullable column's field is `null` or empty.
+    #[error("null for required field '{0}'")]
+    NullField(Arc<str>),
+    /// A field has a JSON type the column cannot hold.
+    #[error("wrong type for '{column}': expected {expected}")]
+    WrongType {
+        /// The column.
+        column: Arc<str>,
+        /// What the column accepts, e.g. `number`.
+        expected: &'static str,
+    },
+    /// A numeric field holds `NaN`, `Infinity` or such, bare or quoted: JSON has no
+    /// non-finite numbers, and a sensor sending them is reporting a fault, not a reading.
+    #[error("non-numeric value for '{0}'")]
+    NonNumeric(Arc<str>),
+    /// A number does not fit the column's type.
+    #[error("value out of range for '{0}'")]
+    OutOfRange(Arc<str>),
+    /// A timestamp field is neither RFC 3339 nor an epoch number in range.
+    #[error("invalid timestamp for '{0}'")]
+    InvalidTimestamp(Arc<str>),
+    /// A block's `rate_hz` is not a positive finite number.
+    #[error("invalid rate_hz: expected a positive number")]
+    InvalidRate,
+    /// A block names every numeric column, so none is left for its samples.
+    #[error("block has no value column")]
+    NoValueColumn,
+    /// A block leaves several numeric columns unnamed and no `value_column` is configured.
+    #[error("block value column is ambiguous")]
+    AmbiguousValueColumn,
+    /// A CSV line has more fields than its header.
+    #[error("wrong number of csv fields")]
+    FieldCount,
+    /// A CSV line has an unterminated or misplaced quote.
+    #[error("invalid csv quoting")]
+    InvalidCsv,
+}
+
+type DecodeResult<T> = std::result::Result<T, DecodeError>;
+
+/// A decoder of records into Arrow batches, as driven by a source.
+pub trait RecordDecoder: Send {
+    /// Decodes one record (one JSON object, one CSV line) into the pending rows; returns how
+    /// many rows it added. On error nothing was added.
+    fn decode_record(&mut self, record: &[u8]) -> DecodeResult<usize>;
+
+    /// Rows decoded and not yet flushed.
+    fn len(&self) -> usize;
+
+    /// Whether no rows are pending.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Turns the pending rows into a batch; `None` when there are none.
+    fn flush(&mut self) -> Result<Option<RecordBatch>>;
+
+    /// Decodes newline-separated records, sending rejected ones to `dead_letters` as coming
+    /// from `source`. Blank lines are skipped. Returns how many rows were added.
+    fn decode_lines(
+        &mut self,
+        bytes: &[u8],
+        source: &str,
+        dead_letters: &DeadLetterQueue,
+    ) -> usize {
+        let mut rows = 0;
+        for line in bytes.split(|&b| b == b'\n') {
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            match self.decode_record(line) {
+                Ok(added) => rows += added,
+                Err(reason) => dead_letters.push(source, &reason.to_string(), line),
+            }
+        }
+        rows
+    }
+}
+
+/// What kind of value a column holds, as far as decoding is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ColumnKind {
+    Utf8,
+    Int8,
+    Int16,
+    Int32,
+    Int64,
+    UInt8,
+    UInt16,
+    UInt32,
+    UInt64,
+    Float32,
+    Float64,
+    Boolean,
+    Timestamp,
+}
+
+impl ColumnKind {
+    fn of(data_type: &DataType) -> Option<Self> {
+        Some(match data_type {
+            DataType::Utf8 => Self::Utf8,
+            DataType::Int8 => Self::Int8,
+            DataType::Int16 => Self::Int16,
+            DataType::Int32 => Self::Int32,
+            DataType::Int64 => Self::Int64,
+            DataType::UInt8 => Self::UInt8,
+            DataType::UInt16 => Self::UInt16,
+            DataType::UInt32 => Self::UInt32,
+            DataType::UInt64 => Self::UInt64,
+            DataType::Float32 => Self::Float32,
+            DataType::Float64 => Self::Float64,
+            DataType::Boolean => Self::Boolean,
+            DataType::Timestamp(ArrowTimeUnit::Nanosecond, _) => Self::Timestamp,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn is_numeric(self) -> bool {
+        !matches!(self, Self::Utf8 | Self::Boolean | Self::Timestamp)
+    }
+
+    fn is_signed_int(self) -> bool {
+        matches!(self, Self::Int8 | Self::Int16 | Self::Int32 | Self::Int64)
+    }
+
+    fn is_unsigned_int(self) -> bool {
+        matches!(
+            self,
+            Self::UInt8 | Self::UInt16 | Self::UInt32 | Self::UInt64
+        )
+    }
+
+    fn signed_range(self) -> (i64, i64) {
+        match self {
+            Self::Int8 => (i8::MIN.into(), i8::MAX.into()),
+            Self::Int16 => (i16::MIN.into(), i16::MAX.into()),
+            Self::Int32 => (i32::MIN.into(), i32::MAX.into()),
+            _ => (i64::MIN, i64::MAX),
+        }
+    }
+
+    fn unsigned_max(self) -> u64 {
+        match self {
+            Self::UInt8 => u8::MAX.into(),
+            Self::UInt16 => u16::MAX.into(),
+            Self::UInt32 => u32::MAX.into(),
+            _ => u64::MAX,
+        }
+    }
+}
+
+/// A column of the target schema as the decoders see it.
+#[derive(Debug)]
+pub(crate) struct Column {
+    pub(crate) name: Arc<str>,
+    pub(crate) kind: ColumnKind,
+    pub(crate) nullable: bool,
+    data_type: DataType,
+}
+
+/// One parsed, checked field of the record being decoded. Strings are byte ranges into either
+/// the record or the decoder's unescape buffer, so a cell never owns heap memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Cell {
+    Null,
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Bool(bool),
+    Str {
+        start: usize,
+        end: usize,
+        unescaped: bool,
+    },
+}
+
+/// Where the bytes of [`Cell::Str`] live.
+pub(crate) struct StrSources<'a> {
+    pub(crate) record: &'a str,
+    pub(crate) unescaped: &'a str,
+}
+
+impl StrSources<'_> {
+    fn get(&self, start: usize, end: usize, unescaped: bool) -> &str {
+        let text = if unescaped {
+            self.unescaped
+        } else {
+            self.record
+        };
+        // Ranges were taken from these very strings at ASCII delimiters.
+        text.get(start..end).unwrap_or_default()
+    }
+}
+
+/// An Arrow builder for one [`ColumnKind`].
+#[derive(Debug)]
+pub(crate) enum ColumnBuilder {
+    Utf8(StringBuilder),
+    Int8(Int8Builder),
+    Int16(Int16Builder),
+    Int32(Int32Builder),
+    Int64(Int64Builder),
+    UInt8(UInt8Builder),
+    UInt16(UInt16Builder),
+    UInt32(UInt32Builder),
+    UInt64(UInt64Builder),
+    Float32(Float32Builder),
+    Float64(Float64Builder),
+    Boolean(BooleanBuilder),
+    Timestamp(TimestampNanosecondBuilder),
+}
+
+impl ColumnBuilder {
+    fn new(kind: ColumnKind, data_type: &DataType, capacity: usize) -> Self {
+        match kind {
+            ColumnKind::Utf8 => Self::Utf8(StringBuilder::with_capacity(capacity, capacity * 8)),
+            ColumnKind::Int8 => Self::Int8(Int8Builder::with_capacity(capacity)),
+            ColumnKind::Int16 => Self::Int16(Int16Builder::with_capacity(capacity)),
+            ColumnKind::Int32 => Self::Int32(Int32Builder::with_capacity(capacity)),
+            ColumnKind::Int64 => Self::Int64(Int64Builder::with_capacity(capacity)),
+            ColumnKind::UInt8 => Self::UInt8(UInt8Builder::with_capacity(capacity)),
+            ColumnKind::UInt16 => Self::UInt16(UInt16Builder::with_capacity(capacity)),
+            ColumnKind::UInt32 => Self::UInt32(UInt32Builder::with_capacity(capacity)),
+            ColumnKind::UInt64 => Self::UInt64(UInt64Builder::with_capacity(capacity)),
+            ColumnKind::Float32 => Self::Float32(Float32Builder::with_capacity(capacity)),
+            ColumnKind::Float64 => Self::Float64(Float64Builder::with_capacity(capacity)),
+            ColumnKind::Boolean => Self::Boolean(BooleanBuilder::with_capacity(capacity)),
+            ColumnKind::Timestamp => {
+                let timezone = match data_type {
+                    DataType::Timestamp(_, tz) => tz.clone(),
+                    _ => None,
+                };
+                Self::Timestamp(
+                    TimestampNanosecondBuilder::with_capacity(capacity).with_timezone_opt(timezone),
+                )
+            }
+        }
+    }
+
+    /// Appends `cell` `n` times. The cell was checked against this column's kind, so the
+    /// narrowing casts below cannot lose information.
+    pub(crate) fn append_n(&mut self, cell: Cell, n: usize, strings: &StrSources<'_>) {
+        match (self, cell) {
+            (Self::Utf8(b), Cell::Null) => b.append_nulls(n),
+            (Self::Int8(b), Cell::Null) => b.append_nulls(n),
+            (Self::Int16(b), Cell::Null) => b.append_nulls(n),
+            (Self::Int32(b), Cell::Null) => b.append_nulls(n),
+            (Self::Int64(b), Cell::Null) => b.append_nulls(n),
+            (Self::UInt8(b), Cell::Null) => b.append_nulls(n),
+            (Self::UInt16(b), Cell::Null) => b.append_nulls(n),
+            (Self::UInt32(b), Cell::Null) => b.append_nulls(n),
+            (Self::UInt64(b), Cell::Null) => b.append_nulls(n),
+            (Self::Float32(b), Cell::Null) => b.append_nulls(n),
+            (Self::Float64(b), Cell::Null) => b.append_nulls(n),
+            (Self::Boolean(b), Cell::Null) => b.append_nulls(n),
+            (Self::Timestamp(b), Cell::Null) => b.append_nulls(n),
+            (
+                Self::Utf8(b),
+                Cell::Str {
+                    start,
+                    end,
+                    unescaped,
+                },
+            ) => b.append_value_n(strings.get(start, end, unescaped), n),
+            (Self::Int8(b), Cell::Int(v)) => b.append_value_n(v as i8, n),
+            (Self::Int16(b), Cell::Int(v)) => b.append_value_n(v as i16, n),
+            (Self::Int32(b), Cell::Int(v)) => b.append_value_n(v as i32, n),
+            (Self::Int64(b), Cell::Int(v)) => b.append_value_n(v, n),
+            (Self::Timestamp(b), Cell::Int(v)) => b.append_value_n(v, n),
+            (Self::UInt8(b), Cell::UInt(v)) => b.append_value_n(v as u8, n),
+            (Self::UInt16(b), Cell::UInt(v)) => b.append_value_n(v as u16, n),
+            (Self::UInt32(b), Cell::UInt(v)) => b.append_value_n(v as u32, n),
+            (Self::UInt64(b), Cell::UInt(v)) => b.append_value_n(v, n),
+            (Self::Float32(b), Cell::Float(v)) => b.append_value_n(v as f32, n),
+            (Self::Float64(b), Cell::Float(v)) => b.append_value_n(v, n),
+            (Self::Boolean(b), Cell::Bool(v)) => b.append_n(n, v),
+            // Unreachable by construction; a null keeps the columns aligned if it ever is not.
+            (builder, _) => builder.append_nulls(n),
+        }
+    }
+
+    /// Appends one `cell`; the single-row twin of [`Self::append_n`].
+    pub(crate) fn append(&mut self, cell: Cell, strings: &StrSources<'_>) {
+        match (self, cell) {
+            (
+                Self::Utf8(b),
+                Cell::Str {
+                    start,
+                    end,
+                    unescaped,
+                },
+            ) => b.append_value(strings.get(start, end, unescaped)),
+            (Self::Int8(b), Cell::Int(v)) => b.append_value(v as i8),
+            (Self::Int16(b), Cell::Int(v)) => b.append_value(v as i16),
+            (Self::Int32(b), Cell::Int(v)) => b.append_value(v as i32),
+            (Self::Int64(b), Cell::Int(v)) => b.append_value(v),
+            (Self::Timestamp(b), Cell::Int(v)) => b.append_value(v),
+            (Self::UInt8(b), Cell::UInt(v)) => b.append_value(v as u8),
+            (Self::UInt16(b), Cell::UInt(v)) => b.append_value(v as u16),
+            (Self::UInt32(b), Cell::UInt(v)) => b.append_value(v as u32),
+            (Self::UInt64(b), Cell::UInt(v)) => b.append_value(v),
+            (Self::Float32(b), Cell::Float(v)) => b.append_value(v as f32),
+            (Self::Float64(b), Cell::Float(v)) => b.append_value(v),
+            (Self::Boolean(b), Cell::Bool(v)) => b.append_value(v),
+            (builder, _) => builder.append_nulls(1),
+        }
+    }
+
+    /// Appends a block's samples to a `DOUBLE` column; `valid[i]` false means null.
+    pub(crate) fn append_floats(&mut self, values: &[f64], valid: &[bool]) {
+        match self {
+            Self::Float64(b) if valid.iter().all(|v| *v) => b.append_slice(values),
+            Self::Float64(b) => b.append_values(values, valid),
+            builder => builder.append_nulls(values.len()),
+        }
+    }
+
+    /// Appends event times to a timestamp column.
+    pub(crate) fn append_timestamps(&mut self, nanos: impl ExactSizeIterator<Item = i64>) {
+        match self {
+            Self::Timestamp(b) => {
+                for value in nanos {
+                    b.append_value(value);
+                }
+            }
+            builder => builder.append_nulls(nanos.len()),
+        }
+    }
+
+    fn append_nulls(&mut self, n: usize) {
+        self.append_n(
+            Cell::Null,
+            n,
+            &StrSources {
+                record: "",
+                unescaped: "",
+            },
+        );
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            Self::Utf8(b) => Arc::new(b.finish()),
+            Self::Int8(b) => Arc::new(b.finish()),
+            Self::Int16(b) => Arc::new(b.finish()),
+            Self::Int32(b) => Arc::new(b.finish()),
+            Self::Int64(b) => Arc::new(b.finish()),
+            Self::UInt8(b) => Arc::new(b.finish()),
+            Self::UInt16(b) => Arc::new(b.finish()),
+            Self::UInt32(b) => Arc::new(b.finish()),
+            Self::UInt64(b) => Arc::new(b.finish()),
+            Self::Float32(b) => Arc::new(b.finish()),
+            Self::Float64(b) => Arc::new(b.finish()),
+            Self::Boolean(b) => Arc::new(b.finish()),
+            Self::Timestamp(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+/// The target schema's columns and their builders, shared by the decoders.
+#[derive(Debug)]
+pub(crate) struct Columns {
+    pub(crate) schema: SchemaRef,
+    pub(crate) columns: Vec<Column>,
+    pub(crate) builders: Vec<ColumnBuilder>,
+    pub(crate) rows: usize,
+    capacity: usize,
+}
+
+/// Rows a decoder preallocates for; builders grow past it as needed.
+const INITIAL_CAPACITY: usize = 1024;
+
+impl Columns {
+    /// Builders for `schema`; `decoder` names the format in the error for an unsupported type.
+    pub(crate) fn new(schema: SchemaRef, decoder: &'static str) -> Result<Self> {
+        let mut columns = Vec::with_capacity(schema.fields().len());
+        let mut builders = Vec::with_capacity(schema.fields().len());
+        for field in schema.fields() {
+            let kind = column_kind(field, decoder)?;
+            builders.push(ColumnBuilder::new(
+                kind,
+                field.data_type(),
+                INITIAL_CAPACITY,
+            ));
+            columns.push(Column {
+                name: Arc::from(field.name().as_str()),
+                kind,
+                nullable: field.is_nullable(),
+                data_type: field.data_type().clone(),
+            });
+        }
+        Ok(Self {
+            schema,
+            columns,
+            builders,
+            rows: 0,
+            capacity: INITIAL_CAPACITY,
+        })
+    }
+
+    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| &*c.name == name)
+    }
+
+    pub(crate) fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        if self.rows == 0 {
+            return Ok(None);
+        }
+        // Arrow's finish() hands the buffers over and leaves empty ones; preallocating the next
+        // batch's builders for what this one needed avoids regrowing them row by row.
+        self.capacity = self.capacity.max(self.rows);
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.builders.len());
+        for (builder, column) in self.builders.iter_mut().zip(&self.columns) {
+            arrays.push(builder.finish());
+            *builder = ColumnBuilder::new(column.kind, &column.data_type, self.capacity);
+        }
+        self.rows = 0;
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), arrays)?))
+    }
+}
+
+fn column_kind(field: &Field, decoder: &'static str) -> Result<ColumnKind> {
+    ColumnKind::of(field.data_type()).ok_or_else(|| {
+        ConnectorError::config(
+            decoder,
+            format!(
+                "column '{}' has type {}, which the {decoder} decoder cannot fill; supported: \
+                 TEXT, integers, FLOAT, DOUBLE, BOOLEAN, TIMESTAMP",
+                field.name(),
+                field.data_type()
+            ),
+        )
+    })
+}
+
+/// Resolves the event-time column name to its index, checking its type.
+pub(crate) fn event_time_index(
+    columns: &Columns,
+    event_time: Option<&str>,
+    decoder: &'static str,
+) -> Result<Option<usize>> {
+    let Some(name) = event_time else {
+        return Ok(None);
+    };
+    let index = columns.index_of(name).ok_or_else(|| {
+        ConnectorError::config(
+            decoder,
+            format!("event-time column '{name}' is not in the schema"),
+        )
+    })?;
+    if columns.columns[index].kind != ColumnKind::Timestamp {
+        return Err(ConnectorError::config(
+            decoder,
+            format!("event-time column '{name}' must be a TIMESTAMP"),
+        ));
+    }
+    Ok(Some(index))
+}
+
+/// Parses an integer written in plain decimal (`-12`, `7`) into a cell of `column`'s kind.
+/// Anything with a fraction or exponent is rejected rather than truncated.
+pub(crate) fn integer_cell(column: &Column, text: &[u8]) -> DecodeResult<Cell> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(DecodeError::WrongType {
+            column: column.name.clone(),
+            expected: "integer",
+        });
+    }
+    let out_of_range = || DecodeError::OutOfRange(column.name.clone());
+    let mut magnitude: u64 = 0;
+    for &d in digits {
+        magnitude = magnitude
+            .checked_mul(10)
+            .and_then(|m| m.checked_add(u64::from(d - b'0')))
+            .ok_or_else(out_of_range)?;
+    }
+    if column.kind.is_unsigned_int() {
+        if negative && magnitude != 0 || magnitude > column.kind.unsigned_max() {
+            return Err(out_of_range());
+        }
+        return Ok(Cell::UInt(magnitude));
+    }
+    let value = if negative {
+        0i64.checked_sub_unsigned(magnitude)
+    } else {
+        i64::try_from(magnitude).ok()
+    }
+    .ok_or_else(out_of_range)?;
+    let (min, max) = column.kind.signed_range();
+    if value < min || value > max {
+        return Err(out_of_range());
+    }
+    Ok(Cell::Int(value))
+}
+
+/// Parses a finite decimal number for a float or integer `column`. `text` must start like a
+/// JSON number (a digit, or `-` and a digit); words such as `NaN` are the caller's business.
+pub(crate) fn number_cell(column: &Column, text: &[u8]) -> DecodeResult<Cell> {
+    if column.kind.is_signed_int() || column.kind.is_unsigned_int() {
+        return integer_cell(column, text);
+    }
+    let wrong_type = || DecodeError::WrongType {
+        column: column.name.clone(),
+        expected: "number",
+    };
+    if !starts_like_number(text) {
+        return Err(wrong_type());
+    }
+    let value = if column.kind == ColumnKind::Float32 {
+        fast_float2::parse::<f32, _>(text).map(f64::from)
+    } else {
+        fast_float2::parse::<f64, _>(text)
+    }
+    .map_err(|_| wrong_type())?;
+    if !value.is_finite() {
+        return Err(DecodeError::OutOfRange(column.name.clone()));
+    }
+    Ok(Cell::Float(value))
+}
+
+pub(crate) fn starts_like_number(text: &[u8]) -> bool {
+    match text {
+        [b'-', d, ..] | [d, ..] => d.is_ascii_digit(),
+        [] => false,
+    }
+}
+
+/// Whether `text` spells a non-finite float the way Python, JavaScript or C print one.
+pub(crate) fn is_non_finite_word(text: &[u8]) -> bool {
+    let text = match text.split_first() {
+        Some((b'-' | b'+', rest)) => rest,
+        _ => text,
+    };
+    ["nan", "inf", "infinity"]
+        .iter()
+        .any(|word| text.eq_ignore_ascii_case(word.as_bytes()))
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use arrow::array::RecordBatch;
+    use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+    use arrow::util::pretty::pretty_format_batches;
+
+    /// `sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE`, the brief's vibration source.
+    pub(crate) fn vibration_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("sensor", DataType::Utf8, false),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+            Field::new("v", DataType::Float64, true),
+        ]))
+    }
+
+    /// A batch as the lines of its pretty-printed table, for readable assertions.
+    pub(crate) fn table(batch: &RecordBatch) -> Vec<String> {
+        pretty_format_batches(std::slice::from_ref(batch))
+            .map(|t| t.to_string().lines().map(str::to_owned).collect())
+            .unwrap_or_else(|e| vec![e.to_string()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(kind: ColumnKind) -> Column {
+        Column {
+            name: Arc::from("x"),
+            kind,
+            nullable: true,
+            data_type: DataType::Null,
+        }
+    }
+
+    #[test]
+    fn integers_are_range_checked_per_type() {
+        assert_eq!(
+            integer_cell(&column(ColumnKind::Int8), b"-128"),
+            Ok(Cell::Int(-128))
+        );
+        assert_eq!(
+            integer_cell(&column(ColumnKind::Int8), b"128"),
+            Err(DecodeError::OutOfRange(Arc::from("x")))
+        );
+        assert_eq!(
+            integer_cell(&column(ColumnKind::UInt32), b"-1"),
+            Err(DecodeError::OutOfRange(Arc::from("x")))
+        );
+        assert_eq!(
+            integer_cell(&column(ColumnKind::Int64), b"-9223372036854775808"),
+            Ok(Cell::Int(i64::MIN))
+        );
+        assert_eq!(
+            integer_cell(&column(ColumnKind::Int64), b"1.5").map_err(|e| e.to_string()),
+            Err("wrong type for 'x': expected integer".to_owned())
+        );
+    }
+
+    #[test]
+    fn non_finite_words() {
+        for word in ["NaN", "nan", "-Infinity", "inf", "+INF"] {
+            assert!(is_non_finite_word(word.as_bytes()), "{word}");
+        }
+        assert!(!is_non_finite_word(b"info"));
+    }
+}

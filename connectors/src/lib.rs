@@ -1,0 +1,72 @@
+//! Weir's sources and sinks: everything that moves data into or out of a pipeline.
+//!
+//! ```text
+//!   file (CSV / JSON lines) ──┐                        ┌──> file / stdout (JSON lines, CSV)
+//!   simulator (vibration) ────┼─> RecordBatch ─> ... ─>┤
+//!   (mqtt, next issue) ───────┘   + dead letters       └──> null (benchmarks)
+//! ```
+//!
+//! What lives here: one folder per connector with its typed config, the payload decoders that
+//! write JSON straight into Arrow builders, and [`registry`], the one place that maps a
+//! connector name from SQL's `WITH (connector = '...')` to a builder.
+//!
+//! What does not: SQL (the planner validates `WITH` options by calling [`registry`]), actors
+//! and scheduling (the engine drives a [`Source`] and feeds a [`Sink`]), operators.
+//!
+//! Event time is always an Arrow `Timestamp(Nanosecond, None)` column holding UTC instants;
+//! sinks render it as RFC 3339 in UTC unless configured otherwise.
+
+pub mod dead_letter;
+pub mod decode;
+pub mod error;
+pub mod file;
+pub mod null;
+pub mod registry;
+pub mod simulator;
+pub mod time;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+
+pub use dead_letter::{DeadLetter, DeadLetterQueue};
+pub use error::{ConnectorError, Result};
+pub use registry::{ConnectorSpec, build_sink, build_source, validate_sink, validate_source};
+
+/// What a [`Source`] produced on one poll.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// Rows in the source's schema. Never empty.
+    Batch(RecordBatch),
+    /// The source is finite and has nothing more to give.
+    End,
+}
+
+/// A boxed future returned by [`Source::next_event`].
+pub type SourceFuture<'a> = Pin<Box<dyn Future<Output = Result<SourceEvent>> + Send + 'a>>;
+
+/// A producer of record batches in a fixed schema.
+///
+/// The engine polls `next_event` in a loop from its source actor and wraps each call with its
+/// own idle timeout, so a source may wait as long as it needs for data (a live broker) and must
+/// be cancel-safe: dropping the future loses no data already read. Malformed input never fails
+/// the source: it goes to the [`DeadLetterQueue`] given at build time with a reason, and the
+/// source carries on. An `Err` means the source itself is broken (file vanished, disk error) and
+/// the pipeline's supervisor decides whether to restart.
+pub trait Source: Send {
+    /// The schema of every batch this source yields.
+    fn schema(&self) -> SchemaRef;
+    /// Waits for the next batch, or `End` for a finite source that is done.
+    fn next_event(&mut self) -> SourceFuture<'_>;
+}
+
+/// A consumer of record batches.
+///
+/// Called from the engine's sink actor, one batch at a time, in order. `flush` is called on
+/// every watermark and at the end of the stream so buffered output reaches its destination.
+pub trait Sink: Send {
+    fn write_batch(&mut self, batch: &RecordBatch) -> Result<()>;
+    fn flush(&mut self) -> Result<()>;
+}

@@ -1,0 +1,359 @@
+//! The actors of one pipeline run: a source, one actor per operator, a sink.
+//!
+//! ```text
+//!  SourceActor ──StreamMessage──> OperatorActor ──> ... ──> SinkActor
+//!       │  (bounded: at most `in_flight` unhandled messages per edge)       │
+//!       └──────── Failed / Finished ──> PipelineSupervisor <── Failed ──────┘
+//! ```
+//!
+//! Backpressure: a sender keeps at most `in_flight` messages that the receiver has not handled
+//! yet; the next send waits for the oldest to be handled, and an actor handles nothing new while
+//! it waits. A slow sink therefore stalls every stage up to the source, which stops reading,
+//! and memory stays flat. Each actor handles its messages strictly in order.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use arrow::array::AsArray;
+use arrow::datatypes::TimestampNanosecondType;
+use weir_connectors::{Sink, Source, SourceEvent};
+use weir_operators::{Collector, EventTime, Operator, Watermark};
+
+use crate::error::{EngineError, Result};
+use crate::message::StreamMessage;
+use crate::metrics::{PipelineMetrics, StageMetrics};
+use crate::supervisor::{PipelineEvent, PipelineSupervisor};
+
+/// Tells a pipeline's actors to stop now, dropping what they hold.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+/// The sending half of one edge, with the bound on messages not yet handled downstream.
+#[derive(Clone)]
+pub struct Outbox {
+    recipient: Recipient<StreamMessage>,
+    in_flight: Rc<RefCell<VecDeque<RecipientRequest<StreamMessage>>>>,
+    limit: usize,
+    metrics: Arc<StageMetrics>,
+}
+
+impl Outbox {
+    pub fn new(recipient: Recipient<StreamMessage>, limit: usize, metrics: Arc<StageMetrics>) -> Self {
+        Self { recipient, in_flight: Rc::default(), limit: limit.max(1), metrics }
+    }
+
+    /// Queues `message`; returns a request to await first when the edge is over its bound.
+    fn push(&self, message: StreamMessage) -> Option<RecipientRequest<StreamMessage>> {
+        let mut in_flight = self.in_flight.borrow_mut();
+        in_flight.push_back(self.recipient.send(message));
+        let over = (in_flight.len() > self.limit).then(|| in_flight.pop_front()).flatten();
+        self.metrics
+            .mailbox_depth
+            .store(in_flight.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        over
+    }
+
+    fn drain(&self) -> Vec<RecipientRequest<StreamMessage>> {
+        self.in_flight.borrow_mut().drain(..).collect()
+    }
+
+    /// Sends messages in order, waiting only as much as the bound requires.
+    pub async fn send_all(&self, messages: Vec<StreamMessage>) -> Result<()> {
+        let mut waits = Vec::new();
+        let mut end = false;
+        for message in messages {
+            end |= matches!(message, StreamMessage::End);
+            waits.extend(self.push(message));
+        }
+        if end {
+            waits.extend(self.drain());
+        }
+        for wait in waits {
+            wait.await.map_err(|e| EngineError::Internal(format!("downstream actor is gone: {e}")))??;
+        }
+        Ok(())
+    }
+}
+
+pub struct WatermarkRule {
+    /// Index of the event-time column in the source's batches.
+    pub column: usize,
+    pub delay_ns: i64,
+}
+
+pub struct SourceActor {
+    pub source: Option<Box<dyn Source>>,
+    pub watermark: Option<WatermarkRule>,
+    pub idle_timeout: Duration,
+    pub outbox: Outbox,
+    pub supervisor: Addr<PipelineSupervisor>,
+    pub generation: u64,
+    pub metrics: Arc<StageMetrics>,
+}
+
+impl Actor for SourceActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let Some(source) = self.source.take() else {
+            return;
+        };
+        let run = SourceLoop {
+            source,
+            watermark: self.watermark.take(),
+            idle_timeout: self.idle_timeout,
+            outbox: self.outbox.clone(),
+            metrics: Arc::clone(&self.metrics),
+        };
+        let supervisor = self.supervisor.clone();
+        let generation = self.generation;
+        ctx.spawn(
+            async move {
+                let event = match run.run().await {
+                    Ok(()) => PipelineEvent::Finished { generation },
+                    Err(error) => PipelineEvent::Failed { generation, error },
+                };
+                supervisor.do_send(event);
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Handler<Stop> for SourceActor {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+struct SourceLoop {
+    source: Box<dyn Source>,
+    watermark: Option<WatermarkRule>,
+    idle_timeout: Duration,
+    outbox: Outbox,
+    metrics: Arc<StageMetrics>,
+}
+
+impl SourceLoop {
+    async fn run(mut self) -> Result<()> {
+        let mut max_event: Option<EventTime> = None;
+        let mut current = Watermark::MIN;
+        let mut last_data = Instant::now();
+        let delay = self.watermark.as_ref().map_or(0, |w| w.delay_ns);
+        let column = self.watermark.as_ref().map(|w| w.column);
+        let mut idle = tokio::time::interval(self.idle_timeout.max(Duration::from_millis(10)));
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = self.source.next_event();
+        loop {
+            tokio::select! {
+                event = &mut next => {
+                    match event? {
+                        SourceEvent::Batch(batch) => {
+                            let origin = Instant::now();
+                            last_data = origin;
+                            let rows = batch.num_rows() as u64;
+                            StageMetrics::add(&self.metrics.rows_out, rows);
+                            StageMetrics::add(&self.metrics.batches_out, 1);
+                            let mut messages = Vec::with_capacity(2);
+                            if let Some(column) = column {
+                                let times = batch.column(column).as_primitive_opt::<TimestampNanosecondType>();
+                                if let Some(batch_max) = times.and_then(arrow::compute::max) {
+                                    max_event = Some(max_event.map_or(batch_max, |m| m.max(batch_max)));
+                                }
+                            }
+                            messages.push(StreamMessage::Batch { batch, origin });
+                            if let Some(max) = max_event {
+                                let candidate = Watermark(max.saturating_sub(delay));
+                                if candidate > current {
+                                    current = candidate;
+                                    messages.push(StreamMessage::Watermark { watermark: current, origin });
+                                }
+                            }
+                            drop(next);
+                            self.outbox.send_all(messages).await?;
+                            next = self.source.next_event();
+                        }
+                        SourceEvent::End => {
+                            drop(next);
+                            let origin = Instant::now();
+                            self.outbox.send_all(vec![
+                                StreamMessage::Watermark { watermark: Watermark::END, origin },
+                                StreamMessage::End,
+                            ]).await?;
+                            return Ok(());
+                        }
+                    }
+                }
+                _ = idle.tick() => {
+                    // An idle source lets event time follow the wall clock, so the last
+                    // windows close even when no more data comes.
+                    let idle_for = last_data.elapsed();
+                    if idle_for < self.idle_timeout {
+                        continue;
+                    }
+                    let Some(max) = max_event else { continue };
+                    let advanced = max
+                        .saturating_add(i64::try_from(idle_for.as_nanos()).unwrap_or(i64::MAX))
+                        .saturating_sub(delay);
+                    if advanced > current.0 {
+                        current = Watermark(advanced);
+                        let message = StreamMessage::Watermark { watermark: current, origin: Instant::now() };
+                        // Sending borrows only the outbox; the pending read stays in place.
+                        for wait in self.outbox.push(message) {
+                            wait.await.map_err(|e| EngineError::Internal(format!("downstream actor is gone: {e}")))??;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub struct OperatorActor {
+    pub operator: Box<dyn Operator>,
+    pub outbox: Outbox,
+    pub metrics: Arc<StageMetrics>,
+    pub pipeline: Arc<PipelineMetrics>,
+    pub supervisor: Addr<PipelineSupervisor>,
+    pub generation: u64,
+    pub collector: Collector,
+}
+
+impl Actor for OperatorActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Stop> for OperatorActor {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl OperatorActor {
+    fn run(&mut self, message: StreamMessage) -> Result<Vec<StreamMessage>> {
+        let operator = &mut self.operator;
+        let collector = &mut self.collector;
+        let (origin, is_watermark, forward, outcome) = match message {
+            StreamMessage::Batch { batch, origin } => {
+                StageMetrics::add(&self.metrics.rows_in, batch.num_rows() as u64);
+                StageMetrics::add(&self.metrics.batches_in, 1);
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| operator.process_batch(batch, collector)));
+                (origin, false, None, outcome)
+            }
+            StreamMessage::Watermark { watermark, origin } => {
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| operator.on_watermark(watermark, collector)));
+                (origin, true, Some(StreamMessage::Watermark { watermark, origin }), outcome)
+            }
+            StreamMessage::End => return Ok(vec![StreamMessage::End]),
+        };
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                StageMetrics::add(&self.metrics.errors, 1);
+                return Err(error.into());
+            }
+            Err(panic) => {
+                StageMetrics::add(&self.metrics.errors, 1);
+                return Err(EngineError::Panic(format!("{}: {}", self.operator.name(), panic_message(&panic))));
+            }
+        }
+        StageMetrics::add(&self.metrics.late_rows, std::mem::take(&mut self.collector.late_rows));
+        StageMetrics::add(&self.metrics.invalid_rows, std::mem::take(&mut self.collector.invalid_rows));
+        let batches = self.collector.take_batches();
+        if is_watermark && !batches.is_empty() {
+            self.pipeline.watermark_to_emit.record(origin.elapsed());
+        }
+        let mut messages = Vec::with_capacity(batches.len() + 1);
+        for batch in batches {
+            StageMetrics::add(&self.metrics.rows_out, batch.num_rows() as u64);
+            StageMetrics::add(&self.metrics.batches_out, 1);
+            messages.push(StreamMessage::Batch { batch, origin });
+        }
+        messages.extend(forward);
+        Ok(messages)
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+impl Handler<StreamMessage> for OperatorActor {
+    type Result = AtomicResponse<Self, Result<()>>;
+
+    fn handle(&mut self, message: StreamMessage, _: &mut Self::Context) -> Self::Result {
+        let outcome = self.run(message);
+        let outbox = self.outbox.clone();
+        let supervisor = self.supervisor.clone();
+        let generation = self.generation;
+        AtomicResponse::new(Box::pin(
+            async move {
+                match outcome {
+                    Ok(messages) => outbox.send_all(messages).await,
+                    Err(error) => {
+                        let text = error.to_string();
+                        supervisor.do_send(PipelineEvent::Failed { generation, error });
+                        Err(EngineError::Internal(format!("stopped after: {text}")))
+                    }
+                }
+            }
+            .into_actor(self),
+        ))
+    }
+}
+
+pub struct SinkActor {
+    pub sink: Box<dyn Sink>,
+    pub metrics: Arc<StageMetrics>,
+    pub pipeline: Arc<PipelineMetrics>,
+    pub supervisor: Addr<PipelineSupervisor>,
+    pub generation: u64,
+}
+
+impl Actor for SinkActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Stop> for SinkActor {
+    type Result = ();
+    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
+        let _ = self.sink.flush();
+        ctx.stop();
+    }
+}
+
+impl Handler<StreamMessage> for SinkActor {
+    type Result = Result<()>;
+
+    fn handle(&mut self, message: StreamMessage, _: &mut Self::Context) -> Result<()> {
+        let result = match message {
+            StreamMessage::Batch { batch, origin } => {
+                StageMetrics::add(&self.metrics.rows_in, batch.num_rows() as u64);
+                StageMetrics::add(&self.metrics.batches_in, 1);
+                let written = self.sink.write_batch(&batch);
+                self.pipeline.source_to_sink.record(origin.elapsed());
+                written
+            }
+            StreamMessage::Watermark { .. } | StreamMessage::End => self.sink.flush(),
+        };
+        result.map_err(|error| {
+            StageMetrics::add(&self.metrics.errors, 1);
+            let error = EngineError::from(error);
+            let text = error.to_string();
+            self.supervisor.do_send(PipelineEvent::Failed { generation: self.generation, error });
+            EngineError::Internal(format!("sink stopped after: {text}"))
+        })
+    }
+}

@@ -1,0 +1,27 @@
+/// Errors from the gateway runtime.
+///
+/// `Plan` and `Config` are the user's to fix (retrying does not help); `Connector` may be
+/// external (a file that vanished, a disk error) and is retried by the supervisor; `Operator`
+/// and `Internal` are faults in a pipeline that the supervisor restarts with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("plan cannot run on this gateway: {0}")]
+    Plan(String),
+    #[error("connector failed: {0}")]
+    Connector(#[from] weir_connectors::ConnectorError),
+    #[error("operator failed: {0}")]
+    Operator(#[from] weir_operators::OperatorError),
+    #[error("operator panicked: {0}")]
+    Panic(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    /// Whether restarting the pipeline may help.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, EngineError::Plan(_))
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

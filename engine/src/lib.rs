@@ -1,0 +1,271 @@
+//! The Weir gateway runtime: pipeline plans become graphs of actix actors passing Arrow batches.
+//!
+//! ```text
+//!   Engine ──start(plan)──> PipelineSupervisor (one per pipeline, restarts with backoff)
+//!                               │ builds, per run:
+//!                               ▼
+//!        SourceActor ──> OperatorActor ──> ... ──> SinkActor      (bounded edges)
+//!            watermarks flow with the data; End flushes every window
+//! ```
+//!
+//! What lives here: actors, watermark generation (including the idle-source rule), bounded
+//! edges for backpressure, supervision, and metrics. The actors run on a small pool of actix
+//! arbiters (one OS thread each) inside the actix system of the caller, which hosts actix in a
+//! multi-threaded tokio runtime (`actix_rt::System::with_tokio_rt`).
+//!
+//! What does not: SQL (planner), operator logic (operators), connector I/O (connectors).
+
+mod actors;
+pub mod error;
+pub mod message;
+pub mod metrics;
+mod supervisor;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use arrow::datatypes::Schema;
+use tokio::sync::watch;
+use weir_connectors::{ConnectorSpec, DeadLetterQueue, Sink, Source};
+use weir_operators::{ExprDecoder, Operator};
+use weir_proto::plan::PipelinePlan;
+
+pub use crate::actors::WatermarkRule;
+pub use crate::error::{EngineError, Result};
+pub use crate::metrics::{PipelineMetrics, PipelineSnapshot};
+use crate::supervisor::{PipelineSupervisor, Shutdown};
+
+/// How the engine runs pipelines.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// After this long without data, a source advances its watermark by wall-clock time.
+    pub idle_timeout: Duration,
+    /// Messages an edge may hold that its receiver has not handled yet.
+    pub in_flight: usize,
+    /// Worker threads (actix arbiters) shared by all pipelines.
+    pub workers: usize,
+    /// First restart delay; doubles per failure up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// A pipeline that failed more often than this stays failed.
+    pub max_restarts: u32,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(2),
+            in_flight: 4,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            max_restarts: 10,
+        }
+    }
+}
+
+impl EngineOptions {
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        supervisor::backoff(self.initial_backoff, self.max_backoff, attempt)
+    }
+}
+
+/// Where a pipeline is in its life.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PipelineState {
+    Starting,
+    Running,
+    Restarting { attempt: u32, error: String, backoff: Duration },
+    /// A finite source ended and every result reached the sink.
+    Finished,
+    /// Failed for good: not retryable, or out of restarts.
+    Failed(String),
+    /// Stopped on request.
+    Stopped,
+}
+
+impl PipelineState {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Finished | Self::Failed(_) | Self::Stopped)
+    }
+}
+
+/// The parts of one pipeline run, built fresh for every (re)start.
+pub struct PipelineParts {
+    pub source: Box<dyn Source>,
+    pub watermark: Option<WatermarkRule>,
+    pub operators: Vec<Box<dyn Operator>>,
+    pub sink: Box<dyn Sink>,
+}
+
+/// Builds a pipeline's parts. The plan-based factory is the normal one; tests and benchmarks
+/// may supply their own.
+pub trait PipelineFactory: Send + Sync {
+    /// Stage names for metrics: source, each operator, sink.
+    fn stage_names(&self) -> Vec<String>;
+    fn build(&self) -> Result<PipelineParts>;
+}
+
+/// Builds pipeline parts from a compiled plan.
+pub struct PlanFactory {
+    plan: PipelinePlan,
+    dead_letters: DeadLetterQueue,
+}
+
+impl PlanFactory {
+    pub fn new(plan: PipelinePlan, dead_letters: DeadLetterQueue) -> Result<Self> {
+        if plan.format_version != weir_proto::PLAN_FORMAT_VERSION {
+            return Err(EngineError::Plan(format!(
+                "plan format {} is not supported by this gateway (expects {})",
+                plan.format_version,
+                weir_proto::PLAN_FORMAT_VERSION
+            )));
+        }
+        let factory = Self { plan, dead_letters };
+        // Build once up front so an unrunnable plan is refused at deploy time.
+        factory.build()?;
+        Ok(factory)
+    }
+}
+
+fn spec(connector: Option<&weir_proto::plan::Connector>, event_time: Option<String>) -> Result<ConnectorSpec> {
+    let connector = connector.ok_or_else(|| EngineError::Plan("no connector".into()))?;
+    let options = match serde_json::from_str(&connector.options_json) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => return Err(EngineError::Plan(format!("bad options for connector {}", connector.name))),
+    };
+    Ok(ConnectorSpec { connector: connector.name.clone(), options, event_time })
+}
+
+impl PipelineFactory for PlanFactory {
+    fn stage_names(&self) -> Vec<String> {
+        let source = self.plan.source.as_ref().map_or("source".to_string(), |s| format!("source:{}", s.name));
+        let sink = self.plan.sink.as_ref().map_or("sink".to_string(), |s| format!("sink:{}", s.name));
+        std::iter::once(source)
+            .chain(self.plan.operators.iter().map(|o| o.id.clone()))
+            .chain(std::iter::once(sink))
+            .collect()
+    }
+
+    fn build(&self) -> Result<PipelineParts> {
+        let decoder = ExprDecoder::new();
+        let source = self.plan.source.as_ref().ok_or_else(|| EngineError::Plan("plan has no source".into()))?;
+        let sink = self.plan.sink.as_ref().ok_or_else(|| EngineError::Plan("plan has no sink".into()))?;
+        let source_schema: Arc<Schema> = Arc::new(decoder.schema(&source.schema)?.as_arrow().clone());
+        let watermark = match &source.watermark {
+            Some(rule) => Some(WatermarkRule {
+                column: source_schema
+                    .index_of(&rule.column)
+                    .map_err(|_| EngineError::Plan(format!("no watermark column {}", rule.column)))?,
+                delay_ns: rule.delay_ns,
+            }),
+            None => None,
+        };
+        let source_spec = spec(source.connector.as_ref(), source.watermark.as_ref().map(|w| w.column.clone()))?;
+        let operators = self
+            .plan
+            .operators
+            .iter()
+            .map(|node| weir_operators::build(node, &decoder))
+            .collect::<weir_operators::Result<Vec<_>>>()?;
+        let sink_schema = Arc::new(decoder.schema(&sink.schema)?.as_arrow().clone());
+        let sink_spec = spec(sink.connector.as_ref(), None)?;
+        Ok(PipelineParts {
+            source: weir_connectors::build_source(&source_spec, source_schema, self.dead_letters.clone())?,
+            watermark,
+            operators,
+            sink: weir_connectors::build_sink(&sink_spec, sink_schema)?,
+        })
+    }
+}
+
+/// A running pipeline, as seen from outside.
+#[derive(Clone)]
+pub struct PipelineHandle {
+    pub name: String,
+    pub metrics: Arc<PipelineMetrics>,
+    pub state: watch::Receiver<PipelineState>,
+    supervisor: Addr<PipelineSupervisor>,
+}
+
+impl PipelineHandle {
+    /// Waits until the pipeline finishes, fails for good or is stopped.
+    pub async fn wait(&mut self) -> PipelineState {
+        loop {
+            let state = self.state.borrow().clone();
+            if state.is_terminal() {
+                return state;
+            }
+            if self.state.changed().await.is_err() {
+                return self.state.borrow().clone();
+            }
+        }
+    }
+
+    pub fn stop(&self) {
+        self.supervisor.do_send(Shutdown);
+    }
+}
+
+/// Runs many pipelines in one process. Must be created inside a running actix system.
+pub struct Engine {
+    options: EngineOptions,
+    arbiters: Vec<Arbiter>,
+    pipelines: Mutex<HashMap<String, PipelineHandle>>,
+}
+
+impl Engine {
+    pub fn new(options: EngineOptions) -> Self {
+        let arbiters = (0..options.workers.max(1)).map(|_| Arbiter::new()).collect();
+        Self { options, arbiters, pipelines: Mutex::new(HashMap::new()) }
+    }
+
+    /// Starts a compiled pipeline; fails at once if this gateway cannot run the plan.
+    pub fn start_plan(&self, plan: PipelinePlan, dead_letters: DeadLetterQueue) -> Result<PipelineHandle> {
+        let name = plan.name.clone();
+        let factory = PlanFactory::new(plan, dead_letters)?;
+        Ok(self.start(name, Arc::new(factory)))
+    }
+
+    /// Starts a pipeline from any factory, under its own supervisor.
+    pub fn start(&self, name: String, factory: Arc<dyn PipelineFactory>) -> PipelineHandle {
+        let metrics = Arc::new(PipelineMetrics {
+            stages: supervisor::stage_metrics(factory.stage_names()),
+            ..PipelineMetrics::default()
+        });
+        let (state, receiver) = watch::channel(PipelineState::Starting);
+        let arbiters = self.arbiters.iter().map(Arbiter::handle).collect();
+        let supervisor = PipelineSupervisor::new(
+            name.clone(),
+            factory,
+            self.options.clone(),
+            arbiters,
+            Arc::clone(&metrics),
+            state,
+        )
+        .start();
+        let handle = PipelineHandle { name: name.clone(), metrics, state: receiver, supervisor };
+        if let Ok(mut pipelines) = self.pipelines.lock() {
+            if let Some(old) = pipelines.insert(name, handle.clone()) {
+                old.stop();
+            }
+        }
+        handle
+    }
+
+    pub fn pipelines(&self) -> Vec<PipelineHandle> {
+        self.pipelines.lock().map(|p| p.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Stops every pipeline and the worker threads.
+    pub fn shutdown(&self) {
+        for pipeline in self.pipelines() {
+            pipeline.stop();
+        }
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}

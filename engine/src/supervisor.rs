@@ -1,0 +1,209 @@
+//! One supervisor per pipeline: builds the actor graph, restarts it with exponential backoff
+//! when any stage fails or panics, and publishes the pipeline's state. Other pipelines never
+//! notice: each has its own supervisor and its own actors.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+
+use crate::actors::{OperatorActor, Outbox, SinkActor, SourceActor, Stop};
+use crate::error::EngineError;
+use crate::metrics::{PipelineMetrics, StageMetrics};
+use crate::{EngineOptions, PipelineFactory, PipelineState};
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum PipelineEvent {
+    /// A stage of run `generation` failed; the whole run is torn down and restarted.
+    Failed { generation: u64, error: EngineError },
+    /// The source of run `generation` ended and everything reached the sink.
+    Finished { generation: u64 },
+}
+
+/// Stops the pipeline for good.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+struct Running {
+    source: Addr<SourceActor>,
+    operators: Vec<Addr<OperatorActor>>,
+    sink: Addr<SinkActor>,
+}
+
+impl Running {
+    fn stop(self) {
+        self.source.do_send(Stop);
+        for operator in self.operators {
+            operator.do_send(Stop);
+        }
+        self.sink.do_send(Stop);
+    }
+}
+
+pub struct PipelineSupervisor {
+    pub(crate) name: String,
+    pub(crate) factory: Arc<dyn PipelineFactory>,
+    pub(crate) options: EngineOptions,
+    pub(crate) arbiters: Vec<ArbiterHandle>,
+    pub(crate) metrics: Arc<PipelineMetrics>,
+    pub(crate) state: watch::Sender<PipelineState>,
+    pub(crate) generation: u64,
+    /// Failures of this pipeline so far; restarts stop after `max_restarts`.
+    pub(crate) failures: u32,
+    running: Option<Running>,
+}
+
+impl PipelineSupervisor {
+    pub(crate) fn new(
+        name: String,
+        factory: Arc<dyn PipelineFactory>,
+        options: EngineOptions,
+        arbiters: Vec<ArbiterHandle>,
+        metrics: Arc<PipelineMetrics>,
+        state: watch::Sender<PipelineState>,
+    ) -> Self {
+        Self { name, factory, options, arbiters, metrics, state, generation: 0, failures: 0, running: None }
+    }
+
+    fn launch(&mut self, ctx: &mut Context<Self>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let parts = match self.factory.build() {
+            Ok(parts) => parts,
+            Err(error) => {
+                self.on_failure(ctx, error);
+                return;
+            }
+        };
+        let stage = |i: usize| Arc::clone(&self.metrics.stages[i]);
+        let me = ctx.address();
+        let arbiter = |i: usize| self.arbiters[i % self.arbiters.len()].clone();
+        let limit = self.options.in_flight;
+        let capacity = limit * 2 + 2;
+        let pipeline = Arc::clone(&self.metrics);
+        let sink_stage = stage(self.metrics.stages.len() - 1);
+        let sink_parts = parts.sink;
+        let (sink_me, sink_pipeline) = (me.clone(), Arc::clone(&pipeline));
+        let sink = SinkActor::start_in_arbiter(&arbiter(parts.operators.len() + 1), move |ctx| {
+            ctx.set_mailbox_capacity(capacity);
+            SinkActor { sink: sink_parts, metrics: sink_stage, pipeline: sink_pipeline, supervisor: sink_me, generation }
+        });
+        let mut downstream = sink.clone().recipient();
+        let mut operators = Vec::new();
+        let count = parts.operators.len();
+        for (i, operator) in parts.operators.into_iter().enumerate().rev() {
+            let metrics = stage(i + 1);
+            let outbox_metrics = Arc::clone(&metrics);
+            let (op_me, op_pipeline, next) = (me.clone(), Arc::clone(&pipeline), downstream.clone());
+            let addr = OperatorActor::start_in_arbiter(&arbiter(i + 1), move |ctx| {
+                ctx.set_mailbox_capacity(capacity);
+                OperatorActor {
+                    operator,
+                    outbox: Outbox::new(next, limit, outbox_metrics),
+                    metrics,
+                    pipeline: op_pipeline,
+                    supervisor: op_me,
+                    generation,
+                    collector: Default::default(),
+                }
+            });
+            downstream = addr.clone().recipient();
+            operators.push(addr);
+        }
+        operators.reverse();
+        debug_assert_eq!(operators.len(), count);
+        let source_metrics = stage(0);
+        let (source, watermark, idle_timeout) = (parts.source, parts.watermark, self.options.idle_timeout);
+        let source = SourceActor::start_in_arbiter(&arbiter(0), move |_| SourceActor {
+            source: Some(source),
+            watermark,
+            idle_timeout,
+            outbox: Outbox::new(downstream, limit, Arc::clone(&source_metrics)),
+            supervisor: me,
+            generation,
+            metrics: source_metrics,
+        });
+        self.running = Some(Running { source, operators, sink });
+        let _ = self.state.send(PipelineState::Running);
+    }
+
+    fn on_failure(&mut self, ctx: &mut Context<Self>, error: EngineError) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+        self.failures += 1;
+        tracing::error!(pipeline = %self.name, attempt = self.failures, %error, "pipeline failed");
+        if !error.is_retryable() || self.failures > self.options.max_restarts {
+            let _ = self.state.send(PipelineState::Failed(error.to_string()));
+            ctx.stop();
+            return;
+        }
+        self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+        let backoff = self.options.backoff(self.failures);
+        let _ = self.state.send(PipelineState::Restarting { attempt: self.failures, error: error.to_string(), backoff });
+        ctx.run_later(backoff, |supervisor, ctx| supervisor.launch(ctx));
+    }
+}
+
+impl Actor for PipelineSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.launch(ctx);
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+    }
+}
+
+impl Handler<PipelineEvent> for PipelineSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, event: PipelineEvent, ctx: &mut Self::Context) {
+        match event {
+            PipelineEvent::Failed { generation, error } if generation == self.generation => {
+                if self.running.is_some() {
+                    self.on_failure(ctx, error);
+                }
+            }
+            PipelineEvent::Finished { generation } if generation == self.generation => {
+                if let Some(running) = self.running.take() {
+                    running.stop();
+                }
+                let _ = self.state.send(PipelineState::Finished);
+                ctx.stop();
+            }
+            // Late news from a run that was already replaced.
+            _ => {}
+        }
+    }
+}
+
+impl Handler<Shutdown> for PipelineSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+        let _ = self.state.send(PipelineState::Stopped);
+        ctx.stop();
+    }
+}
+
+/// Per-stage metrics in graph order: source, operators, sink.
+pub(crate) fn stage_metrics(names: impl IntoIterator<Item = String>) -> Vec<Arc<StageMetrics>> {
+    names.into_iter().map(|n| Arc::new(StageMetrics::new(n))).collect()
+}
+
+pub(crate) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
+    initial.saturating_mul(factor).min(max)
+}

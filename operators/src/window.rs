@@ -1,0 +1,718 @@
+//! Event-time window aggregation: `GROUP BY key, window_start, window_end` over
+//! `TUMBLE(...)` or `HOP(...)`.
+//!
+//! Each open window holds one DataFusion `GroupsAccumulator` per aggregate, so per-key state is
+//! columnar (one slot per group in each accumulator, never a list of rows) and every DataFusion
+//! aggregate works, including user-defined ones. Keys are encoded once per batch with the Arrow
+//! row format; a hash map from encoded key to group index is the only per-key structure.
+//!
+//! A window `[start, end)` is emitted when the watermark reaches `end`. A row whose every
+//! window has already been emitted is late: it is counted in [`Collector::late_rows`] and
+//! dropped. Rows with a NULL event time are counted in [`Collector::invalid_rows`] and dropped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions,
+    TimestampNanosecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use arrow::row::{RowConverter, Rows, SortField};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::GroupsAccumulatorAdapter;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{OperatorError, Result};
+use crate::{Collector, EventTime, Operator, Watermark};
+
+/// How rows are assigned to windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// Fixed, non-overlapping windows of `size` nanoseconds aligned to the epoch.
+    Tumble { size: i64 },
+    /// Windows of `size` nanoseconds starting every `slide` nanoseconds; a row belongs to
+    /// `size / slide` windows.
+    Hop { size: i64, slide: i64 },
+}
+
+impl WindowKind {
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            WindowKind::Tumble { size } if size <= 0 => {
+                Err(OperatorError::plan("window size must be positive"))
+            }
+            WindowKind::Hop { size, slide } if size <= 0 || slide <= 0 => {
+                Err(OperatorError::plan("window size and slide must be positive"))
+            }
+            WindowKind::Hop { size, slide } if slide > size => Err(OperatorError::plan(
+                "hop slide must not exceed the window size",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn size(&self) -> i64 {
+        match *self {
+            WindowKind::Tumble { size } | WindowKind::Hop { size, .. } => size,
+        }
+    }
+
+    fn slide(&self) -> i64 {
+        match *self {
+            WindowKind::Tumble { size } => size,
+            WindowKind::Hop { slide, .. } => slide,
+        }
+    }
+
+    /// Start of the last window that contains `ts`.
+    fn last_start(&self, ts: EventTime) -> EventTime {
+        ts - ts.rem_euclid(self.slide())
+    }
+}
+
+/// One column of the aggregate's output, in the order SQL's GROUP BY produces them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputColumn {
+    /// The n-th grouping key.
+    Key(usize),
+    WindowStart,
+    WindowEnd,
+    /// The n-th aggregate.
+    Aggregate(usize),
+}
+
+/// An aggregate call ready to run: the DataFusion aggregate, the expressions that feed it
+/// (arguments, then ORDER BY keys for order-sensitive aggregates) and its FILTER clause.
+pub struct AggregateCall {
+    pub function: Arc<AggregateFunctionExpr>,
+    pub inputs: Vec<Arc<dyn PhysicalExpr>>,
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+}
+
+impl AggregateCall {
+    fn new_accumulator(&self) -> Result<Box<dyn GroupsAccumulator>> {
+        if self.function.groups_accumulator_supported() {
+            Ok(self.function.create_groups_accumulator()?)
+        } else {
+            let function = Arc::clone(&self.function);
+            Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                function.create_accumulator()
+            })))
+        }
+    }
+}
+
+/// The state of one open window.
+struct OpenWindow {
+    /// Encoded group keys, in group-index order.
+    keys: Rows,
+    index: HashMap<Box<[u8]>, usize>,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+}
+
+impl OpenWindow {
+    fn group_count(&self) -> usize {
+        self.keys.num_rows()
+    }
+}
+
+pub struct WindowAggregate {
+    kind: WindowKind,
+    time_column: usize,
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    aggregates: Vec<AggregateCall>,
+    outputs: Vec<OutputColumn>,
+    schema: SchemaRef,
+    converter: RowConverter,
+    /// Open windows by start time; BTreeMap so windows close in event-time order.
+    open: BTreeMap<EventTime, OpenWindow>,
+    watermark: Watermark,
+    /// Reused per batch: the group index of each row in the window being updated.
+    group_indices: Vec<usize>,
+}
+
+impl WindowAggregate {
+    /// `input_schema` is the schema of incoming batches, `time_column` the index of its
+    /// `Timestamp(Nanosecond)` event-time column. `key_types` are the data types of `keys`.
+    pub fn try_new(
+        kind: WindowKind,
+        input_schema: &Schema,
+        time_column: usize,
+        keys: Vec<Arc<dyn PhysicalExpr>>,
+        aggregates: Vec<AggregateCall>,
+        outputs: Vec<OutputColumn>,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        kind.validate()?;
+        let time_type = input_schema.field(time_column).data_type();
+        if time_type != &DataType::Timestamp(TimeUnit::Nanosecond, None) {
+            return Err(OperatorError::plan(format!(
+                "event-time column must be Timestamp(Nanosecond), not {time_type}"
+            )));
+        }
+        if outputs.len() != schema.fields().len() {
+            return Err(OperatorError::plan(format!(
+                "window aggregate declares {} outputs for {} schema fields",
+                outputs.len(),
+                schema.fields().len()
+            )));
+        }
+        let key_fields = keys
+            .iter()
+            .map(|key| Ok(SortField::new(key.data_type(input_schema)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            kind,
+            time_column,
+            keys,
+            aggregates,
+            outputs,
+            schema,
+            converter: RowConverter::new(key_fields)?,
+            open: BTreeMap::new(),
+            watermark: Watermark::MIN,
+            group_indices: Vec::new(),
+        })
+    }
+
+    fn open_window(&self) -> Result<OpenWindow> {
+        Ok(OpenWindow {
+            keys: self.converter.empty_rows(64, 1024),
+            index: HashMap::new(),
+            accumulators: self
+                .aggregates
+                .iter()
+                .map(AggregateCall::new_accumulator)
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Whether the window starting at `start` has already been emitted.
+    fn is_closed(&self, start: EventTime) -> bool {
+        start.saturating_add(self.kind.size()) <= self.watermark.0
+    }
+
+    fn emit_window(&self, start: EventTime, mut window: OpenWindow, out: &mut Collector) -> Result<()> {
+        let groups = window.group_count();
+        if groups == 0 {
+            return Ok(());
+        }
+        let key_columns = self.converter.convert_rows(&window.keys)?;
+        let mut aggregate_columns = Vec::with_capacity(window.accumulators.len());
+        for accumulator in &mut window.accumulators {
+            aggregate_columns.push(accumulator.evaluate(EmitTo::All)?);
+        }
+        let end = start.saturating_add(self.kind.size());
+        let columns = self
+            .outputs
+            .iter()
+            .map(|output| match *output {
+                OutputColumn::Key(i) => Arc::clone(&key_columns[i]),
+                OutputColumn::Aggregate(i) => Arc::clone(&aggregate_columns[i]),
+                OutputColumn::WindowStart => constant_timestamp(start, groups),
+                OutputColumn::WindowEnd => constant_timestamp(end, groups),
+            })
+            .collect::<Vec<_>>();
+        let options = RecordBatchOptions::new().with_row_count(Some(groups));
+        out.emit(RecordBatch::try_new_with_options(
+            Arc::clone(&self.schema),
+            columns,
+            &options,
+        )?);
+        Ok(())
+    }
+
+    /// Rows of `batch` that fall into the window at `start`, as a mask, with the group index
+    /// of each such row written to `self.group_indices`.
+    fn assign_groups(
+        &mut self,
+        start: EventTime,
+        times: &TimestampNanosecondArray,
+        keys: &Rows,
+    ) -> Result<(Option<BooleanArray>, usize)> {
+        let size = self.kind.size();
+        let needs_window = !self.open.contains_key(&start);
+        if needs_window {
+            let window = self.open_window()?;
+            self.open.insert(start, window);
+        }
+        let window = self.open.get_mut(&start).ok_or_else(|| OperatorError::plan("window vanished"))?;
+        self.group_indices.clear();
+        self.group_indices.resize(times.len(), 0);
+        let mut mask = Vec::with_capacity(times.len());
+        let mut all = true;
+        for (row, slot) in self.group_indices.iter_mut().enumerate() {
+            let inside = times.is_valid(row) && {
+                let ts = times.value(row);
+                ts >= start && ts < start.saturating_add(size)
+            };
+            mask.push(inside);
+            if !inside {
+                all = false;
+                continue;
+            }
+            let key = keys.row(row);
+            *slot = match window.index.get(key.as_ref()) {
+                Some(&group) => group,
+                None => {
+                    let group = window.keys.num_rows();
+                    window.keys.push(key);
+                    window.index.insert(key.as_ref().into(), group);
+                    group
+                }
+            };
+        }
+        let groups = window.group_count();
+        Ok(((!all).then(|| BooleanArray::from(mask)), groups))
+    }
+}
+
+fn constant_timestamp(value: EventTime, len: usize) -> ArrayRef {
+    Arc::new(TimestampNanosecondArray::from_value(value, len))
+}
+
+fn and_masks(a: Option<BooleanArray>, b: Option<&BooleanArray>) -> Result<Option<BooleanArray>> {
+    Ok(match (a, b) {
+        (None, None) => None,
+        (Some(a), None) => Some(a),
+        (None, Some(b)) => Some(b.clone()),
+        (Some(a), Some(b)) => Some(arrow::compute::and(&a, b)?),
+    })
+}
+
+impl Operator for WindowAggregate {
+    fn name(&self) -> &str {
+        "window_aggregate"
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> Result<()> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Ok(());
+        }
+        let times = batch
+            .column(self.time_column)
+            .as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>()
+            .ok_or_else(|| OperatorError::plan("event-time column is not Timestamp(Nanosecond)"))?
+            .clone();
+        out.invalid_rows += times.null_count() as u64;
+
+        // Which windows does this batch touch? Usually one or two, so a sorted small vec.
+        let size = self.kind.size();
+        let slide = self.kind.slide();
+        let mut starts: Vec<EventTime> = Vec::new();
+        let mut late = 0u64;
+        for ts in times.iter().flatten() {
+            let last = self.kind.last_start(ts);
+            let mut start = last;
+            let mut any_open = false;
+            while start > ts.saturating_sub(size) {
+                if !self.is_closed(start) {
+                    any_open = true;
+                    if let Err(at) = starts.binary_search(&start) {
+                        starts.insert(at, start);
+                    }
+                }
+                start = start.saturating_sub(slide);
+            }
+            if !any_open {
+                late += 1;
+            }
+        }
+        out.late_rows += late;
+        if starts.is_empty() {
+            return Ok(());
+        }
+
+        let key_columns = self
+            .keys
+            .iter()
+            .map(|key| key.evaluate(&batch)?.into_array(rows))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        let keys = self.converter.convert_columns(&key_columns)?;
+        let mut inputs = Vec::with_capacity(self.aggregates.len());
+        let mut filters = Vec::with_capacity(self.aggregates.len());
+        for call in &self.aggregates {
+            let values = call
+                .inputs
+                .iter()
+                .map(|input| input.evaluate(&batch)?.into_array(rows))
+                .collect::<datafusion::error::Result<Vec<_>>>()?;
+            inputs.push(values);
+            let filter = match &call.filter {
+                Some(filter) => Some(filter.evaluate(&batch)?.into_array(rows)?.as_boolean().clone()),
+                None => None,
+            };
+            filters.push(filter);
+        }
+
+        for start in starts {
+            let (mask, groups) = self.assign_groups(start, &times, &keys)?;
+            let window = self.open.get_mut(&start).ok_or_else(|| OperatorError::plan("window vanished"))?;
+            for (i, accumulator) in window.accumulators.iter_mut().enumerate() {
+                let mask = and_masks(mask.clone(), filters[i].as_ref())?;
+                accumulator.update_batch(&inputs[i], &self.group_indices, mask.as_ref(), groups)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: Watermark, out: &mut Collector) -> Result<()> {
+        if watermark <= self.watermark {
+            return Ok(());
+        }
+        self.watermark = watermark;
+        let size = self.kind.size();
+        while let Some(entry) = self.open.first_entry() {
+            if entry.key().saturating_add(size) > watermark.0 {
+                break;
+            }
+            let (start, window) = entry.remove_entry();
+            self.emit_window(start, window, out)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<u8>> {
+        let mut header = SnapshotHeader {
+            watermark: self.watermark.0,
+            windows: Vec::with_capacity(self.open.len()),
+        };
+        let mut batches = Vec::with_capacity(self.open.len());
+        for (&start, window) in self.open.iter_mut() {
+            let groups = window.keys.num_rows();
+            let mut columns = self.converter.convert_rows(&window.keys)?;
+            let mut fresh = Vec::with_capacity(window.accumulators.len());
+            for (accumulator, call) in window.accumulators.iter_mut().zip(&self.aggregates) {
+                // `state` drains the accumulator, so the state is merged straight back into
+                // a fresh one: the window keeps running as if nothing happened.
+                let state = accumulator.state(EmitTo::All)?;
+                let mut replacement = call.new_accumulator()?;
+                let indices: Vec<usize> = (0..groups).collect();
+                replacement.merge_batch(&state, &indices, groups)?;
+                fresh.push(replacement);
+                columns.extend(state);
+            }
+            window.accumulators = fresh;
+            header.windows.push(WindowHeader { start, groups });
+            batches.push(columns);
+        }
+        let mut bytes = Vec::new();
+        let header = serde_json::to_vec(&header)
+            .map_err(|e| OperatorError::Restore(format!("cannot encode snapshot header: {e}")))?;
+        bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&header);
+        for columns in batches {
+            let fields = columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Field::new(format!("c{i}"), c.data_type().clone(), true))
+                .collect::<Vec<_>>();
+            let schema = Arc::new(Schema::new(fields));
+            let rows = columns.first().map_or(0, |c| c.len());
+            let options = RecordBatchOptions::new().with_row_count(Some(rows));
+            let batch = RecordBatch::try_new_with_options(Arc::clone(&schema), columns, &options)?;
+            let mut encoded = Vec::new();
+            {
+                let mut writer = StreamWriter::try_new(&mut encoded, &schema)?;
+                writer.write(&batch)?;
+                writer.finish()?;
+            }
+            bytes.extend_from_slice(&(encoded.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(&encoded);
+        }
+        Ok(bytes)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let mut reader = SnapshotReader { bytes: state };
+        let header: SnapshotHeader = serde_json::from_slice(reader.next_chunk()?)
+            .map_err(|e| OperatorError::Restore(format!("bad snapshot header: {e}")))?;
+        let mut open = BTreeMap::new();
+        let key_count = self.keys.len();
+        for window_header in header.windows {
+            let chunk = reader.next_chunk()?;
+            let mut stream = StreamReader::try_new(Cursor::new(chunk), None)?;
+            let batch = stream
+                .next()
+                .ok_or_else(|| OperatorError::Restore("window state has no batch".into()))??;
+            let groups = batch.num_rows();
+            if groups != window_header.groups {
+                return Err(OperatorError::Restore("window group count mismatch".into()));
+            }
+            let mut window = self.open_window()?;
+            window.keys = self.converter.convert_columns(&batch.columns()[..key_count])?;
+            for group in 0..groups {
+                window.index.insert(window.keys.row(group).as_ref().into(), group);
+            }
+            let indices: Vec<usize> = (0..groups).collect();
+            let mut offset = key_count;
+            for (accumulator, call) in window.accumulators.iter_mut().zip(&self.aggregates) {
+                let width = call.function.state_fields()?.len();
+                let state = batch.columns().get(offset..offset + width).ok_or_else(|| {
+                    OperatorError::Restore("snapshot has fewer state columns than the plan".into())
+                })?;
+                accumulator.merge_batch(state, &indices, groups)?;
+                offset += width;
+            }
+            open.insert(window_header.start, window);
+        }
+        self.open = open;
+        self.watermark = Watermark(header.watermark);
+        Ok(())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotHeader {
+    watermark: EventTime,
+    windows: Vec<WindowHeader>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WindowHeader {
+    start: EventTime,
+    groups: usize,
+}
+
+struct SnapshotReader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> SnapshotReader<'a> {
+    fn next_chunk(&mut self) -> Result<&'a [u8]> {
+        let truncated = || OperatorError::Restore("snapshot is truncated".into());
+        let (len, rest) = self.bytes.split_first_chunk::<8>().ok_or_else(truncated)?;
+        let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| truncated())?;
+        if rest.len() < len {
+            return Err(truncated());
+        }
+        let (chunk, rest) = rest.split_at(len);
+        self.bytes = rest;
+        Ok(chunk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::functions_aggregate::average::avg_udaf;
+    use datafusion::functions_aggregate::count::count_udaf;
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::logical_expr::AggregateUDF;
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_expr::expressions::col;
+
+    use super::*;
+    use crate::testing::{batch, pretty, schema};
+
+    const SECOND: i64 = 1_000_000_000;
+
+    fn call(function: Arc<AggregateUDF>, column: &str, input: &SchemaRef, alias: &str) -> AggregateCall {
+        let arg = col(column, input).expect("column");
+        let function = AggregateExprBuilder::new(function, vec![Arc::clone(&arg)])
+            .schema(Arc::clone(input))
+            .alias(alias)
+            .build()
+            .expect("aggregate");
+        AggregateCall { function: Arc::new(function), inputs: vec![arg], filter: None }
+    }
+
+    /// `sensor, window_start, window_end, sum(v), count(v), avg(v)` over `kind`.
+    fn aggregate(kind: WindowKind) -> WindowAggregate {
+        let input = schema("sensor:utf8, ts:ts!, v:f64");
+        let output = schema("sensor:utf8, window_start:ts!, window_end:ts!, total:f64, n:i64!, mean:f64");
+        WindowAggregate::try_new(
+            kind,
+            &input,
+            1,
+            vec![col("sensor", &input).expect("column")],
+            vec![
+                call(sum_udaf(), "v", &input, "total"),
+                call(count_udaf(), "v", &input, "n"),
+                call(avg_udaf(), "v", &input, "mean"),
+            ],
+            vec![
+                OutputColumn::Key(0),
+                OutputColumn::WindowStart,
+                OutputColumn::WindowEnd,
+                OutputColumn::Aggregate(0),
+                OutputColumn::Aggregate(1),
+                OutputColumn::Aggregate(2),
+            ],
+            output,
+        )
+        .expect("valid window aggregate")
+    }
+
+    fn rows(json: &str) -> RecordBatch {
+        batch(&schema("sensor:utf8, ts:ts!, v:f64"), json)
+    }
+
+    fn feed(op: &mut WindowAggregate, json: &str, out: &mut Collector) {
+        op.process_batch(rows(json), out).expect("process");
+    }
+
+    fn at(seconds: f64) -> Watermark {
+        Watermark((seconds * SECOND as f64) as i64)
+    }
+
+    #[test]
+    fn tumbling_window_is_emitted_only_when_the_watermark_passes_its_end() {
+        let mut op = aggregate(WindowKind::Tumble { size: SECOND });
+        let mut out = Collector::default();
+        feed(&mut op, r#"
+            {"sensor":"a","ts":"1970-01-01T00:00:00.100Z","v":1.0}
+            {"sensor":"b","ts":"1970-01-01T00:00:00.200Z","v":10.0}
+            {"sensor":"a","ts":"1970-01-01T00:00:00.900Z","v":3.0}
+            {"sensor":"a","ts":"1970-01-01T00:00:01.100Z","v":7.0}"#, &mut out);
+        op.on_watermark(at(0.999), &mut out).expect("watermark");
+        assert!(out.batches().is_empty(), "window [0s, 1s) must stay open before the watermark reaches 1s");
+        op.on_watermark(at(1.0), &mut out).expect("watermark");
+        assert_eq!(
+            pretty(&out.take_batches()),
+            "\
++--------+---------------------+---------------------+-------+---+------+
+| sensor | window_start        | window_end          | total | n | mean |
++--------+---------------------+---------------------+-------+---+------+
+| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 4.0   | 2 | 2.0  |
+| b      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 10.0  | 1 | 10.0 |
++--------+---------------------+---------------------+-------+---+------+"
+        );
+        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        assert!(pretty(&out.take_batches()).contains("| a      | 1970-01-01T00:00:01 | 1970-01-01T00:00:02 | 7.0   | 1 | 7.0  |"));
+    }
+
+    #[test]
+    fn out_of_order_rows_within_the_delay_count_and_late_rows_are_dropped() {
+        let mut op = aggregate(WindowKind::Tumble { size: SECOND });
+        let mut out = Collector::default();
+        feed(&mut op, r#"{"sensor":"a","ts":"1970-01-01T00:00:01.500Z","v":1.0}"#, &mut out);
+        op.on_watermark(at(0.5), &mut out).expect("watermark");
+        // Older than the latest row, but its window [0s, 1s) is still open: accepted.
+        feed(&mut op, r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#, &mut out);
+        op.on_watermark(at(1.2), &mut out).expect("watermark");
+        assert_eq!(out.late_rows, 0);
+        // Window [0s, 1s) has been emitted: this row is late.
+        feed(&mut op, r#"{"sensor":"a","ts":"1970-01-01T00:00:00.300Z","v":100.0}"#, &mut out);
+        assert_eq!(out.late_rows, 1);
+        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        let text = pretty(&out.take_batches());
+        assert!(text.contains("| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 2.0   | 1 | 2.0  |"), "{text}");
+        assert!(!text.contains("100"), "the late row must not be aggregated: {text}");
+    }
+
+    #[test]
+    fn null_values_are_skipped_nan_propagates_and_null_keys_form_a_group() {
+        let mut op = aggregate(WindowKind::Tumble { size: SECOND });
+        let mut out = Collector::default();
+        let input = schema("sensor:utf8, ts:ts!, v:f64");
+        let nan_batch = RecordBatch::try_new(
+            Arc::clone(&input),
+            vec![
+                Arc::new(arrow::array::StringArray::from(vec![Some("a"), Some("a"), None, Some("b")])),
+                Arc::new(TimestampNanosecondArray::from(vec![1, 2, 3, 4])),
+                Arc::new(arrow::array::Float64Array::from(vec![Some(1.0), None, Some(5.0), Some(f64::NAN)])),
+            ],
+        )
+        .expect("batch");
+        op.process_batch(nan_batch, &mut out).expect("process");
+        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        assert_eq!(
+            pretty(&out.take_batches()),
+            "\
++--------+---------------------+---------------------+-------+---+------+
+| sensor | window_start        | window_end          | total | n | mean |
++--------+---------------------+---------------------+-------+---+------+
+| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 1.0   | 1 | 1.0  |
+|        | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 5.0   | 1 | 5.0  |
+| b      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | NaN   | 1 | NaN  |
++--------+---------------------+---------------------+-------+---+------+"
+        );
+    }
+
+    #[test]
+    fn null_event_times_are_counted_and_empty_batches_change_nothing() {
+        let mut op = aggregate(WindowKind::Tumble { size: SECOND });
+        let mut out = Collector::default();
+        let input = schema("sensor:utf8, ts:ts, v:f64");
+        let with_null_time = RecordBatch::try_new(
+            input,
+            vec![
+                Arc::new(arrow::array::StringArray::from(vec!["a", "a"])),
+                Arc::new(TimestampNanosecondArray::from(vec![None, Some(5)])),
+                Arc::new(arrow::array::Float64Array::from(vec![1.0, 2.0])),
+            ],
+        )
+        .expect("batch");
+        op.process_batch(with_null_time, &mut out).expect("process");
+        op.process_batch(RecordBatch::new_empty(schema("sensor:utf8, ts:ts!, v:f64")), &mut out).expect("empty");
+        assert_eq!(out.invalid_rows, 1);
+        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        let batches = out.take_batches();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].num_rows(), 1);
+        assert!(pretty(&batches).contains("| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 2.0   | 1 | 2.0  |"));
+    }
+
+    #[test]
+    fn hopping_windows_count_a_row_in_every_window_that_contains_it() {
+        let mut op = aggregate(WindowKind::Hop { size: 2 * SECOND, slide: SECOND });
+        let mut out = Collector::default();
+        feed(&mut op, r#"
+            {"sensor":"a","ts":"1970-01-01T00:00:00.500Z","v":1.0}
+            {"sensor":"a","ts":"1970-01-01T00:00:01.500Z","v":2.0}"#, &mut out);
+        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        assert_eq!(
+            pretty(&out.take_batches()),
+            "\
++--------+---------------------+---------------------+-------+---+------+
+| sensor | window_start        | window_end          | total | n | mean |
++--------+---------------------+---------------------+-------+---+------+
+| a      | 1969-12-31T23:59:59 | 1970-01-01T00:00:01 | 1.0   | 1 | 1.0  |
+| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:02 | 3.0   | 2 | 1.5  |
+| a      | 1970-01-01T00:00:01 | 1970-01-01T00:00:03 | 2.0   | 1 | 2.0  |
++--------+---------------------+---------------------+-------+---+------+"
+        );
+    }
+
+    #[test]
+    fn snapshot_and_restore_keep_open_windows() {
+        let mut op = aggregate(WindowKind::Tumble { size: SECOND });
+        let mut out = Collector::default();
+        feed(&mut op, r#"
+            {"sensor":"a","ts":"1970-01-01T00:00:00.100Z","v":1.0}
+            {"sensor":"b","ts":"1970-01-01T00:00:01.100Z","v":4.0}"#, &mut out);
+        op.on_watermark(at(0.5), &mut out).expect("watermark");
+        let state = op.snapshot().expect("snapshot");
+        // The snapshot must not disturb the original either.
+        feed(&mut op, r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#, &mut out);
+        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        let original = pretty(&out.take_batches());
+
+        let mut restored = aggregate(WindowKind::Tumble { size: SECOND });
+        restored.restore(&state).expect("restore");
+        feed(&mut restored, r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#, &mut out);
+        restored.on_watermark(Watermark::END, &mut out).expect("watermark");
+        assert_eq!(pretty(&out.take_batches()), original);
+        assert!(original.contains("| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 3.0   | 2 | 1.5  |"), "{original}");
+        assert!(restored.restore(&state[..state.len() / 2]).is_err(), "a truncated snapshot is refused");
+    }
+
+    #[test]
+    fn zero_length_and_inverted_windows_are_refused() {
+        assert!(WindowKind::Tumble { size: 0 }.validate().is_err());
+        assert!(WindowKind::Hop { size: SECOND, slide: 0 }.validate().is_err());
+        assert!(WindowKind::Hop { size: SECOND, slide: 2 * SECOND }.validate().is_err());
+        assert!(WindowKind::Hop { size: 2 * SECOND, slide: SECOND }.validate().is_ok());
+    }
+}

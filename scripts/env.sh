@@ -1,0 +1,17 @@
+# Shared set-up for the project scripts: a build cache outside the checkout, and the system
+# packages the build needs, installed once (idempotent).
+set -euo pipefail
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+need_packages=()
+command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
+if [ "${#need_packages[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_packages[@]}"
+    else
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_packages[@]}"
+    fi
+fi
