@@ -54,13 +54,31 @@ fn check(case: &Path, actual: &str, mode: &str) {
     assert_eq!(actual, expected, "{} ({mode}) differs from expected.jsonl", case.display());
 }
 
-fn run_engine(plan: PipelinePlan) -> PipelineState {
+/// Dead letters by reason, compared with `dead_letters.expected` (absent = none expected).
+fn check_dead_letters(case: &Path, dead_letters: &DeadLetterQueue) {
+    let mut counts = dead_letters.counts_by_reason();
+    counts.sort();
+    let actual: String = counts.iter().map(|(reason, n)| format!("{n} {reason}\n")).collect();
+    let path = case.join("dead_letters.expected");
+    if std::env::var_os("WEIR_BLESS").is_some() {
+        if actual.is_empty() {
+            let _ = std::fs::remove_file(&path);
+        } else {
+            std::fs::write(&path, &actual).expect("write dead_letters.expected");
+        }
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(actual, expected, "{}: dead letters differ", case.display());
+}
+
+fn run_engine(plan: PipelinePlan, dead_letters: DeadLetterQueue) -> PipelineState {
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
     });
     system.block_on(async move {
         let engine = Engine::new(EngineOptions::default());
-        let mut handle = engine.start_plan(plan, DeadLetterQueue::default()).expect("plan starts");
+        let mut handle = engine.start_plan(plan, dead_letters).expect("plan starts");
         let state = handle.wait().await;
         engine.shutdown();
         state
@@ -72,10 +90,12 @@ fn golden_cases_through_the_engine() {
     for case in cases() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("out.jsonl");
-        let state = run_engine(compile(&case, &out));
+        let dead_letters = DeadLetterQueue::default();
+        let state = run_engine(compile(&case, &out), dead_letters.clone());
         assert_eq!(state, PipelineState::Finished, "{}", case.display());
         let actual = std::fs::read_to_string(&out).unwrap_or_default();
         check(&case, &actual, "engine");
+        check_dead_letters(&case, &dead_letters);
     }
 }
 
@@ -151,7 +171,7 @@ fn push(operators: &mut [Box<dyn Operator>], input: Input) -> Vec<arrow::array::
     let mut collector = Collector::default();
     let watermark = match input {
         Input::Batch(batch) => {
-            first.process_batch(batch, &mut collector).expect("process");
+            weir_operators::process_isolating(first.as_mut(), batch, &mut collector).expect("process");
             None
         }
         Input::Watermark(w) => {

@@ -12,9 +12,7 @@
 //! Both parsers are hand-written for fixed layouts because they run once per decoded row;
 //! chrono does the calendar arithmetic.
 
-use std::fmt::Write as _;
-
-use chrono::{DateTime, Datelike, NaiveDate, Timelike};
+use chrono::{DateTime, Datelike, Timelike};
 use serde::{Deserialize, Serialize};
 
 const NANOS_PER_SECOND: i64 = 1_000_000_000;
@@ -177,7 +175,7 @@ fn parse_rfc3339_bytes(b: &[u8]) -> Option<i64> {
     if b[4] != b'-' || b.get(7) != Some(&b'-') {
         return None;
     }
-    let date = NaiveDate::from_ymd_opt(i32::try_from(year).ok()?, month, day)?;
+    let days = days_from_civil(i64::from(year), month, day)?;
     let (mut hour, mut minute, mut second, mut nanos) = (0, 0, 0, 0);
     let mut i = 10;
     if matches!(b.get(i), Some(b'T' | b't' | b' ')) {
@@ -235,11 +233,38 @@ fn parse_rfc3339_bytes(b: &[u8]) -> Option<i64> {
     if i != b.len() {
         return None;
     }
-    let local = date
-        .and_hms_nano_opt(hour, minute, second, nanos)?
-        .and_utc()
-        .timestamp_nanos_opt()?;
-    local.checked_sub(offset_seconds * NANOS_PER_SECOND)
+    if hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let seconds = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second) - offset_seconds;
+    seconds
+        .checked_mul(NANOS_PER_SECOND)?
+        .checked_add(i64::from(nanos))
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date, `None` for an invalid date.
+///
+/// Howard Hinnant's `days_from_civil`; hand-rolled because it runs once per decoded row and
+/// chrono's validated constructors cost several times more.
+fn days_from_civil(year: i64, month: u32, day: u32) -> Option<i64> {
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if day == 0 || day > month_days {
+        return None;
+    }
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month_from_march = i64::from((month + 9) % 12);
+    let day_of_year = (153 * month_from_march + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    Some(era * 146_097 + day_of_era - 719_468)
 }
 
 /// Reads `count` ASCII digits starting at `at`.
@@ -287,9 +312,16 @@ pub fn format_rfc3339(nanos: i64, out: &mut String) {
     out.push('Z');
 }
 
+/// Appends `value` zero-padded to `width` (at most 9) digits, without the formatting machinery,
+/// which costs more than the rest of `format_rfc3339` together.
 fn push_padded(out: &mut String, value: u32, width: usize) {
-    // Writing to a String cannot fail.
-    let _ = write!(out, "{value:0width$}");
+    let mut digits = [b'0'; 9];
+    let mut rest = value;
+    for digit in digits[..width].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or_default());
 }
 
 #[cfg(test)]
@@ -329,6 +361,30 @@ mod tests {
             Some(JAN_1_2024 + 12 * 3600 * NANOS_PER_SECOND)
         );
         assert_eq!(rfc("2024-01-01"), Some(JAN_1_2024));
+    }
+
+    #[test]
+    fn civil_days_agree_with_chrono() {
+        for (year, month, day) in [
+            (1970, 1, 1),
+            (2000, 2, 29),
+            (1900, 3, 1),
+            (2262, 4, 11),
+            (1677, 9, 21),
+            (2024, 12, 31),
+        ] {
+            let expected = chrono::NaiveDate::from_ymd_opt(year, month, day).map(|d| {
+                d.signed_duration_since(chrono::NaiveDate::default())
+                    .num_days()
+            });
+            assert_eq!(
+                days_from_civil(i64::from(year), month, day),
+                expected,
+                "{year}-{month}-{day}"
+            );
+        }
+        assert_eq!(days_from_civil(1900, 2, 29), None);
+        assert_eq!(days_from_civil(2024, 13, 1), None);
     }
 
     #[test]

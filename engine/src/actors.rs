@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use arrow::array::AsArray;
 use arrow::datatypes::TimestampNanosecondType;
-use weir_connectors::{Sink, Source, SourceEvent};
+use weir_connectors::{DeadLetterQueue, Sink, Source, SourceEvent};
 use weir_operators::{Collector, EventTime, Operator, Watermark};
 
 use crate::error::{EngineError, Result};
@@ -206,7 +206,7 @@ impl SourceLoop {
                         current = Watermark(advanced);
                         let message = StreamMessage::Watermark { watermark: current, origin: Instant::now() };
                         // Sending borrows only the outbox; the pending read stays in place.
-                        for wait in self.outbox.push(message) {
+                        if let Some(wait) = self.outbox.push(message) {
                             wait.await.map_err(|e| EngineError::Internal(format!("downstream actor is gone: {e}")))??;
                         }
                     }
@@ -218,6 +218,8 @@ impl SourceLoop {
 
 pub struct OperatorActor {
     pub operator: Box<dyn Operator>,
+    /// Where rows that fail to evaluate go, with the reason.
+    pub dead_letters: DeadLetterQueue,
     pub outbox: Outbox,
     pub metrics: Arc<StageMetrics>,
     pub pipeline: Arc<PipelineMetrics>,
@@ -245,7 +247,16 @@ impl OperatorActor {
             StreamMessage::Batch { batch, origin } => {
                 StageMetrics::add(&self.metrics.rows_in, batch.num_rows() as u64);
                 StageMetrics::add(&self.metrics.batches_in, 1);
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| operator.process_batch(batch, collector)));
+                let dead_letters = &self.dead_letters;
+                let name = operator.name().to_string();
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let rejected = weir_operators::process_isolating(operator.as_mut(), batch, collector)?;
+                    for rows in rejected {
+                        StageMetrics::add(&self.metrics.errors, rows.rows.num_rows() as u64);
+                        dead_letters.push(&name, &rows.reason, &rows_as_json(&rows.rows));
+                    }
+                    Ok(())
+                }));
                 (origin, false, None, outcome)
             }
             StreamMessage::Watermark { watermark, origin } => {
@@ -280,6 +291,15 @@ impl OperatorActor {
         messages.extend(forward);
         Ok(messages)
     }
+}
+
+/// Rejected rows as JSON lines, for the dead-letter queue. Only on the error path.
+fn rows_as_json(rows: &arrow::array::RecordBatch) -> Vec<u8> {
+    let mut writer = arrow::json::LineDelimitedWriter::new(Vec::new());
+    if writer.write(rows).is_err() || writer.finish().is_err() {
+        return b"<rows not printable>".to_vec();
+    }
+    writer.into_inner()
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

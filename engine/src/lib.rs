@@ -98,6 +98,8 @@ pub struct PipelineParts {
     pub watermark: Option<WatermarkRule>,
     pub operators: Vec<Box<dyn Operator>>,
     pub sink: Box<dyn Sink>,
+    /// Receives input the source cannot decode and rows the operators cannot evaluate.
+    pub dead_letters: DeadLetterQueue,
 }
 
 /// Builds a pipeline's parts. The plan-based factory is the normal one; tests and benchmarks
@@ -177,6 +179,7 @@ impl PipelineFactory for PlanFactory {
             watermark,
             operators,
             sink: weir_connectors::build_sink(&sink_spec, sink_schema)?,
+            dead_letters: self.dead_letters.clone(),
         })
     }
 }

@@ -99,10 +99,12 @@ impl PipelineSupervisor {
             let metrics = stage(i + 1);
             let outbox_metrics = Arc::clone(&metrics);
             let (op_me, op_pipeline, next) = (me.clone(), Arc::clone(&pipeline), downstream.clone());
+            let dead_letters = parts.dead_letters.clone();
             let addr = OperatorActor::start_in_arbiter(&arbiter(i + 1), move |ctx| {
                 ctx.set_mailbox_capacity(capacity);
                 OperatorActor {
                     operator,
+                    dead_letters,
                     outbox: Outbox::new(next, limit, outbox_metrics),
                     metrics,
                     pipeline: op_pipeline,

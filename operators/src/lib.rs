@@ -128,3 +128,43 @@ pub trait Operator: Send {
         }
     }
 }
+
+/// Rows an operator could not process, with the reason.
+#[derive(Debug)]
+pub struct RejectedRows {
+    pub rows: RecordBatch,
+    pub reason: String,
+}
+
+/// Runs `process_batch`, and if evaluating the batch fails (say `sqrt` of a negative number
+/// in one row), narrows the failure down by halving until the failing rows are found: those
+/// are returned as rejected, every other row is processed normally. One bad row thus costs
+/// itself, not its batch or the pipeline. The bisection only runs on the error path.
+///
+/// Operators evaluate all their expressions before changing state, so retrying a part of a
+/// batch that failed is safe.
+pub fn process_isolating(
+    operator: &mut dyn Operator,
+    batch: RecordBatch,
+    out: &mut Collector,
+) -> Result<Vec<RejectedRows>> {
+    let mut rejected = Vec::new();
+    let mut pending = vec![batch];
+    while let Some(batch) = pending.pop() {
+        match operator.process_batch(batch.clone(), out) {
+            Ok(()) => {}
+            Err(error @ (OperatorError::DataFusion(_) | OperatorError::Arrow(_))) => {
+                if batch.num_rows() <= 1 {
+                    rejected.push(RejectedRows { rows: batch, reason: error.to_string() });
+                } else {
+                    let half = batch.num_rows() / 2;
+                    // Pushed in reverse so the first half is processed first: order is kept.
+                    pending.push(batch.slice(half, batch.num_rows() - half));
+                    pending.push(batch.slice(0, half));
+                }
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(rejected)
+}

@@ -25,15 +25,14 @@ impl Catalog {
         let mut options = state.config_options().as_ref().clone();
         // Spans let DataFusion's errors point at the offending identifier.
         options.sql_parser.collect_spans = true;
+        // TEXT columns are plain Utf8 end to end: decoders build them, sinks write them, and
+        // one string type keeps every connector simple.
+        options.sql_parser.map_string_types_to_utf8view = false;
         Self { state, options, tables: HashMap::new() }
     }
 
     pub fn add_table(&mut self, name: &str, schema: SchemaRef) {
         self.tables.insert(name.to_string(), schema);
-    }
-
-    pub fn table(&self, name: &str) -> Option<&SchemaRef> {
-        self.tables.get(name)
     }
 
     pub fn table_names(&self) -> impl Iterator<Item = &str> {

@@ -180,13 +180,14 @@ impl Compiler {
             options: source.options.values.clone(),
             event_time: watermark.as_ref().map(|w| w.column.clone()),
         };
-        weir_connectors::validate_source(&spec, &arrow_schema)
-            .map_err(|e| connector_diagnostic(e, &source.options, weir_connectors::registry::source_connectors()))?;
         let df_schema = DFSchema::try_from_qualified_schema(name.as_str(), &arrow_schema)
             .map_err(|e| datafusion_diagnostic(e, source.position, None))?;
-        self.catalog.add_table(&name, Arc::new(arrow_schema));
+        // Registered before the connector check so that pipelines reading this source are
+        // still checked, instead of failing with a misleading "unknown source".
+        self.catalog.add_table(&name, Arc::new(arrow_schema.clone()));
         self.sources.insert(name, SourceEntry { schema: Arc::new(df_schema), watermark, connector });
-        Ok(())
+        weir_connectors::validate_source(&spec, &arrow_schema)
+            .map_err(|e| connector_diagnostic(e, &source.options, weir_connectors::registry::source_connectors()))
     }
 
     fn watermark_delay(&self, column: &str, expr: &sql::Expr, at: Position) -> std::result::Result<i64, Diagnostic> {
@@ -352,7 +353,7 @@ fn connector_diagnostic(error: weir_connectors::ConnectorError, options: &Option
     let at = options.connector.as_ref().map_or(options.position, |(_, at)| *at);
     let mut diagnostic = Diagnostic::new(at, error.to_string());
     if let Some((name, _)) = &options.connector {
-        if !known.contains(&name.as_str()) {
+        if !known.contains(&name.as_str()) && !diagnostic.message.contains("known") {
             diagnostic = diagnostic.with_hint(format!("connectors: {}", known.join(", ")));
         }
     }
@@ -380,7 +381,13 @@ fn datafusion_diagnostic(error: DataFusionError, fallback: Position, catalog: Op
     let at = error
         .diagnostic()
         .and_then(|d| d.span)
-        .map_or(fallback, |span| span_position(span, fallback));
+        .map_or(fallback, |span| {
+            if span.start.line == 0 {
+                fallback
+            } else {
+                Position { line: span.start.line, column: span.start.column }
+            }
+        });
     let root = error.find_root();
     if let DataFusionError::SchemaError(schema_error, _) = root {
         if let SchemaError::FieldNotFound { field, valid_fields } = schema_error.as_ref() {
@@ -403,6 +410,7 @@ fn datafusion_diagnostic(error: DataFusionError, fallback: Position, catalog: Op
     }
     let mut diagnostic = Diagnostic::new(at, first_line(&message));
     if message.contains("Cannot infer common")
+        || message.contains("Cannot coerce")
         || message.contains("coercion")
         || message.contains("No function matches")
         || message.contains("cannot be cast")
@@ -516,9 +524,8 @@ impl WindowRewriter<'_> {
             }
             Ok(ns)
         };
-        let (kind, display) = if function == "TUMBLE" {
-            let size = positive(exprs[2])?;
-            (WindowKind::Tumble { size }, format!("TUMBLE({source}, {time}, {})", exprs[2]))
+        let kind = if function == "TUMBLE" {
+            WindowKind::Tumble { size: positive(exprs[2])? }
         } else {
             let slide = positive(exprs[2])?;
             let size = positive(exprs[3])?;
@@ -526,10 +533,10 @@ impl WindowRewriter<'_> {
                 return Err(Diagnostic::new(span_position(exprs[2].span(), at), "HOP slide is longer than the window size, so rows between windows would be lost")
                     .with_hint(usage));
             }
-            (WindowKind::Hop { size, slide }, format!("HOP({source}, {time}, {}, {})", exprs[2], exprs[3]))
+            WindowKind::Hop { size, slide }
         };
         let view = format!("__weir_window_{}", self.windowed.len());
-        self.windowed.insert(view.clone(), WindowedTable { source: source.clone(), time_column: time, kind, display });
+        self.windowed.insert(view.clone(), WindowedTable { source: source.clone(), time_column: time, kind });
         Ok((view, source))
     }
 }

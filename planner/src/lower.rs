@@ -38,7 +38,6 @@ pub struct WindowedTable {
     pub source: String,
     pub time_column: String,
     pub kind: WindowKind,
-    pub display: String,
 }
 
 pub struct LowerContext<'a> {

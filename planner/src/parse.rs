@@ -226,8 +226,13 @@ fn expect_end(parser: &mut Parser, start: Position) -> Result<(), Diagnostic> {
         Ok(())
     } else {
         let at = if next.span.start.line == 0 { start } else { position(next.span.start) };
-        Err(Diagnostic::new(at, format!("unexpected {} here", next.token))
-            .with_hint("statements are separated by ';'"))
+        let missing_semicolon = matches!(&next.token, Token::Word(w) if w.keyword == Keyword::CREATE);
+        let diagnostic = Diagnostic::new(at, format!("unexpected '{}' after the end of the statement", next.token));
+        Err(if missing_semicolon {
+            diagnostic.with_hint("statements are separated by ';'")
+        } else {
+            diagnostic
+        })
     }
 }
 

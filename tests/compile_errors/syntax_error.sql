@@ -6,4 +6,4 @@ CREATE SOURCE vibration (
 ) WITH (connector = 'file', path = 'input.jsonl', format = 'json');
 CREATE SINK out WITH (connector = 'stdout');
 CREATE PIPELINE p AS INSERT INTO out
-SELECT sensor v FROM WHERE v > 1;
+SELECT sensor FROM vibration WHERE v >;

@@ -66,7 +66,7 @@ impl CsvDecoder {
         split_fields(text, &mut self.fields, &mut self.unquoted)
             .map_err(|e| bad_header(e.to_string()))?;
         let strings = StrSources {
-            record: text,
+            record: text.as_bytes(),
             unescaped: &self.unquoted,
         };
         self.field_columns.clear();
@@ -99,7 +99,7 @@ impl CsvDecoder {
         }
         self.cells.fill(Cell::Null);
         let strings = StrSources {
-            record: text,
+            record: text.as_bytes(),
             unescaped: &self.unquoted,
         };
         for (&(start, end, unquoted), &column) in self.fields.iter().zip(&self.field_columns) {

@@ -122,8 +122,11 @@ pub trait RecordDecoder: Send {
         dead_letters: &DeadLetterQueue,
     ) -> usize {
         let mut rows = 0;
-        for line in bytes.split(|&b| b == b'\n') {
-            let line = line.trim_ascii();
+        let mut start = 0;
+        while start < bytes.len() {
+            let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i);
+            let line = bytes[start..end].trim_ascii();
+            start = end + 1;
             if line.is_empty() {
                 continue;
             }
@@ -235,19 +238,22 @@ pub(crate) enum Cell {
 
 /// Where the bytes of [`Cell::Str`] live.
 pub(crate) struct StrSources<'a> {
-    pub(crate) record: &'a str,
+    pub(crate) record: &'a [u8],
     pub(crate) unescaped: &'a str,
 }
 
 impl StrSources<'_> {
+    /// The text of a string cell. Decoders check a string is UTF-8 before making it a cell, so
+    /// the fallback to `""` is never taken.
     fn get(&self, start: usize, end: usize, unescaped: bool) -> &str {
-        let text = if unescaped {
-            self.unescaped
+        if unescaped {
+            self.unescaped.get(start..end).unwrap_or_default()
         } else {
             self.record
-        };
-        // Ranges were taken from these very strings at ASCII delimiters.
-        text.get(start..end).unwrap_or_default()
+                .get(start..end)
+                .and_then(|bytes| std::str::from_utf8(bytes).ok())
+                .unwrap_or_default()
+        }
     }
 }
 
@@ -375,13 +381,9 @@ impl ColumnBuilder {
     }
 
     /// Appends event times to a timestamp column.
-    pub(crate) fn append_timestamps(&mut self, nanos: impl ExactSizeIterator<Item = i64>) {
+    pub(crate) fn append_timestamps(&mut self, nanos: &[i64]) {
         match self {
-            Self::Timestamp(b) => {
-                for value in nanos {
-                    b.append_value(value);
-                }
-            }
+            Self::Timestamp(b) => b.append_slice(nanos),
             builder => builder.append_nulls(nanos.len()),
         }
     }
@@ -391,7 +393,7 @@ impl ColumnBuilder {
             Cell::Null,
             n,
             &StrSources {
-                record: "",
+                record: &[],
                 unescaped: "",
             },
         );
@@ -581,6 +583,58 @@ pub(crate) fn number_cell(column: &Column, text: &[u8]) -> DecodeResult<Cell> {
     Ok(Cell::Float(value))
 }
 
+/// Exact powers of ten up to the largest a short decimal needs.
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
+
+/// Parses a plain decimal of at most 15 digits (`-12.345`, no exponent) at the start of
+/// `text`, returning the value and the bytes used; `None` for anything else.
+///
+/// Sensors send short decimals, and for them this is Clinger's fast path without the generic
+/// machinery of a full float parser: the digits fit a `u64` that converts to `f64` exactly,
+/// the power of ten is exact, so the one division is correctly rounded. Callers fall back to
+/// `fast-float2` when it returns `None`.
+#[inline]
+pub(crate) fn parse_short_decimal(text: &[u8]) -> Option<(f64, usize)> {
+    let negative = text.first() == Some(&b'-');
+    let mut i = usize::from(negative);
+    let mut mantissa: u64 = 0;
+    let mut digits = 0;
+    while let Some(&d) = text.get(i).filter(|d| d.is_ascii_digit()) {
+        mantissa = mantissa * 10 + u64::from(d - b'0');
+        digits += 1;
+        i += 1;
+        if digits > 15 {
+            return None;
+        }
+    }
+    if digits == 0 {
+        return None;
+    }
+    let mut fraction_digits = 0;
+    if text.get(i) == Some(&b'.') {
+        i += 1;
+        while let Some(&d) = text.get(i).filter(|d| d.is_ascii_digit()) {
+            mantissa = mantissa * 10 + u64::from(d - b'0');
+            digits += 1;
+            fraction_digits += 1;
+            i += 1;
+            if digits > 15 {
+                return None;
+            }
+        }
+        if fraction_digits == 0 {
+            return None;
+        }
+    }
+    if matches!(text.get(i), Some(b'e' | b'E')) {
+        return None;
+    }
+    let magnitude = mantissa as f64 / POW10[fraction_digits];
+    Some((if negative { -magnitude } else { magnitude }, i))
+}
+
 pub(crate) fn starts_like_number(text: &[u8]) -> bool {
     match text {
         [b'-', d, ..] | [d, ..] => d.is_ascii_digit(),
@@ -659,6 +713,45 @@ mod tests {
             integer_cell(&column(ColumnKind::Int64), b"1.5").map_err(|e| e.to_string()),
             Err("wrong type for 'x': expected integer".to_owned())
         );
+    }
+
+    #[test]
+    fn short_decimals_parse_exactly_like_a_full_parser() {
+        for text in [
+            "0",
+            "-0",
+            "1",
+            "0.1",
+            "-12.345",
+            "123456789012345",
+            "0.00000000000001",
+            "3.14159",
+            "99999.99999",
+            "1.5,",
+            "7]",
+        ] {
+            let (value, used) = parse_short_decimal(text.as_bytes()).expect(text);
+            let number = text.trim_end_matches([',', ']']);
+            assert_eq!(used, number.len(), "{text}");
+            let expected: f64 = number.parse().expect(text);
+            assert_eq!(value.to_bits(), expected.to_bits(), "{text}");
+        }
+        for long in [
+            "1234567890123456",
+            "0.1234567890123456",
+            "1e5",
+            "1.",
+            ".5",
+            "-",
+            "x",
+        ] {
+            assert_eq!(parse_short_decimal(long.as_bytes()), None, "{long}");
+        }
+        for i in 0..10_000u32 {
+            let text = format!("{:.4}", f64::from(i) * 0.37 - 1000.0);
+            let parsed = parse_short_decimal(text.as_bytes()).map(|(v, _)| v.to_bits());
+            assert_eq!(parsed, text.parse::<f64>().ok().map(f64::to_bits), "{text}");
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ use arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit as ArrowTimeUnit};
 use tokio::time::Instant;
 
 pub use self::config::{DEFAULT_START, SimulatorConfig, SimulatorPayload};
-pub use self::signal::{FAULT_WINDOW_SECONDS, Fault, FaultKind, SignalModel};
+pub use self::signal::{FAULT_WINDOW_SECONDS, Fault, FaultKind, RESOLUTION, SignalModel};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{DecodeOptions, JsonDecoder};
 use crate::error::{ConnectorError, Result};

@@ -13,6 +13,8 @@
 //! `σ = 0.05 · a_1`. The noise `n` is a sum of four uniforms from a hash of `(seed, s, k)`
 //! (mean 0, variance 1, bell-shaped), so any sample can be computed on its own, in any order:
 //! that is what lets a benchmark recompute expected results without running the simulator.
+//! Values are quantised to [`RESOLUTION`], as a 20-bit converter would, which also keeps their
+//! JSON form short (`0.418213`) like a real sensor's.
 //!
 //! # Faults
 //!
@@ -30,6 +32,14 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// The smallest step between two simulated readings.
+pub const RESOLUTION: f64 = 1.0 / STEPS_PER_UNIT;
+
+/// Readings are whole multiples of [`RESOLUTION`]; dividing by this exact power of ten (rather
+/// than multiplying by the inexact `1e-6`) gives the double nearest to the decimal, whose
+/// shortest form is then at most eight digits.
+const STEPS_PER_UNIT: f64 = 1e6;
 
 /// Length of a fault-schedule window.
 pub const FAULT_WINDOW_SECONDS: u64 = 10;
@@ -140,7 +150,7 @@ impl SignalModel {
                 }
             };
         }
-        Some(value)
+        Some((value * STEPS_PER_UNIT).round() / STEPS_PER_UNIT)
     }
 
     /// The fault of `sensor` in fault window `window` (samples `window · W .. (window + 1) · W`
@@ -224,6 +234,19 @@ mod tests {
         let values = |m: &SignalModel| (0..500).map(|k| m.value(1, k)).collect::<Vec<_>>();
         assert_eq!(values(&a), values(&b));
         assert_ne!(values(&a), values(&c));
+    }
+
+    #[test]
+    fn readings_are_quantised_and_print_short() {
+        let model = SignalModel::new(42, 2, 1000, true);
+        for k in 0..2000 {
+            let Some(value) = model.value(1, k) else {
+                continue;
+            };
+            let printed = format!("{value:?}");
+            assert!(printed.len() <= 12, "{printed}");
+            assert_eq!((value * STEPS_PER_UNIT).round() / STEPS_PER_UNIT, value);
+        }
     }
 
     #[test]
