@@ -16,8 +16,10 @@
 //! not name. `t0` may also be written under the event-time column's own name.
 //!
 //! The scanner is specialised for the flat objects sensors send: it finds each field's value
-//! by position, parses numbers with `fast-float2`, borrows strings from the record (unescaping
-//! only those that contain a backslash) and allocates nothing per record once warmed up.
+//! by position, parses short decimals itself and other numbers with `fast-float2`, reads a
+//! block's samples in the same pass that finds its keys, borrows strings from the record
+//! (unescaping only those that contain a backslash) and allocates nothing per record once
+//! warmed up.
 //! Nested values of unknown fields are skipped, not validated, and UTF-8 is checked only in the
 //! strings that are kept: a block is nearly all digits, and validating them all cost an eighth
 //! of the decoding time.
@@ -116,7 +118,7 @@ enum KeyTarget {
 /// whole number so that sample times do not drift over long blocks.
 #[derive(Debug, Clone, Copy)]
 enum SampleClock {
-    /// The period is a whole number of nanoseconds (1 kHz, 1024 Hz is not).
+    /// The period is a whole number of nanoseconds, as at 1 kHz (but not at 1024 Hz).
     Step(i64),
     /// Integer rate: offset = floor(i * 1e9 / rate).
     IntegerRate(i128),

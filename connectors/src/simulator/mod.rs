@@ -62,7 +62,18 @@ pub fn sample_value(config: &SimulatorConfig, sensor: u32, sample: u64) -> Optio
 
 /// Event time of sample `sample` for a simulator starting at `start_nanos`.
 pub fn sample_time(start_nanos: i64, rate_hz: u32, sample: u64) -> i64 {
-    let offset = i128::from(sample) * 1_000_000_000 / i128::from(rate_hz.max(1));
+    const NANOS: u64 = 1_000_000_000;
+    let rate = u64::from(rate_hz.max(1));
+    // Most rates divide a second evenly; the 128-bit division is only for the others, as it
+    // costs more than computing the sample's value.
+    if NANOS.is_multiple_of(rate)
+        && let Some(offset) = sample
+            .checked_mul(NANOS / rate)
+            .and_then(|o| i64::try_from(o).ok())
+    {
+        return start_nanos.saturating_add(offset);
+    }
+    let offset = i128::from(sample) * i128::from(NANOS) / i128::from(rate);
     i64::try_from(i128::from(start_nanos) + offset).unwrap_or(i64::MAX)
 }
 
@@ -366,6 +377,8 @@ impl JsonPayloads {
         samples: std::ops::Range<u64>,
     ) -> Result<Option<RecordBatch>> {
         let rate = source.config.rate_hz;
+        // Shortest round-trip float formatting, several times faster than `{:?}`.
+        let mut floats = ryu::Buffer::new();
         for (sensor, id) in source.sensor_ids.iter().enumerate() {
             if self.blocks {
                 let mut k = samples.start;
@@ -386,7 +399,7 @@ impl JsonPayloads {
                         if any {
                             self.payload.push(',');
                         }
-                        let _ = write!(self.payload, "{value:?}");
+                        self.payload.push_str(floats.format(value));
                         any = true;
                         k += 1;
                     }
@@ -411,7 +424,8 @@ impl JsonPayloads {
                         self.payload.push_str("\",");
                     }
                     self.payload.push_str(&self.value_field);
-                    let _ = write!(self.payload, "{value:?}}}");
+                    self.payload.push_str(floats.format(value));
+                    self.payload.push('}');
                     self.decode(&source.dead_letters);
                 }
             }

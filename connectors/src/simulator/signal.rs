@@ -83,10 +83,12 @@ pub struct SignalModel {
 
 #[derive(Debug, Clone)]
 struct SensorSignal {
-    /// 2π · h · f, radians per second, per harmonic.
-    angular: [f64; 3],
+    /// 2π · f, radians per second.
+    angular: f64,
     amplitude: [f64; 3],
-    phase: [f64; 3],
+    /// cos φ_h and sin φ_h.
+    phase_cos: [f64; 3],
+    phase_sin: [f64; 3],
     noise: f64,
 }
 
@@ -104,11 +106,11 @@ impl SignalModel {
                     fundamental * rng.random_range(0.05..0.2),
                 ];
                 let phase = [(); 3].map(|()| rng.random_range(0.0..std::f64::consts::TAU));
-                let angular = [1.0, 2.0, 3.0].map(|h: f64| std::f64::consts::TAU * h * rotation_hz);
                 SensorSignal {
-                    angular,
+                    angular: std::f64::consts::TAU * rotation_hz,
                     amplitude,
-                    phase,
+                    phase_cos: phase.map(f64::cos),
+                    phase_sin: phase.map(f64::sin),
                     noise: 0.05 * fundamental,
                 }
             })
@@ -131,25 +133,35 @@ impl SignalModel {
     /// (or does not exist).
     pub fn value(&self, sensor: usize, sample: u64) -> Option<f64> {
         let signal = self.sensors.get(sensor)?;
-        let t = sample as f64 / self.rate_hz;
-        let mut value = 0.0;
-        for h in 0..3 {
-            value += signal.amplitude[h] * (signal.angular[h] * t + signal.phase[h]).sin();
-        }
-        value += signal.noise * bell(mix(self.seed, sensor as u64, sample, SALT_NOISE));
-        if self.faults
-            && let Some(fault) = self.fault(sensor, sample / self.window)
-            && (fault.start..fault.end).contains(&sample)
-        {
-            value += match fault.kind {
+        let fault = if self.faults {
+            self.fault(sensor, sample / self.window)
+                .filter(|f| (f.start..f.end).contains(&sample))
+        } else {
+            None
+        };
+        let offset = match fault {
+            None => 0.0,
+            Some(fault) => match fault.kind {
                 FaultKind::Dropout => return None,
                 FaultKind::Spike | FaultKind::Step => fault.magnitude,
                 FaultKind::Drift => {
                     fault.magnitude * (sample - fault.start) as f64
                         / (fault.end - fault.start) as f64
                 }
-            };
+            },
+        };
+        // The harmonics come from the fundamental by the multiple-angle formulas and each phase
+        // by the angle-sum formula: one sin_cos per sample instead of three sines.
+        let t = sample as f64 / self.rate_hz;
+        let (s1, c1) = (signal.angular * t).sin_cos();
+        let (s2, c2) = (2.0 * s1 * c1, c1 * c1 - s1 * s1);
+        let (s3, c3) = (s1 * (3.0 - 4.0 * s1 * s1), c1 * (4.0 * c1 * c1 - 3.0));
+        let mut value = 0.0;
+        for (h, (sin, cos)) in [(s1, c1), (s2, c2), (s3, c3)].into_iter().enumerate() {
+            value += signal.amplitude[h] * (sin * signal.phase_cos[h] + cos * signal.phase_sin[h]);
         }
+        value += signal.noise * bell(mix(self.seed, sensor as u64, sample, SALT_NOISE));
+        value += offset;
         Some((value * STEPS_PER_UNIT).round() / STEPS_PER_UNIT)
     }
 

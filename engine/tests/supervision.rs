@@ -1,0 +1,211 @@
+//! Engine behaviour that needs real actors: backpressure from a slow sink, and a panicking
+//! pipeline restarted by its supervisor while another pipeline keeps producing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Float64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use weir_connectors::{DeadLetterQueue, Sink, Source, SourceEvent, SourceFuture};
+use weir_engine::{Engine, EngineOptions, PipelineFactory, PipelineParts, PipelineState};
+use weir_operators::{Collector, Operator};
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("v", DataType::Float64, false)]))
+}
+
+fn batch(rows: usize) -> RecordBatch {
+    RecordBatch::try_new(schema(), vec![Arc::new(Float64Array::from(vec![1.0; rows]))]).expect("batch")
+}
+
+/// Yields `remaining` batches (endless if `None`), then ends.
+struct TestSource {
+    remaining: Option<usize>,
+    rows: usize,
+}
+
+impl Source for TestSource {
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+
+    fn next_event(&mut self) -> SourceFuture<'_> {
+        Box::pin(async move {
+            match &mut self.remaining {
+                Some(0) => Ok(SourceEvent::End),
+                Some(n) => {
+                    *n -= 1;
+                    // Let other tasks run, as a real source waiting on I/O would.
+                    tokio::task::yield_now().await;
+                    Ok(SourceEvent::Batch(batch(self.rows)))
+                }
+                None => {
+                    tokio::task::yield_now().await;
+                    Ok(SourceEvent::Batch(batch(self.rows)))
+                }
+            }
+        })
+    }
+}
+
+/// Counts rows; optionally sleeps per batch to play a slow destination.
+struct CountingSink {
+    rows: Arc<AtomicU64>,
+    delay: Duration,
+}
+
+impl Sink for CountingSink {
+    fn write_batch(&mut self, batch: &RecordBatch) -> weir_connectors::Result<()> {
+        std::thread::sleep(self.delay);
+        self.rows.fetch_add(batch.num_rows() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> weir_connectors::Result<()> {
+        Ok(())
+    }
+}
+
+/// Passes batches through, but panics on its first batch in the first `panicking_runs` runs.
+struct FlakyOperator {
+    panics: bool,
+}
+
+impl Operator for FlakyOperator {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        schema()
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> weir_operators::Result<()> {
+        assert!(!self.panics, "flaky operator panics on purpose");
+        out.emit(batch);
+        Ok(())
+    }
+}
+
+struct TestFactory {
+    batches: Option<usize>,
+    rows_per_batch: usize,
+    sink_rows: Arc<AtomicU64>,
+    sink_delay: Duration,
+    runs: Arc<AtomicU32>,
+    panicking_runs: u32,
+}
+
+impl PipelineFactory for TestFactory {
+    fn stage_names(&self) -> Vec<String> {
+        vec!["source".into(), "flaky".into(), "sink".into()]
+    }
+
+    fn build(&self) -> weir_engine::Result<PipelineParts> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(PipelineParts {
+            source: Box::new(TestSource { remaining: self.batches, rows: self.rows_per_batch }),
+            watermark: None,
+            operators: vec![Box::new(FlakyOperator { panics: run <= self.panicking_runs })],
+            sink: Box::new(CountingSink { rows: Arc::clone(&self.sink_rows), delay: self.sink_delay }),
+            dead_letters: DeadLetterQueue::default(),
+        })
+    }
+}
+
+fn factory(batches: Option<usize>, rows: usize, delay: Duration, panicking_runs: u32) -> (Arc<TestFactory>, Arc<AtomicU64>, Arc<AtomicU32>) {
+    let sink_rows = Arc::new(AtomicU64::new(0));
+    let runs = Arc::new(AtomicU32::new(0));
+    let factory = Arc::new(TestFactory {
+        batches,
+        rows_per_batch: rows,
+        sink_rows: Arc::clone(&sink_rows),
+        sink_delay: delay,
+        runs: Arc::clone(&runs),
+        panicking_runs,
+    });
+    (factory, sink_rows, runs)
+}
+
+fn system() -> actix_rt::SystemRunner {
+    actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
+    })
+}
+
+/// Polls `condition` until it holds or a generous deadline passes.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[test]
+fn a_panicking_pipeline_is_restarted_while_another_keeps_producing() {
+    system().block_on(async {
+        let options = EngineOptions { initial_backoff: Duration::from_millis(20), ..EngineOptions::default() };
+        let engine = Engine::new(options);
+        let (flaky, flaky_rows, flaky_runs) = factory(Some(50), 10, Duration::ZERO, 2);
+        let (steady, steady_rows, steady_runs) = factory(None, 10, Duration::ZERO, 0);
+        let mut flaky_handle = engine.start("flaky".into(), flaky);
+        let steady_handle = engine.start("steady".into(), steady);
+
+        // The healthy pipeline keeps producing while the other one panics and restarts.
+        let state = flaky_handle.wait().await;
+        assert_eq!(state, PipelineState::Finished);
+        assert_eq!(flaky_runs.load(Ordering::SeqCst), 3, "two panicking runs, then one good run");
+        assert_eq!(flaky_handle.metrics.snapshot().restarts, 2);
+        assert_eq!(flaky_rows.load(Ordering::SeqCst), 500, "the good run delivers every row");
+
+        let before = steady_rows.load(Ordering::SeqCst);
+        assert!(before > 0, "the steady pipeline produced while the flaky one restarted");
+        eventually("the steady pipeline to keep producing", || steady_rows.load(Ordering::SeqCst) > before).await;
+        assert_eq!(steady_runs.load(Ordering::SeqCst), 1, "the steady pipeline was never restarted");
+        assert_eq!(*steady_handle.state.borrow(), PipelineState::Running);
+        engine.shutdown();
+    });
+}
+
+#[test]
+fn a_pipeline_that_keeps_failing_stops_after_its_restart_budget() {
+    system().block_on(async {
+        let options = EngineOptions {
+            initial_backoff: Duration::from_millis(1),
+            max_restarts: 3,
+            ..EngineOptions::default()
+        };
+        let engine = Engine::new(options);
+        let (always, _, runs) = factory(Some(5), 1, Duration::ZERO, u32::MAX);
+        let mut handle = engine.start("always-panics".into(), always);
+        let state = handle.wait().await;
+        assert!(matches!(&state, PipelineState::Failed(reason) if reason.contains("panicked")), "{state:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 4, "the first run and three restarts");
+        engine.shutdown();
+    });
+}
+
+#[test]
+fn a_slow_sink_slows_the_source_instead_of_growing_memory() {
+    system().block_on(async {
+        let options = EngineOptions { in_flight: 4, workers: 4, ..EngineOptions::default() };
+        let engine = Engine::new(options);
+        let (endless, sink_rows, _) = factory(None, 1000, Duration::from_millis(2), 0);
+        let handle = engine.start("backpressure".into(), endless);
+        eventually("the sink to take 200 batches", || sink_rows.load(Ordering::SeqCst) >= 200 * 1000).await;
+        let snapshot = handle.metrics.snapshot();
+        let produced = snapshot.stages[0].batches_out;
+        let consumed = snapshot.stages[2].batches_in;
+        // Two edges of at most `in_flight` unhandled messages each, plus what each of the
+        // three actors holds while working: everything else must wait in the source.
+        let bound = 2 * 4 + 3;
+        assert!(
+            produced <= consumed + bound,
+            "source ran ahead of a slow sink: {produced} batches produced, {consumed} written"
+        );
+        engine.shutdown();
+    });
+}
