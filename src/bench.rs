@@ -146,12 +146,12 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
     let (state, elapsed, snapshot) = system.block_on(async move {
         let engine = Engine::new(EngineOptions::default());
         let started = Instant::now();
-        let mut handle = engine.start("vibration_rms".into(), Arc::new(factory));
+        let mut handle = engine.start("vibration_rms".into(), Arc::new(factory))?;
         let state = handle.wait().await;
         let elapsed = started.elapsed();
-        engine.shutdown();
-        (state, elapsed, handle.metrics.snapshot())
-    });
+        engine.shutdown().await;
+        Ok::<_, anyhow::Error>((state, elapsed, handle.metrics.snapshot()))
+    })?;
     if state != PipelineState::Finished {
         bail!("scenario {name} did not finish: {state:?}");
     }

@@ -66,11 +66,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             states = waits => states,
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("stopping...");
-                for handle in &handles { handle.stop(); }
+                for handle in &handles {
+                    handle.stop_and_wait().await;
+                }
                 futures_wait(handles.clone()).await
             }
         };
-        engine.shutdown();
+        engine.shutdown().await;
         let mut failed = false;
         for (handle, state) in handles.iter().zip(&outcome) {
             let snapshot = handle.metrics.snapshot();

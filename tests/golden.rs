@@ -80,7 +80,7 @@ fn run_engine(plan: PipelinePlan, dead_letters: DeadLetterQueue) -> PipelineStat
         let engine = Engine::new(EngineOptions::default());
         let mut handle = engine.start_plan(plan, dead_letters).expect("plan starts");
         let state = handle.wait().await;
-        engine.shutdown();
+        engine.shutdown().await;
         state
     })
 }

@@ -157,7 +157,6 @@ impl SourceLoop {
                     match event? {
                         SourceEvent::Batch(batch) => {
                             let origin = Instant::now();
-                            last_data = origin;
                             let rows = batch.num_rows() as u64;
                             StageMetrics::add(&self.metrics.rows_out, rows);
                             StageMetrics::add(&self.metrics.batches_out, 1);
@@ -178,6 +177,11 @@ impl SourceLoop {
                             }
                             drop(next);
                             self.outbox.send_all(messages).await?;
+                            // Time spent waiting on a slow downstream is not idleness: without
+                            // this, a stall would let the wall clock push the watermark past
+                            // rows that are already buffered upstream.
+                            last_data = Instant::now();
+                            idle.reset();
                             next = self.source.next_event();
                         }
                         SourceEvent::End => {
@@ -334,8 +338,12 @@ impl Handler<StreamMessage> for OperatorActor {
     }
 }
 
+/// How long a sink may hold written results in its buffers.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
 pub struct SinkActor {
     pub sink: Box<dyn Sink>,
+    pub last_flush: Instant,
     pub metrics: Arc<StageMetrics>,
     pub pipeline: Arc<PipelineMetrics>,
     pub supervisor: Addr<PipelineSupervisor>,
@@ -366,7 +374,13 @@ impl Handler<StreamMessage> for SinkActor {
                 self.pipeline.source_to_sink.record(origin.elapsed());
                 written
             }
-            StreamMessage::Watermark { .. } | StreamMessage::End => self.sink.flush(),
+            // Flushing per watermark would cost a write per batch; results still leave within
+            // FLUSH_INTERVAL, and at once at the end of the stream.
+            StreamMessage::Watermark { .. } if self.last_flush.elapsed() < FLUSH_INTERVAL => Ok(()),
+            StreamMessage::Watermark { .. } | StreamMessage::End => {
+                self.last_flush = Instant::now();
+                self.sink.flush()
+            }
         };
         result.map_err(|error| {
             StageMetrics::add(&self.metrics.errors, 1);

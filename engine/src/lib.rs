@@ -210,6 +210,11 @@ impl PipelineHandle {
     pub fn stop(&self) {
         self.supervisor.do_send(Shutdown);
     }
+
+    /// Stops the pipeline and waits until its sink has flushed.
+    pub async fn stop_and_wait(&self) {
+        let _ = self.supervisor.send(Shutdown).await;
+    }
 }
 
 /// Runs many pipelines in one process. Must be created inside a running actix system.
@@ -229,11 +234,20 @@ impl Engine {
     pub fn start_plan(&self, plan: PipelinePlan, dead_letters: DeadLetterQueue) -> Result<PipelineHandle> {
         let name = plan.name.clone();
         let factory = PlanFactory::new(plan, dead_letters)?;
-        Ok(self.start(name, Arc::new(factory)))
+        self.start(name, Arc::new(factory))
     }
 
     /// Starts a pipeline from any factory, under its own supervisor.
-    pub fn start(&self, name: String, factory: Arc<dyn PipelineFactory>) -> PipelineHandle {
+    ///
+    /// Names are unique: starting a pipeline under a name that is running is refused, so two
+    /// copies never write to the same sink. Replacing a running pipeline is the live gateway's
+    /// job (stop, wait, start).
+    pub fn start(&self, name: String, factory: Arc<dyn PipelineFactory>) -> Result<PipelineHandle> {
+        if let Ok(pipelines) = self.pipelines.lock() {
+            if pipelines.get(&name).is_some_and(|p| !p.state.borrow().is_terminal()) {
+                return Err(EngineError::Plan(format!("a pipeline named '{name}' is already running")));
+            }
+        }
         let metrics = Arc::new(PipelineMetrics {
             stages: supervisor::stage_metrics(factory.stage_names()),
             ..PipelineMetrics::default()
@@ -251,21 +265,19 @@ impl Engine {
         .start();
         let handle = PipelineHandle { name: name.clone(), metrics, state: receiver, supervisor };
         if let Ok(mut pipelines) = self.pipelines.lock() {
-            if let Some(old) = pipelines.insert(name, handle.clone()) {
-                old.stop();
-            }
+            pipelines.insert(name, handle.clone());
         }
-        handle
+        Ok(handle)
     }
 
     pub fn pipelines(&self) -> Vec<PipelineHandle> {
         self.pipelines.lock().map(|p| p.values().cloned().collect()).unwrap_or_default()
     }
 
-    /// Stops every pipeline and the worker threads.
-    pub fn shutdown(&self) {
+    /// Stops every pipeline, waits until their sinks have flushed, then stops the workers.
+    pub async fn shutdown(&self) {
         for pipeline in self.pipelines() {
-            pipeline.stop();
+            pipeline.stop_and_wait().await;
         }
         for arbiter in &self.arbiters {
             arbiter.stop();

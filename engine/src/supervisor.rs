@@ -35,6 +35,15 @@ struct Running {
 }
 
 impl Running {
+    /// Stops every actor and waits until each has handled the stop (the sink flushes).
+    async fn stop_and_wait(self) {
+        let _ = self.source.send(Stop).await;
+        for operator in self.operators {
+            let _ = operator.send(Stop).await;
+        }
+        let _ = self.sink.send(Stop).await;
+    }
+
     fn stop(self) {
         self.source.do_send(Stop);
         for operator in self.operators {
@@ -90,7 +99,7 @@ impl PipelineSupervisor {
         let (sink_me, sink_pipeline) = (me.clone(), Arc::clone(&pipeline));
         let sink = SinkActor::start_in_arbiter(&arbiter(parts.operators.len() + 1), move |ctx| {
             ctx.set_mailbox_capacity(capacity);
-            SinkActor { sink: sink_parts, metrics: sink_stage, pipeline: sink_pipeline, supervisor: sink_me, generation }
+            SinkActor { sink: sink_parts, last_flush: std::time::Instant::now(), metrics: sink_stage, pipeline: sink_pipeline, supervisor: sink_me, generation }
         });
         let mut downstream = sink.clone().recipient();
         let mut operators = Vec::new();
@@ -189,14 +198,22 @@ impl Handler<PipelineEvent> for PipelineSupervisor {
 }
 
 impl Handler<Shutdown> for PipelineSupervisor {
-    type Result = ();
+    type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) {
-        if let Some(running) = self.running.take() {
-            running.stop();
-        }
-        let _ = self.state.send(PipelineState::Stopped);
-        ctx.stop();
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
+        let running = self.running.take();
+        Box::pin(
+            async move {
+                if let Some(running) = running {
+                    running.stop_and_wait().await;
+                }
+            }
+            .into_actor(self)
+            .map(|(), supervisor, ctx| {
+                let _ = supervisor.state.send(PipelineState::Stopped);
+                ctx.stop();
+            }),
+        )
     }
 }
 

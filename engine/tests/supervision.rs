@@ -1,7 +1,6 @@
 //! Engine behaviour that needs real actors: backpressure from a slow sink, and a panicking
 //! pipeline restarted by its supervisor while another pipeline keeps producing.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,8 +150,8 @@ fn a_panicking_pipeline_is_restarted_while_another_keeps_producing() {
         let engine = Engine::new(options);
         let (flaky, flaky_rows, flaky_runs) = factory(Some(50), 10, Duration::ZERO, 2);
         let (steady, steady_rows, steady_runs) = factory(None, 10, Duration::ZERO, 0);
-        let mut flaky_handle = engine.start("flaky".into(), flaky);
-        let steady_handle = engine.start("steady".into(), steady);
+        let mut flaky_handle = engine.start("flaky".into(), flaky).expect("starts");
+        let steady_handle = engine.start("steady".into(), steady).expect("starts");
 
         // The healthy pipeline keeps producing while the other one panics and restarts.
         let state = flaky_handle.wait().await;
@@ -166,7 +165,7 @@ fn a_panicking_pipeline_is_restarted_while_another_keeps_producing() {
         eventually("the steady pipeline to keep producing", || steady_rows.load(Ordering::SeqCst) > before).await;
         assert_eq!(steady_runs.load(Ordering::SeqCst), 1, "the steady pipeline was never restarted");
         assert_eq!(*steady_handle.state.borrow(), PipelineState::Running);
-        engine.shutdown();
+        engine.shutdown().await;
     });
 }
 
@@ -180,11 +179,11 @@ fn a_pipeline_that_keeps_failing_stops_after_its_restart_budget() {
         };
         let engine = Engine::new(options);
         let (always, _, runs) = factory(Some(5), 1, Duration::ZERO, u32::MAX);
-        let mut handle = engine.start("always-panics".into(), always);
+        let mut handle = engine.start("always-panics".into(), always).expect("starts");
         let state = handle.wait().await;
         assert!(matches!(&state, PipelineState::Failed(reason) if reason.contains("panicked")), "{state:?}");
         assert_eq!(runs.load(Ordering::SeqCst), 4, "the first run and three restarts");
-        engine.shutdown();
+        engine.shutdown().await;
     });
 }
 
@@ -194,7 +193,7 @@ fn a_slow_sink_slows_the_source_instead_of_growing_memory() {
         let options = EngineOptions { in_flight: 4, workers: 4, ..EngineOptions::default() };
         let engine = Engine::new(options);
         let (endless, sink_rows, _) = factory(None, 1000, Duration::from_millis(2), 0);
-        let handle = engine.start("backpressure".into(), endless);
+        let handle = engine.start("backpressure".into(), endless).expect("starts");
         eventually("the sink to take 200 batches", || sink_rows.load(Ordering::SeqCst) >= 200 * 1000).await;
         let snapshot = handle.metrics.snapshot();
         let produced = snapshot.stages[0].batches_out;
@@ -206,6 +205,99 @@ fn a_slow_sink_slows_the_source_instead_of_growing_memory() {
             produced <= consumed + bound,
             "source ran ahead of a slow sink: {produced} batches produced, {consumed} written"
         );
-        engine.shutdown();
+        engine.shutdown().await;
+    });
+}
+
+/// Yields one batch of event times, then waits forever, like a sensor that went quiet.
+struct QuietSource {
+    sent: bool,
+}
+
+fn time_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new(
+        "ts",
+        DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None),
+        false,
+    )]))
+}
+
+impl Source for QuietSource {
+    fn schema(&self) -> SchemaRef {
+        time_schema()
+    }
+
+    fn next_event(&mut self) -> SourceFuture<'_> {
+        Box::pin(async move {
+            if self.sent {
+                std::future::pending::<()>().await;
+            }
+            self.sent = true;
+            let times = arrow::array::TimestampNanosecondArray::from(vec![0, 5_000_000, 10_000_000]);
+            Ok(SourceEvent::Batch(RecordBatch::try_new(time_schema(), vec![Arc::new(times)]).expect("batch")))
+        })
+    }
+}
+
+/// Records the highest watermark it has seen.
+struct WatermarkProbe {
+    seen: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Operator for WatermarkProbe {
+    fn name(&self) -> &str {
+        "probe"
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        time_schema()
+    }
+
+    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> weir_operators::Result<()> {
+        out.emit(batch);
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, watermark: weir_operators::Watermark, _: &mut Collector) -> weir_operators::Result<()> {
+        self.seen.fetch_max(watermark.0, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct QuietFactory {
+    seen: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl PipelineFactory for QuietFactory {
+    fn stage_names(&self) -> Vec<String> {
+        vec!["source".into(), "probe".into(), "sink".into()]
+    }
+
+    fn build(&self) -> weir_engine::Result<PipelineParts> {
+        Ok(PipelineParts {
+            source: Box::new(QuietSource { sent: false }),
+            watermark: Some(weir_engine::WatermarkRule { column: 0, delay_ns: 2_000_000 }),
+            operators: vec![Box::new(WatermarkProbe { seen: Arc::clone(&self.seen) })],
+            sink: Box::new(CountingSink { rows: Arc::new(AtomicU64::new(0)), delay: Duration::ZERO }),
+            dead_letters: DeadLetterQueue::default(),
+        })
+    }
+}
+
+#[test]
+fn an_idle_source_advances_its_watermark_by_the_wall_clock() {
+    system().block_on(async {
+        let options = EngineOptions { idle_timeout: Duration::from_millis(50), ..EngineOptions::default() };
+        let engine = Engine::new(options);
+        let seen = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
+        let _handle = engine.start("quiet".into(), Arc::new(QuietFactory { seen: Arc::clone(&seen) })).expect("starts");
+        // First from the data: max event time 10 ms minus the 2 ms delay.
+        eventually("the data watermark", || seen.load(Ordering::SeqCst) >= 8_000_000).await;
+        // Then, with no more data, event time follows the wall clock past the last row.
+        eventually("the idle watermark to pass 200 ms of event time", || {
+            seen.load(Ordering::SeqCst) > 200_000_000
+        })
+        .await;
+        engine.shutdown().await;
     });
 }

@@ -16,6 +16,9 @@ pub enum OperatorError {
     /// A saved state does not fit this operator. Retrying does not help.
     #[error("cannot restore operator state: {0}")]
     Restore(String),
+    /// The operator's state changed partway through a batch and the batch cannot be retried.
+    #[error("internal operator error: {0}")]
+    Internal(String),
     /// DataFusion failed while evaluating an expression or aggregate.
     #[error("expression evaluation failed: {0}")]
     DataFusion(#[from] DataFusionError),

@@ -31,6 +31,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{OperatorError, Result};
 use crate::{Collector, EventTime, Operator, Watermark};
 
+/// Upper bound on `size / slide` for hop windows: each row is added to that many windows.
+pub const MAX_WINDOWS_PER_ROW: i64 = 10_000;
+
 /// How rows are assigned to windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WindowKind {
@@ -53,6 +56,11 @@ impl WindowKind {
             WindowKind::Hop { size, slide } if slide > size => Err(OperatorError::plan(
                 "hop slide must not exceed the window size",
             )),
+            WindowKind::Hop { size, slide } if size / slide > MAX_WINDOWS_PER_ROW => {
+                Err(OperatorError::plan(format!(
+                    "a hop window may overlap at most {MAX_WINDOWS_PER_ROW} others (size / slide)"
+                )))
+            }
             _ => Ok(()),
         }
     }
@@ -70,9 +78,10 @@ impl WindowKind {
         }
     }
 
-    /// Start of the last window that contains `ts`.
-    fn last_start(&self, ts: EventTime) -> EventTime {
-        ts - ts.rem_euclid(self.slide())
+    /// Start of the last window that contains `ts`; `None` for times so close to the
+    /// minimum that the window start is not representable.
+    fn last_start(&self, ts: EventTime) -> Option<EventTime> {
+        ts.checked_sub(ts.rem_euclid(self.slide()))
     }
 }
 
@@ -130,6 +139,9 @@ pub struct WindowAggregate {
     outputs: Vec<OutputColumn>,
     schema: SchemaRef,
     converter: RowConverter,
+    /// Key columns in the row format: the grouping keys, or one constant column when the
+    /// GROUP BY has no key besides the window, so every row lands in group 0.
+    key_width: usize,
     /// Open windows by start time; BTreeMap so windows close in event-time order.
     open: BTreeMap<EventTime, OpenWindow>,
     watermark: Watermark,
@@ -163,10 +175,14 @@ impl WindowAggregate {
                 schema.fields().len()
             )));
         }
-        let key_fields = keys
+        let mut key_fields = keys
             .iter()
             .map(|key| Ok(SortField::new(key.data_type(input_schema)?)))
             .collect::<Result<Vec<_>>>()?;
+        if key_fields.is_empty() {
+            key_fields.push(SortField::new(DataType::Boolean));
+        }
+        let key_width = key_fields.len();
         Ok(Self {
             kind,
             time_column,
@@ -175,10 +191,24 @@ impl WindowAggregate {
             outputs,
             schema,
             converter: RowConverter::new(key_fields)?,
+            key_width,
             open: BTreeMap::new(),
             watermark: Watermark::MIN,
             group_indices: Vec::new(),
         })
+    }
+
+    fn encode_keys(&self, batch: &RecordBatch) -> Result<Rows> {
+        let rows = batch.num_rows();
+        let columns = if self.keys.is_empty() {
+            vec![Arc::new(BooleanArray::new_null(rows)) as ArrayRef]
+        } else {
+            self.keys
+                .iter()
+                .map(|key| key.evaluate(batch)?.into_array(rows))
+                .collect::<datafusion::error::Result<Vec<_>>>()?
+        };
+        Ok(self.converter.convert_columns(&columns)?)
     }
 
     fn open_window(&self) -> Result<OpenWindow> {
@@ -305,15 +335,20 @@ impl Operator for WindowAggregate {
             .as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>()
             .ok_or_else(|| OperatorError::plan("event-time column is not Timestamp(Nanosecond)"))?
             .clone();
-        out.invalid_rows += times.null_count() as u64;
 
         // Which windows does this batch touch? Usually one or two, so a sorted small vec.
+        // Counts stay local until the batch has been applied: a batch that fails is retried
+        // in parts (see `process_isolating`) and must not be counted twice.
         let size = self.kind.size();
         let slide = self.kind.slide();
         let mut starts: Vec<EventTime> = Vec::new();
         let mut late = 0u64;
+        let mut invalid = times.null_count() as u64;
         for ts in times.iter().flatten() {
-            let last = self.kind.last_start(ts);
+            let Some(last) = self.kind.last_start(ts) else {
+                invalid += 1;
+                continue;
+            };
             let mut start = last;
             let mut any_open = false;
             while start > ts.saturating_sub(size) {
@@ -323,23 +358,24 @@ impl Operator for WindowAggregate {
                         starts.insert(at, start);
                     }
                 }
-                start = start.saturating_sub(slide);
+                match start.checked_sub(slide) {
+                    Some(previous) => start = previous,
+                    None => break,
+                }
             }
             if !any_open {
                 late += 1;
             }
         }
-        out.late_rows += late;
         if starts.is_empty() {
+            out.late_rows += late;
+            out.invalid_rows += invalid;
             return Ok(());
         }
 
-        let key_columns = self
-            .keys
-            .iter()
-            .map(|key| key.evaluate(&batch)?.into_array(rows))
-            .collect::<datafusion::error::Result<Vec<_>>>()?;
-        let keys = self.converter.convert_columns(&key_columns)?;
+        // Evaluate everything before touching state, so an evaluation error leaves the
+        // operator exactly as it was.
+        let keys = self.encode_keys(&batch)?;
         let mut inputs = Vec::with_capacity(self.aggregates.len());
         let mut filters = Vec::with_capacity(self.aggregates.len());
         for call in &self.aggregates {
@@ -361,9 +397,13 @@ impl Operator for WindowAggregate {
             let window = self.open.get_mut(&start).ok_or_else(|| OperatorError::plan("window vanished"))?;
             for (i, accumulator) in window.accumulators.iter_mut().enumerate() {
                 let mask = and_masks(mask.clone(), filters[i].as_ref())?;
-                accumulator.update_batch(&inputs[i], &self.group_indices, mask.as_ref(), groups)?;
+                accumulator
+                    .update_batch(&inputs[i], &self.group_indices, mask.as_ref(), groups)
+                    .map_err(|e| OperatorError::Internal(format!("aggregate update failed midway: {e}")))?;
             }
         }
+        out.late_rows += late;
+        out.invalid_rows += invalid;
         Ok(())
     }
 
@@ -439,7 +479,7 @@ impl Operator for WindowAggregate {
         let header: SnapshotHeader = serde_json::from_slice(reader.next_chunk()?)
             .map_err(|e| OperatorError::Restore(format!("bad snapshot header: {e}")))?;
         let mut open = BTreeMap::new();
-        let key_count = self.keys.len();
+        let key_count = self.key_width;
         for window_header in header.windows {
             let chunk = reader.next_chunk()?;
             let mut stream = StreamReader::try_new(Cursor::new(chunk), None)?;
@@ -451,7 +491,11 @@ impl Operator for WindowAggregate {
                 return Err(OperatorError::Restore("window group count mismatch".into()));
             }
             let mut window = self.open_window()?;
-            window.keys = self.converter.convert_columns(&batch.columns()[..key_count])?;
+            let key_columns = batch
+                .columns()
+                .get(..key_count)
+                .ok_or_else(|| OperatorError::Restore("snapshot has fewer key columns than the plan".into()))?;
+            window.keys = self.converter.convert_columns(key_columns)?;
             for group in 0..groups {
                 window.index.insert(window.keys.row(group).as_ref().into(), group);
             }
@@ -709,10 +753,48 @@ mod tests {
     }
 
     #[test]
+    fn a_window_without_keys_aggregates_every_row_and_extreme_times_are_invalid() {
+        let input = schema("sensor:utf8, ts:ts!, v:f64");
+        let mut op = WindowAggregate::try_new(
+            WindowKind::Tumble { size: SECOND },
+            &input,
+            1,
+            vec![],
+            vec![call(sum_udaf(), "v", &input, "total")],
+            vec![OutputColumn::WindowStart, OutputColumn::Aggregate(0)],
+            schema("window_start:ts!, total:f64"),
+        )
+        .expect("valid");
+        let mut out = Collector::default();
+        let extreme = RecordBatch::try_new(
+            Arc::clone(&input),
+            vec![
+                Arc::new(arrow::array::StringArray::from(vec!["a", "b", "c"])),
+                Arc::new(TimestampNanosecondArray::from(vec![i64::MIN, 100, 200])),
+                Arc::new(arrow::array::Float64Array::from(vec![1.0, 2.0, 3.0])),
+            ],
+        )
+        .expect("batch");
+        op.process_batch(extreme, &mut out).expect("process");
+        assert_eq!(out.invalid_rows, 1, "a time whose window start cannot be represented is invalid");
+        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        assert_eq!(
+            pretty(&out.take_batches()),
+            "\
++---------------------+-------+
+| window_start        | total |
++---------------------+-------+
+| 1970-01-01T00:00:00 | 5.0   |
++---------------------+-------+"
+        );
+    }
+
+    #[test]
     fn zero_length_and_inverted_windows_are_refused() {
         assert!(WindowKind::Tumble { size: 0 }.validate().is_err());
         assert!(WindowKind::Hop { size: SECOND, slide: 0 }.validate().is_err());
         assert!(WindowKind::Hop { size: SECOND, slide: 2 * SECOND }.validate().is_err());
         assert!(WindowKind::Hop { size: 2 * SECOND, slide: SECOND }.validate().is_ok());
+        assert!(WindowKind::Hop { size: 86_400 * SECOND, slide: 1_000_000 }.validate().is_err(), "too many overlaps");
     }
 }

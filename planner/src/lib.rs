@@ -226,13 +226,17 @@ impl Compiler {
         let Expr::Literal(value, _) = planned else {
             return Err(not_interval());
         };
+        let too_long = || Diagnostic::new(at, "interval is too long to represent in nanoseconds");
+        let day_ns = 86_400_000_000_000i64;
         match value {
-            ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
-                Ok(i64::from(v.days) * 86_400_000_000_000 + v.nanoseconds)
-            }
-            ScalarValue::IntervalDayTime(Some(v)) => {
-                Ok(i64::from(v.days) * 86_400_000_000_000 + i64::from(v.milliseconds) * 1_000_000)
-            }
+            ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => i64::from(v.days)
+                .checked_mul(day_ns)
+                .and_then(|d| d.checked_add(v.nanoseconds))
+                .ok_or_else(too_long),
+            ScalarValue::IntervalDayTime(Some(v)) => i64::from(v.days)
+                .checked_mul(day_ns)
+                .and_then(|d| d.checked_add(i64::from(v.milliseconds) * 1_000_000))
+                .ok_or_else(too_long),
             ScalarValue::IntervalMonthDayNano(Some(_)) | ScalarValue::IntervalYearMonth(_) => {
                 Err(Diagnostic::new(at, "months and years have no fixed length; use days or smaller units"))
             }
@@ -301,7 +305,17 @@ impl Compiler {
 
         let sources: HashMap<String, Arc<DFSchema>> =
             self.sources.iter().map(|(n, e)| (n.clone(), Arc::clone(&e.schema))).collect();
-        let chain = LowerContext { windowed: &windowed, sources: &sources, position: decl.position }.lower(&logical)?;
+        let group_by = match decl.query.body.as_ref() {
+            sql::SetExpr::Select(select) => match &select.group_by {
+                sql::GroupByExpr::Expressions(exprs, _) => {
+                    exprs.first().map(|e| span_position(e.span(), decl.position))
+                }
+                sql::GroupByExpr::All(_) => None,
+            },
+            _ => None,
+        };
+        let chain = LowerContext { windowed: &windowed, sources: &sources, position: decl.position, group_by }
+            .lower(&logical)?;
         let source = &self.sources[&chain.source];
 
         let sink_schema = chain.schema.as_arrow().clone();
@@ -529,6 +543,12 @@ impl WindowRewriter<'_> {
         } else {
             let slide = positive(exprs[2])?;
             let size = positive(exprs[3])?;
+            if size / slide > weir_operators::window::MAX_WINDOWS_PER_ROW {
+                return Err(Diagnostic::new(span_position(exprs[2].span(), at), format!(
+                    "HOP windows overlap {} times; at most {} are allowed", size / slide, weir_operators::window::MAX_WINDOWS_PER_ROW
+                ))
+                .with_hint("use a longer slide, or aggregate in two steps"));
+            }
             if slide > size {
                 return Err(Diagnostic::new(span_position(exprs[2].span(), at), "HOP slide is longer than the window size, so rows between windows would be lost")
                     .with_hint(usage));
@@ -538,5 +558,130 @@ impl WindowRewriter<'_> {
         let view = format!("__weir_window_{}", self.windowed.len());
         self.windowed.insert(view.clone(), WindowedTable { source: source.clone(), time_column: time, kind });
         Ok((view, source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = "CREATE SOURCE vibration (
+        sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
+        WATERMARK FOR ts AS ts - INTERVAL '2' SECOND
+    ) WITH (connector = 'file', path = 'in.jsonl', format = 'json');
+    CREATE SINK out WITH (connector = 'stdout');";
+
+    fn compile_one(pipeline: &str) -> PipelinePlan {
+        let compiled = compile(&format!("{SOURCE}\n{pipeline}"))
+            .unwrap_or_else(|e| panic!("does not compile:\n{}", e.render("test.sql")));
+        compiled.pipelines.into_iter().next().expect("one pipeline")
+    }
+
+    fn errors(sql: &str) -> Vec<String> {
+        match compile(sql) {
+            Ok(_) => panic!("compiled but should not"),
+            Err(e) => e.diagnostics.iter().map(|d| d.render("f.sql")).collect(),
+        }
+    }
+
+    #[test]
+    fn explain_is_identical_after_an_encode_decode_round_trip() {
+        let sql = format!(
+            "{SOURCE}
+            CREATE PIPELINE rms AS INSERT INTO out
+            SELECT sensor, window_start, window_end, sqrt(avg(v * v)) AS rms, max(abs(v)) AS peak,
+                   first_value(v) AS first_v, approx_percentile_cont(0.9) WITHIN GROUP (ORDER BY v) AS p90
+            FROM TUMBLE(vibration, ts, INTERVAL '1' SECOND)
+            WHERE v IS NOT NULL
+            GROUP BY sensor, window_start, window_end
+            HAVING count(*) > 10;
+            CREATE PIPELINE spikes AS INSERT INTO out
+            SELECT * FROM (SELECT sensor, ts, zscore(v, 50) OVER (PARTITION BY sensor ORDER BY ts) AS z FROM vibration)
+            WHERE abs(z) > 4;"
+        );
+        let compiled = compile(&sql).expect("compiles");
+        let decoded = Compiled::decode(&compiled.encode()).expect("decodes");
+        assert_eq!(decoded, compiled);
+        for (before, after) in compiled.pipelines.iter().zip(&decoded.pipelines) {
+            let text = explain(before);
+            assert_eq!(text, explain(after));
+            assert!(!text.contains('<'), "every expression decodes: {text}");
+        }
+        let rms = explain(&compiled.pipelines[0]);
+        assert!(rms.contains("watermark: ts AS ts - INTERVAL '2' SECOND (delay 2s)"), "{rms}");
+        assert!(rms.contains("TUMBLE(size 1s) ON ts"), "{rms}");
+        assert!(rms.contains("output: sensor text not null, window_start timestamp not null"), "{rms}");
+        let spikes = explain(&compiled.pipelines[1]);
+        assert!(spikes.contains("zscore("), "{spikes}");
+    }
+
+    #[test]
+    fn a_tumbling_aggregate_lowers_to_a_window_then_filter_and_projection() {
+        let plan = compile_one(
+            "CREATE PIPELINE p AS INSERT INTO out
+             SELECT sensor, window_start, avg(v) AS mean FROM TUMBLE(vibration, ts, INTERVAL '500' MILLISECOND)
+             WHERE v > 0 GROUP BY sensor, window_start HAVING count(*) > 1;",
+        );
+        let kinds: Vec<&str> = plan.operators.iter().map(|o| o.id.split(':').nth(1).unwrap_or("")).collect();
+        assert_eq!(kinds, ["filter", "window_aggregate", "filter", "project"]);
+        let Some(plan::operator_node::Kind::WindowAggregate(window)) = &plan.operators[1].kind else {
+            panic!("not a window");
+        };
+        assert_eq!(window.window, Some(plan::window_aggregate::Window::Tumble(plan::Tumble { size_ns: 500_000_000 })));
+        assert_eq!(plan.source.as_ref().and_then(|s| s.watermark.as_ref()).map(|w| w.delay_ns), Some(2_000_000_000));
+    }
+
+    #[test]
+    fn hop_takes_slide_then_size_and_refuses_gaps() {
+        let plan = compile_one(
+            "CREATE PIPELINE p AS INSERT INTO out SELECT sensor, window_end, max(v) FROM
+             HOP(vibration, ts, INTERVAL '1' SECOND, INTERVAL '5' SECOND) GROUP BY sensor, window_end;",
+        );
+        let Some(plan::operator_node::Kind::WindowAggregate(window)) = &plan.operators[0].kind else {
+            panic!("not a window");
+        };
+        assert_eq!(
+            window.window,
+            Some(plan::window_aggregate::Window::Hop(plan::Hop { size_ns: 5_000_000_000, slide_ns: 1_000_000_000 }))
+        );
+        let gap = errors(&format!(
+            "{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT count(*) FROM
+             HOP(vibration, ts, INTERVAL '5' SECOND, INTERVAL '1' SECOND) GROUP BY window_start;"
+        ));
+        assert!(gap[0].contains("slide is longer than the window size"), "{gap:?}");
+    }
+
+    #[test]
+    fn streaming_errors_name_the_problem() {
+        let order = errors(&format!("{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT v FROM vibration ORDER BY v;"));
+        assert!(order[0].contains("ORDER BY has no end on a stream"), "{order:?}");
+        let join = errors(&format!(
+            "{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT a.v FROM vibration a JOIN vibration b ON a.sensor = b.sensor;"
+        ));
+        assert!(join[0].contains("joins are not supported"), "{join:?}");
+        let unknown = errors(&format!("{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT v FROM vibraton;"));
+        assert!(unknown[0].contains("did you mean 'vibration'"), "{unknown:?}");
+        let no_pipeline = errors(SOURCE);
+        assert!(no_pipeline[0].contains("no CREATE PIPELINE"), "{no_pipeline:?}");
+        let detector_args = errors(&format!(
+            "{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT zscore(v, v) OVER (PARTITION BY sensor) FROM vibration;"
+        ));
+        assert!(detector_args[0].contains("parameters must be constants"), "{detector_args:?}");
+    }
+
+    #[test]
+    fn the_watermark_must_be_a_timestamp_column_minus_an_interval() {
+        let not_time = errors(
+            "CREATE SOURCE s (v DOUBLE, WATERMARK FOR v AS v - INTERVAL '1' SECOND) WITH (connector = 'file', path = 'x');",
+        );
+        assert!(not_time[0].contains("not a TIMESTAMP"), "{not_time:?}");
+        let shape = errors(
+            "CREATE SOURCE s (ts TIMESTAMP, WATERMARK FOR ts AS ts + INTERVAL '1' SECOND) WITH (connector = 'file', path = 'x');",
+        );
+        assert!(shape[0].contains("minus an interval"), "{shape:?}");
+        let months = errors(
+            "CREATE SOURCE s (ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '1' MONTH) WITH (connector = 'file', path = 'x');",
+        );
+        assert!(months[0].contains("no fixed length"), "{months:?}");
     }
 }

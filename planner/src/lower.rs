@@ -45,6 +45,8 @@ pub struct LowerContext<'a> {
     pub sources: &'a HashMap<String, DFSchemaRef>,
     /// Where errors without a more precise position point: the pipeline statement.
     pub position: Position,
+    /// The first GROUP BY expression of the outer query, for errors about aggregation.
+    pub group_by: Option<Position>,
 }
 
 /// The lowered pipeline so far.
@@ -114,8 +116,8 @@ impl LowerContext<'_> {
             LogicalPlan::Aggregate(aggregate) => {
                 let mut chain = self.lower(&aggregate.input)?;
                 let Some(window) = chain.pending_window.take() else {
-                    return Err(self
-                        .error("aggregate without a window: a stream never ends, so GROUP BY needs an event-time window")
+                    return Err(Diagnostic::new(self.group_by.unwrap_or(self.position), "")
+                        .with_message("aggregate without a window: a stream never ends, so GROUP BY needs an event-time window")
                         .with_hint("read the source through a window, e.g. FROM TUMBLE(source, ts, INTERVAL '1' SECOND)"));
                 };
                 let time = self.qualified(&chain.schema, &window.time_column)?;

@@ -98,7 +98,15 @@ pub fn parse_file(sql: &str) -> (Vec<Statement>, Vec<Diagnostic>) {
         let text = slice(sql, &line_starts, first.span.start, last.span.end).to_string();
         match parse_statement(&dialect, chunk.to_vec(), text) {
             Ok(statement) => statements.push(statement),
-            Err(diagnostic) => diagnostics.push(diagnostic),
+            Err(mut diagnostic) => {
+                // sqlparser gives no position for "found: EOF": the statement ended too early,
+                // so point just past its last token.
+                if diagnostic.message.ends_with("found: EOF") {
+                    diagnostic.position = position(last.span.end);
+                    diagnostic.message = diagnostic.message.replace("found: EOF", "but the statement ends here");
+                }
+                diagnostics.push(diagnostic);
+            }
         }
     }
     (statements, diagnostics)
@@ -317,8 +325,10 @@ mod tests {
 
     #[test]
     fn reports_position_of_a_syntax_error_inside_a_query() {
-        let (_, diagnostics) = parse_file("CREATE PIPELINE p AS INSERT INTO out\nSELECT a FROM WHERE;");
+        let (_, diagnostics) = parse_file("CREATE PIPELINE p AS INSERT INTO out\nSELECT a FROM s WHERE;");
         assert_eq!(diagnostics.len(), 1);
-        assert_eq!(diagnostics[0].position.line, 2);
+        // The statement ends where an expression was expected: point just past `WHERE`.
+        assert_eq!(diagnostics[0].position, Position { line: 2, column: 22 });
+        assert!(diagnostics[0].message.contains("the statement ends here"), "{}", diagnostics[0].message);
     }
 }

@@ -1212,6 +1212,11 @@ mod tests {
             decoder.decode_record(b"{\"sensor\":\"\xff\",\"ts\":0}"),
             Err(DecodeError::InvalidUtf8)
         );
+        // Only kept strings are checked: bytes in a field the schema ignores do not matter.
+        assert_eq!(
+            decoder.decode_record(b"{\"sensor\":\"s1\",\"ts\":0,\"note\":\"\xff\"}"),
+            Ok(1)
+        );
     }
 
     #[test]

@@ -20,8 +20,11 @@ use crate::time::format_rfc3339;
 
 /// Renders batches as text lines: JSON objects or CSV records, columns in schema order.
 ///
-/// One `String` is reused for every row, so writing allocates only when a row is longer than
-/// any before it.
+/// Strings are escaped for JSON or quoted for CSV, floats use Rust's shortest round-trip form
+/// (`0.1`, `1.0`, `1e-7`; NaN and infinities, which JSON lacks, become null), timestamps of any
+/// unit follow [`TimestampFormat`], and other types (decimals, dates, lists) are written as
+/// strings in Arrow's display form. One `String` is reused for every row, so writing allocates
+/// only when a row is longer than any before it.
 #[derive(Debug)]
 pub struct RowFormatter {
     format: OutputFormat,
@@ -30,6 +33,8 @@ pub struct RowFormatter {
     line: String,
     /// Rendered `"name":` per column (JSON) or the header line (CSV), for the current schema.
     keys: Vec<String>,
+    /// Arrow's display form of a value of a type written as a string, before escaping.
+    display: String,
 }
 
 /// One column of a batch, downcast once per batch rather than once per row.
@@ -41,7 +46,7 @@ enum ColumnView<'a> {
     Int(Box<dyn Fn(usize) -> i64 + 'a>),
     UInt(&'a arrow::array::UInt64Array),
     SmallUInt(Box<dyn Fn(usize) -> u32 + 'a>),
-    Float(Box<dyn Fn(usize) -> f64 + 'a>),
+    Float64(&'a arrow::array::Float64Array),
     Float32(&'a arrow::array::Float32Array),
     /// Nanoseconds since the epoch, whatever the column's unit.
     Timestamp(Box<dyn Fn(usize) -> i64 + 'a>),
@@ -58,6 +63,7 @@ impl RowFormatter {
             header_written: false,
             line: String::with_capacity(256),
             keys: Vec::new(),
+            display: String::new(),
         }
     }
 
@@ -123,7 +129,14 @@ impl RowFormatter {
                 line.push(',');
             }
             line.push_str(key);
-            write_value(line, view, row, self.timestamps, Target::Json);
+            write_value(
+                line,
+                &mut self.display,
+                view,
+                row,
+                self.timestamps,
+                Target::Json,
+            );
         }
         line.push_str("}\n");
     }
@@ -134,7 +147,14 @@ impl RowFormatter {
             if i > 0 {
                 line.push(',');
             }
-            write_value(line, view, row, self.timestamps, Target::Csv);
+            write_value(
+                line,
+                &mut self.display,
+                view,
+                row,
+                self.timestamps,
+                Target::Csv,
+            );
         }
         line.push('\n');
     }
@@ -185,10 +205,7 @@ fn view<'a>(
         }
         DataType::UInt64 => ColumnView::UInt(array.as_primitive::<UInt64Type>()),
         DataType::Float32 => ColumnView::Float32(array.as_primitive::<Float32Type>()),
-        DataType::Float64 => {
-            let a = array.as_primitive::<Float64Type>();
-            ColumnView::Float(Box::new(move |i| a.value(i)))
-        }
+        DataType::Float64 => ColumnView::Float64(array.as_primitive::<Float64Type>()),
         DataType::Timestamp(unit, _) => {
             let nanos: Box<dyn Fn(usize) -> i64 + 'a> = match unit {
                 TimeUnit::Second => {
@@ -217,6 +234,7 @@ fn view<'a>(
 /// Appends one value. Writing into a `String` cannot fail, so `write!` results are ignored.
 fn write_value(
     line: &mut String,
+    display: &mut String,
     (array, view): &(&dyn Array, ColumnView<'_>),
     row: usize,
     timestamps: TimestampFormat,
@@ -245,7 +263,14 @@ fn write_value(
         ColumnView::SmallUInt(value) => {
             let _ = write!(line, "{}", value(row));
         }
-        ColumnView::Float(value) => push_float(line, value(row), null),
+        ColumnView::Float64(a) => {
+            let value = a.value(row);
+            if value.is_finite() {
+                let _ = write!(line, "{value:?}");
+            } else {
+                line.push_str(null);
+            }
+        }
         ColumnView::Float32(a) => {
             let value = a.value(row);
             if value.is_finite() {
@@ -272,22 +297,10 @@ fn write_value(
             }
         }
         ColumnView::Other(formatter) => {
-            let start = line.len();
-            let _ = write!(line, "{}", formatter.value(row));
-            // Re-render through the escaper: rare types only, so the copy does not matter.
-            let rendered = line.split_off(start);
-            text(line, &rendered);
+            display.clear();
+            let _ = write!(display, "{}", formatter.value(row));
+            text(line, display);
         }
-    }
-}
-
-/// Rust's shortest round-trip form (`0.1`, `1.0`, `1e-7`); JSON has no NaN or infinity, so
-/// those become `null_text`.
-fn push_float(line: &mut String, value: f64, null_text: &str) {
-    if value.is_finite() {
-        let _ = write!(line, "{value:?}");
-    } else {
-        line.push_str(null_text);
     }
 }
 

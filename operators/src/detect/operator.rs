@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{AsArray, Float64Builder, RecordBatch, RecordBatchOptions};
+use arrow::array::{ArrayRef, AsArray, BooleanArray, Float64Builder, RecordBatch, RecordBatchOptions};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Schema, SchemaRef};
 use arrow::row::{RowConverter, Rows, SortField};
@@ -36,10 +36,14 @@ impl DetectorOperator {
         detector: Box<dyn KeyedDetector>,
         schema: SchemaRef,
     ) -> Result<Self> {
-        let fields = partition_by
+        let mut fields = partition_by
             .iter()
             .map(|e| Ok(SortField::new(e.data_type(input_schema)?)))
             .collect::<Result<Vec<_>>>()?;
+        // Without PARTITION BY every row shares one constant key.
+        if fields.is_empty() {
+            fields.push(SortField::new(DataType::Boolean));
+        }
         let converter = RowConverter::new(fields)?;
         Ok(Self {
             name: name.into(),
@@ -76,11 +80,17 @@ impl Operator for DetectorOperator {
         if rows == 0 {
             return Ok(());
         }
-        let key_columns = self
-            .partition_by
-            .iter()
-            .map(|e| e.evaluate(&batch)?.into_array(rows))
-            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        // Evaluate first: a failing expression must leave the key table untouched.
+        let values = self.value.evaluate(&batch)?.into_array(rows)?;
+        let values = cast(&values, &DataType::Float64)?;
+        let key_columns = if self.partition_by.is_empty() {
+            vec![Arc::new(BooleanArray::new_null(rows)) as ArrayRef]
+        } else {
+            self.partition_by
+                .iter()
+                .map(|e| e.evaluate(&batch)?.into_array(rows))
+                .collect::<datafusion::error::Result<Vec<_>>>()?
+        };
         let encoded = self.converter.convert_columns(&key_columns)?;
         self.row_keys.clear();
         for row in 0..rows {
@@ -96,8 +106,6 @@ impl Operator for DetectorOperator {
             };
             self.row_keys.push(index);
         }
-        let values = self.value.evaluate(&batch)?.into_array(rows)?;
-        let values = cast(&values, &DataType::Float64)?;
         let mut output = Float64Builder::with_capacity(rows);
         self.detector
             .process(&self.row_keys, values.as_primitive::<Float64Type>(), &mut output);
