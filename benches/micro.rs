@@ -30,8 +30,12 @@ fn payloads_rows(samples: usize) -> Vec<Vec<u8>> {
     (0..samples)
         .map(|i| {
             let (sensor, sample) = (i % SENSORS, i / SENSORS);
-            format!(r#"{{"sensor":"s{sensor:04}","ts":{},"v":{}}}"#, 1_704_067_200_000 + sample, value(sensor, sample))
-                .into_bytes()
+            format!(
+                r#"{{"sensor":"s{sensor:04}","ts":{},"v":{}}}"#,
+                1_704_067_200_000 + sample,
+                value(sensor, sample)
+            )
+            .into_bytes()
         })
         .collect()
 }
@@ -40,7 +44,9 @@ fn payloads_blocks(blocks: usize) -> Vec<Vec<u8>> {
     (0..blocks)
         .map(|b| {
             let (sensor, tick) = (b % SENSORS, b / SENSORS);
-            let samples: Vec<String> = (0..BLOCK).map(|i| value(sensor, tick * BLOCK + i).to_string()).collect();
+            let samples: Vec<String> = (0..BLOCK)
+                .map(|i| value(sensor, tick * BLOCK + i).to_string())
+                .collect();
             format!(
                 r#"{{"sensor":"s{sensor:04}","t0":{},"rate_hz":1000,"samples":[{}]}}"#,
                 1_704_067_200_000 + tick * BLOCK,
@@ -56,7 +62,8 @@ fn decode(c: &mut Criterion) {
     let rows = payloads_rows(10_000);
     group.throughput(Throughput::Elements(rows.len() as u64));
     group.bench_function("json_rows", |b| {
-        let mut decoder = JsonDecoder::new(schema(), Some("ts"), DecodeOptions::default()).expect("decoder");
+        let mut decoder =
+            JsonDecoder::new(schema(), Some("ts"), DecodeOptions::default()).expect("decoder");
         b.iter(|| {
             for payload in &rows {
                 let _ = decoder.decode_record(black_box(payload));
@@ -67,7 +74,8 @@ fn decode(c: &mut Criterion) {
     let blocks = payloads_blocks(100);
     group.throughput(Throughput::Elements((blocks.len() * BLOCK) as u64));
     group.bench_function("json_blocks", |b| {
-        let mut decoder = JsonDecoder::new(schema(), Some("ts"), DecodeOptions::default()).expect("decoder");
+        let mut decoder =
+            JsonDecoder::new(schema(), Some("ts"), DecodeOptions::default()).expect("decoder");
         b.iter(|| {
             for payload in &blocks {
                 let _ = decoder.decode_record(black_box(payload));
@@ -114,12 +122,18 @@ fn plan_of(sql_select: &str) -> weir_proto::plan::PipelinePlan {
          CREATE SINK out WITH (connector = 'null');
          CREATE PIPELINE p AS INSERT INTO out {sql_select};"
     );
-    weir_planner::compile(&sql).expect("compiles").pipelines.remove(0)
+    weir_planner::compile(&sql)
+        .expect("compiles")
+        .pipelines
+        .remove(0)
 }
 
 /// Fresh operators for a plan: built outside the measured part of each iteration.
 fn build(plan: &weir_proto::plan::PipelinePlan, decoder: &ExprDecoder) -> Vec<Box<dyn Operator>> {
-    plan.operators.iter().map(|n| weir_operators::build(n, decoder).expect("builds")).collect()
+    plan.operators
+        .iter()
+        .map(|n| weir_operators::build(n, decoder).expect("builds"))
+        .collect()
 }
 
 fn run(operators: &mut [Box<dyn Operator>], batches: &[RecordBatch]) -> usize {
@@ -141,7 +155,9 @@ fn run(operators: &mut [Box<dyn Operator>], batches: &[RecordBatch]) -> usize {
         for input in pending {
             operator.process_batch(input, &mut out).expect("process");
         }
-        operator.on_watermark(Watermark::END, &mut out).expect("watermark");
+        operator
+            .on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
         pending = out.take_batches();
     }
     rows + pending.iter().map(RecordBatch::num_rows).sum::<usize>()
@@ -155,14 +171,22 @@ fn operators(c: &mut Criterion) {
     let decoder = ExprDecoder::new();
     let filter = plan_of("SELECT sensor, ts, v FROM vibration WHERE abs(v) > 0.5");
     group.bench_function("filter", |b| {
-        b.iter_batched(|| build(&filter, &decoder), |mut ops| black_box(run(&mut ops, &input)), BatchSize::SmallInput);
+        b.iter_batched(
+            || build(&filter, &decoder),
+            |mut ops| black_box(run(&mut ops, &input)),
+            BatchSize::SmallInput,
+        );
     });
     let window = plan_of(
         "SELECT sensor, window_start, sqrt(avg(v * v)) AS rms, max(abs(v)) AS peak, count(*) AS n
          FROM TUMBLE(vibration, ts, INTERVAL '1' SECOND) GROUP BY sensor, window_start",
     );
     group.bench_function("tumble_rms_peak", |b| {
-        b.iter_batched(|| build(&window, &decoder), |mut ops| black_box(run(&mut ops, &input)), BatchSize::SmallInput);
+        b.iter_batched(
+            || build(&window, &decoder),
+            |mut ops| black_box(run(&mut ops, &input)),
+            BatchSize::SmallInput,
+        );
     });
     group.finish();
 }

@@ -12,7 +12,9 @@ use arrow::datatypes::{Float64Type, Int64Type, TimestampNanosecondType};
 use serde::Serialize;
 use weir_connectors::simulator::{SignalModel, SimulatorConfig};
 use weir_connectors::{DeadLetterQueue, Sink};
-use weir_engine::{Engine, EngineOptions, PipelineFactory, PipelineParts, PipelineState, PlanFactory};
+use weir_engine::{
+    Engine, EngineOptions, PipelineFactory, PipelineParts, PipelineState, PlanFactory,
+};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -71,7 +73,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--sensors and --seconds must be positive");
     }
     if cfg!(debug_assertions) {
-        eprintln!("note: this is a debug build; run `cargo run --release -- bench` for real figures");
+        eprintln!(
+            "note: this is a debug build; run `cargo run --release -- bench` for real figures"
+        );
     }
     let mut results = Vec::new();
     for (name, payload) in scenarios {
@@ -84,16 +88,36 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if !args.json {
         println!(
             "{:<10} {:>12} {:>8} {:>14} {:>8} {:>8} {:>9} {:>8} {:>8}",
-            "scenario", "samples", "seconds", "samples/s", "p50 ms", "p99 ms", "peak MB", "windows", "correct"
+            "scenario",
+            "samples",
+            "seconds",
+            "samples/s",
+            "p50 ms",
+            "p99 ms",
+            "peak MB",
+            "windows",
+            "correct"
         );
         for r in &results {
             println!(
                 "{:<10} {:>12} {:>8.2} {:>14.0} {:>8.3} {:>8.3} {:>9.1} {:>8} {:>8}",
-                r.scenario, r.samples, r.seconds, r.samples_per_sec, r.p50_ms, r.p99_ms, r.peak_rss_mb, r.windows, r.correct
+                r.scenario,
+                r.samples,
+                r.seconds,
+                r.samples_per_sec,
+                r.p50_ms,
+                r.p99_ms,
+                r.peak_rss_mb,
+                r.windows,
+                r.correct
             );
         }
     }
-    Ok(if results.iter().all(|r| r.correct) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if results.iter().all(|r| r.correct) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The plan's parts with the null sink swapped for one that keeps the results to check.
@@ -134,14 +158,25 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
         .replace("{sensors}", &args.sensors.to_string())
         .replace("{seconds}", &args.seconds.to_string())
         .replace("{payload}", payload);
-    let compiled = weir_planner::compile(&sql).map_err(|e| anyhow::anyhow!("{}", e.render("bench.sql")))?;
-    let plan = compiled.pipelines.into_iter().next().context("bench SQL has a pipeline")?;
+    let compiled =
+        weir_planner::compile(&sql).map_err(|e| anyhow::anyhow!("{}", e.render("bench.sql")))?;
+    let plan = compiled
+        .pipelines
+        .into_iter()
+        .next()
+        .context("bench SQL has a pipeline")?;
     let results = Arc::new(Mutex::new(Vec::new()));
-    let factory = CheckedFactory { plan: PlanFactory::new(plan, DeadLetterQueue::default())?, results: Arc::clone(&results) };
+    let factory = CheckedFactory {
+        plan: PlanFactory::new(plan, DeadLetterQueue::default())?,
+        results: Arc::clone(&results),
+    };
 
     reset_peak_rss();
     let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime can be built")
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime can be built")
     });
     let (state, elapsed, snapshot) = system.block_on(async move {
         let engine = Engine::new(EngineOptions::default());
@@ -158,7 +193,9 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
     let samples = snapshot.stages.first().map_or(0, |s| s.rows_out);
     let batches = results.lock().map(|r| r.clone()).unwrap_or_default();
     let (windows, correct) = check(&batches, args)?;
-    let seconds = elapsed.as_secs_f64().max(Duration::from_micros(1).as_secs_f64());
+    let seconds = elapsed
+        .as_secs_f64()
+        .max(Duration::from_micros(1).as_secs_f64());
     Ok(ScenarioResult {
         scenario: name.to_string(),
         samples,
@@ -175,7 +212,12 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
 /// Recomputes every window from the signal model and compares; also checks that no window
 /// is missing or duplicated.
 fn check(batches: &[RecordBatch], args: &BenchArgs) -> anyhow::Result<(usize, bool)> {
-    let config = SimulatorConfig { sensors: args.sensors, seed: 42, faults: true, ..SimulatorConfig::default() };
+    let config = SimulatorConfig {
+        sensors: args.sensors,
+        seed: 42,
+        faults: true,
+        ..SimulatorConfig::default()
+    };
     let model = SignalModel::new(config.seed, config.sensors, config.rate_hz, config.faults);
     let start = config.reproducible_start_nanos()?;
     let rate = u64::from(config.rate_hz);
@@ -188,7 +230,11 @@ fn check(batches: &[RecordBatch], args: &BenchArgs) -> anyhow::Result<(usize, bo
         let peak = batch.column(3).as_primitive::<Float64Type>();
         let count = batch.column(4).as_primitive::<Int64Type>();
         for row in 0..batch.num_rows() {
-            let sensor: u32 = sensors.value(row).trim_start_matches('s').parse::<u32>()?.saturating_sub(1);
+            let sensor: u32 = sensors
+                .value(row)
+                .trim_start_matches('s')
+                .parse::<u32>()?
+                .saturating_sub(1);
             let second = u64::try_from((starts.value(row) - start) / 1_000_000_000)?;
             if !seen.insert((sensor, second)) {
                 correct = false;
@@ -203,7 +249,11 @@ fn check(batches: &[RecordBatch], args: &BenchArgs) -> anyhow::Result<(usize, bo
             }
             let expected_rms = (sum_sq / n as f64).sqrt();
             let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
-            if count.value(row) != n || !close(rms.value(row), expected_rms) || !close(peak.value(row), max_abs) || rms.is_null(row) {
+            if count.value(row) != n
+                || !close(rms.value(row), expected_rms)
+                || !close(peak.value(row), max_abs)
+                || rms.is_null(row)
+            {
                 correct = false;
             }
         }
@@ -211,7 +261,8 @@ fn check(batches: &[RecordBatch], args: &BenchArgs) -> anyhow::Result<(usize, bo
     // Every sensor-second with at least one sample must be there.
     for sensor in 0..args.sensors {
         for second in 0..u64::from(args.seconds) {
-            let any = (second * rate..(second + 1) * rate).any(|s| model.value(sensor as usize, s).is_some());
+            let any = (second * rate..(second + 1) * rate)
+                .any(|s| model.value(sensor as usize, s).is_some());
             if any && !seen.contains(&(sensor, second)) {
                 correct = false;
             }

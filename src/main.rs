@@ -91,7 +91,11 @@ fn compile(file: &std::path::Path, out: Option<&std::path::Path>) -> anyhow::Res
             if let Some(out) = out {
                 std::fs::write(out, compiled.encode())
                     .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
-                eprintln!("wrote {} pipeline plan(s) to {}", compiled.pipelines.len(), out.display());
+                eprintln!(
+                    "wrote {} pipeline plan(s) to {}",
+                    compiled.pipelines.len(),
+                    out.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

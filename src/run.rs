@@ -26,7 +26,8 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut plans = Vec::new();
     for file in &args.files {
-        let sql = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let sql = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
         match weir_planner::compile(&sql) {
             Ok(compiled) => plans.extend(compiled.pipelines),
             Err(error) => {
@@ -43,7 +44,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot open dead-letter file {}", path.display()))?,
         None => DeadLetterQueue::default(),
     };
-    let options = EngineOptions { idle_timeout: Duration::from_secs_f64(args.idle_timeout), ..EngineOptions::default() };
+    let options = EngineOptions {
+        idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+        ..EngineOptions::default()
+    };
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -15,7 +15,11 @@ fn compile_errors_match_their_expected_diagnostics() {
     cases.sort();
     assert!(cases.len() >= 5, "compile-error cases are missing");
     for case in cases {
-        let name = case.file_name().expect("file name").to_string_lossy().to_string();
+        let name = case
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .to_string();
         let sql = std::fs::read_to_string(&case).expect("readable sql");
         let error = match weir_planner::compile(&sql) {
             Ok(_) => panic!("{name} compiled but should fail"),
@@ -23,7 +27,10 @@ fn compile_errors_match_their_expected_diagnostics() {
         };
         let actual = error.render(&name) + "\n";
         for diagnostic in &error.diagnostics {
-            assert!(diagnostic.position.line >= 1, "{name}: diagnostic without a line: {diagnostic}");
+            assert!(
+                diagnostic.position.line >= 1,
+                "{name}: diagnostic without a line: {diagnostic}"
+            );
         }
         let expected_path = case.with_extension("expected");
         if std::env::var_os("WEIR_BLESS").is_some() {

@@ -37,8 +37,13 @@ fn compile(case: &Path, out: &Path) -> PipelinePlan {
     let sql = sql
         .replace("${CASE}", &case.display().to_string())
         .replace("${OUT}", &out.display().to_string());
-    let compiled = weir_planner::compile(&sql)
-        .unwrap_or_else(|e| panic!("{} does not compile:\n{}", case.display(), e.render("pipeline.sql")));
+    let compiled = weir_planner::compile(&sql).unwrap_or_else(|e| {
+        panic!(
+            "{} does not compile:\n{}",
+            case.display(),
+            e.render("pipeline.sql")
+        )
+    });
     assert_eq!(compiled.pipelines.len(), 1, "one pipeline per golden case");
     compiled.pipelines.into_iter().next().expect("one pipeline")
 }
@@ -49,16 +54,28 @@ fn check(case: &Path, actual: &str, mode: &str) {
         std::fs::write(&expected_path, actual).expect("write expected");
         return;
     }
-    let expected = std::fs::read_to_string(&expected_path)
-        .unwrap_or_else(|_| panic!("{} has no expected.jsonl; run with WEIR_BLESS=1", case.display()));
-    assert_eq!(actual, expected, "{} ({mode}) differs from expected.jsonl", case.display());
+    let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| {
+        panic!(
+            "{} has no expected.jsonl; run with WEIR_BLESS=1",
+            case.display()
+        )
+    });
+    assert_eq!(
+        actual,
+        expected,
+        "{} ({mode}) differs from expected.jsonl",
+        case.display()
+    );
 }
 
 /// Dead letters by reason, compared with `dead_letters.expected` (absent = none expected).
 fn check_dead_letters(case: &Path, dead_letters: &DeadLetterQueue) {
     let mut counts = dead_letters.counts_by_reason();
     counts.sort();
-    let actual: String = counts.iter().map(|(reason, n)| format!("{n} {reason}\n")).collect();
+    let actual: String = counts
+        .iter()
+        .map(|(reason, n)| format!("{n} {reason}\n"))
+        .collect();
     let path = case.join("dead_letters.expected");
     if std::env::var_os("WEIR_BLESS").is_some() {
         if actual.is_empty() {
@@ -74,7 +91,10 @@ fn check_dead_letters(case: &Path, dead_letters: &DeadLetterQueue) {
 
 fn run_engine(plan: PipelinePlan, dead_letters: DeadLetterQueue) -> PipelineState {
     let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
     });
     system.block_on(async move {
         let engine = Engine::new(EngineOptions::default());
@@ -104,10 +124,19 @@ fn golden_cases_through_the_engine() {
 fn run_with_restore(plan: &PipelinePlan) -> Vec<arrow::array::RecordBatch> {
     let decoder = ExprDecoder::new();
     let build = || -> Vec<Box<dyn Operator>> {
-        plan.operators.iter().map(|n| weir_operators::build(n, &decoder).expect("builds")).collect()
+        plan.operators
+            .iter()
+            .map(|n| weir_operators::build(n, &decoder).expect("builds"))
+            .collect()
     };
     let source = plan.source.as_ref().expect("source");
-    let schema = Arc::new(decoder.schema(&source.schema).expect("schema").as_arrow().clone());
+    let schema = Arc::new(
+        decoder
+            .schema(&source.schema)
+            .expect("schema")
+            .as_arrow()
+            .clone(),
+    );
     let connector = source.connector.as_ref().expect("connector");
     let options = match serde_json::from_str(&connector.options_json).expect("json") {
         serde_json::Value::Object(map) => map,
@@ -118,8 +147,13 @@ fn run_with_restore(plan: &PipelinePlan) -> Vec<arrow::array::RecordBatch> {
         options,
         event_time: source.watermark.as_ref().map(|w| w.column.clone()),
     };
-    let mut reader = weir_connectors::build_source(&spec, Arc::clone(&schema), DeadLetterQueue::default()).expect("source");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut reader =
+        weir_connectors::build_source(&spec, Arc::clone(&schema), DeadLetterQueue::default())
+            .expect("source");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mut batches = Vec::new();
     while let SourceEvent::Batch(batch) = runtime.block_on(reader.next_event()).expect("reads") {
         batches.push(batch);
@@ -134,7 +168,10 @@ fn run_with_restore(plan: &PipelinePlan) -> Vec<arrow::array::RecordBatch> {
     let halfway = batches.len() / 2;
     for (i, batch) in batches.into_iter().enumerate() {
         if i == halfway {
-            let states: Vec<Vec<u8>> = operators.iter_mut().map(|o| o.snapshot().expect("snapshot")).collect();
+            let states: Vec<Vec<u8>> = operators
+                .iter_mut()
+                .map(|o| o.snapshot().expect("snapshot"))
+                .collect();
             operators = build();
             for (operator, state) in operators.iter_mut().zip(&states) {
                 operator.restore(state).expect("restore");
@@ -142,14 +179,19 @@ fn run_with_restore(plan: &PipelinePlan) -> Vec<arrow::array::RecordBatch> {
         }
         if let Some(c) = column {
             use arrow::array::AsArray;
-            let times = batch.column(c).as_primitive::<arrow::datatypes::TimestampNanosecondType>();
+            let times = batch
+                .column(c)
+                .as_primitive::<arrow::datatypes::TimestampNanosecondType>();
             if let Some(m) = arrow::compute::max(times) {
                 max_event = max_event.max(m);
             }
         }
         output.extend(push(&mut operators, Input::Batch(batch)));
         if column.is_some() && max_event > i64::MIN {
-            output.extend(push(&mut operators, Input::Watermark(Watermark(max_event - delay))));
+            output.extend(push(
+                &mut operators,
+                Input::Watermark(Watermark(max_event - delay)),
+            ));
         }
     }
     output.extend(push(&mut operators, Input::Watermark(Watermark::END)));
@@ -171,7 +213,8 @@ fn push(operators: &mut [Box<dyn Operator>], input: Input) -> Vec<arrow::array::
     let mut collector = Collector::default();
     let watermark = match input {
         Input::Batch(batch) => {
-            weir_operators::process_isolating(first.as_mut(), batch, &mut collector).expect("process");
+            weir_operators::process_isolating(first.as_mut(), batch, &mut collector)
+                .expect("process");
             None
         }
         Input::Watermark(w) => {
@@ -198,13 +241,23 @@ fn golden_cases_survive_snapshot_and_restore() {
         let batches = run_with_restore(&plan);
         let sink = plan.sink.as_ref().expect("sink");
         let decoder = ExprDecoder::new();
-        let schema = Arc::new(decoder.schema(&sink.schema).expect("schema").as_arrow().clone());
+        let schema = Arc::new(
+            decoder
+                .schema(&sink.schema)
+                .expect("schema")
+                .as_arrow()
+                .clone(),
+        );
         let connector = sink.connector.as_ref().expect("connector");
         let options = match serde_json::from_str(&connector.options_json).expect("json") {
             serde_json::Value::Object(map) => map,
             _ => panic!("options are an object"),
         };
-        let spec = ConnectorSpec { connector: connector.name.clone(), options, event_time: None };
+        let spec = ConnectorSpec {
+            connector: connector.name.clone(),
+            options,
+            event_time: None,
+        };
         let mut writer = weir_connectors::build_sink(&spec, schema).expect("sink");
         for batch in &batches {
             writer.write_batch(batch).expect("write");

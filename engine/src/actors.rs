@@ -44,15 +44,26 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(recipient: Recipient<StreamMessage>, limit: usize, metrics: Arc<StageMetrics>) -> Self {
-        Self { recipient, in_flight: Rc::default(), limit: limit.max(1), metrics }
+    pub fn new(
+        recipient: Recipient<StreamMessage>,
+        limit: usize,
+        metrics: Arc<StageMetrics>,
+    ) -> Self {
+        Self {
+            recipient,
+            in_flight: Rc::default(),
+            limit: limit.max(1),
+            metrics,
+        }
     }
 
     /// Queues `message`; returns a request to await first when the edge is over its bound.
     fn push(&self, message: StreamMessage) -> Option<RecipientRequest<StreamMessage>> {
         let mut in_flight = self.in_flight.borrow_mut();
         in_flight.push_back(self.recipient.send(message));
-        let over = (in_flight.len() > self.limit).then(|| in_flight.pop_front()).flatten();
+        let over = (in_flight.len() > self.limit)
+            .then(|| in_flight.pop_front())
+            .flatten();
         self.metrics
             .mailbox_depth
             .store(in_flight.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -75,7 +86,8 @@ impl Outbox {
             waits.extend(self.drain());
         }
         for wait in waits {
-            wait.await.map_err(|e| EngineError::Internal(format!("downstream actor is gone: {e}")))??;
+            wait.await
+                .map_err(|e| EngineError::Internal(format!("downstream actor is gone: {e}")))??;
         }
         Ok(())
     }
@@ -254,7 +266,8 @@ impl OperatorActor {
                 let dead_letters = &self.dead_letters;
                 let name = operator.name().to_string();
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    let rejected = weir_operators::process_isolating(operator.as_mut(), batch, collector)?;
+                    let rejected =
+                        weir_operators::process_isolating(operator.as_mut(), batch, collector)?;
                     for rows in rejected {
                         StageMetrics::add(&self.metrics.errors, rows.rows.num_rows() as u64);
                         dead_letters.push(&name, &rows.reason, &rows_as_json(&rows.rows));
@@ -264,8 +277,15 @@ impl OperatorActor {
                 (origin, false, None, outcome)
             }
             StreamMessage::Watermark { watermark, origin } => {
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| operator.on_watermark(watermark, collector)));
-                (origin, true, Some(StreamMessage::Watermark { watermark, origin }), outcome)
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    operator.on_watermark(watermark, collector)
+                }));
+                (
+                    origin,
+                    true,
+                    Some(StreamMessage::Watermark { watermark, origin }),
+                    outcome,
+                )
             }
             StreamMessage::End => return Ok(vec![StreamMessage::End]),
         };
@@ -277,11 +297,21 @@ impl OperatorActor {
             }
             Err(panic) => {
                 StageMetrics::add(&self.metrics.errors, 1);
-                return Err(EngineError::Panic(format!("{}: {}", self.operator.name(), panic_message(&panic))));
+                return Err(EngineError::Panic(format!(
+                    "{}: {}",
+                    self.operator.name(),
+                    panic_message(&panic)
+                )));
             }
         }
-        StageMetrics::add(&self.metrics.late_rows, std::mem::take(&mut self.collector.late_rows));
-        StageMetrics::add(&self.metrics.invalid_rows, std::mem::take(&mut self.collector.invalid_rows));
+        StageMetrics::add(
+            &self.metrics.late_rows,
+            std::mem::take(&mut self.collector.late_rows),
+        );
+        StageMetrics::add(
+            &self.metrics.invalid_rows,
+            std::mem::take(&mut self.collector.invalid_rows),
+        );
         let batches = self.collector.take_batches();
         if is_watermark && !batches.is_empty() {
             self.pipeline.watermark_to_emit.record(origin.elapsed());
@@ -386,7 +416,10 @@ impl Handler<StreamMessage> for SinkActor {
             StageMetrics::add(&self.metrics.errors, 1);
             let error = EngineError::from(error);
             let text = error.to_string();
-            self.supervisor.do_send(PipelineEvent::Failed { generation: self.generation, error });
+            self.supervisor.do_send(PipelineEvent::Failed {
+                generation: self.generation,
+                error,
+            });
             EngineError::Internal(format!("sink stopped after: {text}"))
         })
     }

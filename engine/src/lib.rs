@@ -58,7 +58,9 @@ impl Default for EngineOptions {
         Self {
             idle_timeout: Duration::from_secs(2),
             in_flight: 4,
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8),
+            workers: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(2, 8),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             max_restarts: 10,
@@ -77,7 +79,11 @@ impl EngineOptions {
 pub enum PipelineState {
     Starting,
     Running,
-    Restarting { attempt: u32, error: String, backoff: Duration },
+    Restarting {
+        attempt: u32,
+        error: String,
+        backoff: Duration,
+    },
     /// A finite source ended and every result reached the sink.
     Finished,
     /// Failed for good: not retryable, or out of restarts.
@@ -132,19 +138,39 @@ impl PlanFactory {
     }
 }
 
-fn spec(connector: Option<&weir_proto::plan::Connector>, event_time: Option<String>) -> Result<ConnectorSpec> {
+fn spec(
+    connector: Option<&weir_proto::plan::Connector>,
+    event_time: Option<String>,
+) -> Result<ConnectorSpec> {
     let connector = connector.ok_or_else(|| EngineError::Plan("no connector".into()))?;
     let options = match serde_json::from_str(&connector.options_json) {
         Ok(serde_json::Value::Object(map)) => map,
-        _ => return Err(EngineError::Plan(format!("bad options for connector {}", connector.name))),
+        _ => {
+            return Err(EngineError::Plan(format!(
+                "bad options for connector {}",
+                connector.name
+            )));
+        }
     };
-    Ok(ConnectorSpec { connector: connector.name.clone(), options, event_time })
+    Ok(ConnectorSpec {
+        connector: connector.name.clone(),
+        options,
+        event_time,
+    })
 }
 
 impl PipelineFactory for PlanFactory {
     fn stage_names(&self) -> Vec<String> {
-        let source = self.plan.source.as_ref().map_or("source".to_string(), |s| format!("source:{}", s.name));
-        let sink = self.plan.sink.as_ref().map_or("sink".to_string(), |s| format!("sink:{}", s.name));
+        let source = self
+            .plan
+            .source
+            .as_ref()
+            .map_or("source".to_string(), |s| format!("source:{}", s.name));
+        let sink = self
+            .plan
+            .sink
+            .as_ref()
+            .map_or("sink".to_string(), |s| format!("sink:{}", s.name));
         std::iter::once(source)
             .chain(self.plan.operators.iter().map(|o| o.id.clone()))
             .chain(std::iter::once(sink))
@@ -153,19 +179,31 @@ impl PipelineFactory for PlanFactory {
 
     fn build(&self) -> Result<PipelineParts> {
         let decoder = ExprDecoder::new();
-        let source = self.plan.source.as_ref().ok_or_else(|| EngineError::Plan("plan has no source".into()))?;
-        let sink = self.plan.sink.as_ref().ok_or_else(|| EngineError::Plan("plan has no sink".into()))?;
-        let source_schema: Arc<Schema> = Arc::new(decoder.schema(&source.schema)?.as_arrow().clone());
+        let source = self
+            .plan
+            .source
+            .as_ref()
+            .ok_or_else(|| EngineError::Plan("plan has no source".into()))?;
+        let sink = self
+            .plan
+            .sink
+            .as_ref()
+            .ok_or_else(|| EngineError::Plan("plan has no sink".into()))?;
+        let source_schema: Arc<Schema> =
+            Arc::new(decoder.schema(&source.schema)?.as_arrow().clone());
         let watermark = match &source.watermark {
             Some(rule) => Some(WatermarkRule {
-                column: source_schema
-                    .index_of(&rule.column)
-                    .map_err(|_| EngineError::Plan(format!("no watermark column {}", rule.column)))?,
+                column: source_schema.index_of(&rule.column).map_err(|_| {
+                    EngineError::Plan(format!("no watermark column {}", rule.column))
+                })?,
                 delay_ns: rule.delay_ns,
             }),
             None => None,
         };
-        let source_spec = spec(source.connector.as_ref(), source.watermark.as_ref().map(|w| w.column.clone()))?;
+        let source_spec = spec(
+            source.connector.as_ref(),
+            source.watermark.as_ref().map(|w| w.column.clone()),
+        )?;
         let operators = self
             .plan
             .operators
@@ -175,7 +213,11 @@ impl PipelineFactory for PlanFactory {
         let sink_schema = Arc::new(decoder.schema(&sink.schema)?.as_arrow().clone());
         let sink_spec = spec(sink.connector.as_ref(), None)?;
         Ok(PipelineParts {
-            source: weir_connectors::build_source(&source_spec, source_schema, self.dead_letters.clone())?,
+            source: weir_connectors::build_source(
+                &source_spec,
+                source_schema,
+                self.dead_letters.clone(),
+            )?,
             watermark,
             operators,
             sink: weir_connectors::build_sink(&sink_spec, sink_schema)?,
@@ -226,12 +268,22 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(options: EngineOptions) -> Self {
-        let arbiters = (0..options.workers.max(1)).map(|_| Arbiter::new()).collect();
-        Self { options, arbiters, pipelines: Mutex::new(HashMap::new()) }
+        let arbiters = (0..options.workers.max(1))
+            .map(|_| Arbiter::new())
+            .collect();
+        Self {
+            options,
+            arbiters,
+            pipelines: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Starts a compiled pipeline; fails at once if this gateway cannot run the plan.
-    pub fn start_plan(&self, plan: PipelinePlan, dead_letters: DeadLetterQueue) -> Result<PipelineHandle> {
+    pub fn start_plan(
+        &self,
+        plan: PipelinePlan,
+        dead_letters: DeadLetterQueue,
+    ) -> Result<PipelineHandle> {
         let name = plan.name.clone();
         let factory = PlanFactory::new(plan, dead_letters)?;
         self.start(name, Arc::new(factory))
@@ -243,10 +295,14 @@ impl Engine {
     /// copies never write to the same sink. Replacing a running pipeline is the live gateway's
     /// job (stop, wait, start).
     pub fn start(&self, name: String, factory: Arc<dyn PipelineFactory>) -> Result<PipelineHandle> {
-        if let Ok(pipelines) = self.pipelines.lock() {
-            if pipelines.get(&name).is_some_and(|p| !p.state.borrow().is_terminal()) {
-                return Err(EngineError::Plan(format!("a pipeline named '{name}' is already running")));
-            }
+        if let Ok(pipelines) = self.pipelines.lock()
+            && pipelines
+                .get(&name)
+                .is_some_and(|p| !p.state.borrow().is_terminal())
+        {
+            return Err(EngineError::Plan(format!(
+                "a pipeline named '{name}' is already running"
+            )));
         }
         let metrics = Arc::new(PipelineMetrics {
             stages: supervisor::stage_metrics(factory.stage_names()),
@@ -263,7 +319,12 @@ impl Engine {
             state,
         )
         .start();
-        let handle = PipelineHandle { name: name.clone(), metrics, state: receiver, supervisor };
+        let handle = PipelineHandle {
+            name: name.clone(),
+            metrics,
+            state: receiver,
+            supervisor,
+        };
         if let Ok(mut pipelines) = self.pipelines.lock() {
             pipelines.insert(name, handle.clone());
         }
@@ -271,7 +332,10 @@ impl Engine {
     }
 
     pub fn pipelines(&self) -> Vec<PipelineHandle> {
-        self.pipelines.lock().map(|p| p.values().cloned().collect()).unwrap_or_default()
+        self.pipelines
+            .lock()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Stops every pipeline, waits until their sinks have flushed, then stops the workers.

@@ -14,7 +14,10 @@ pub enum StreamMessage {
     /// measured from it.
     Batch { batch: RecordBatch, origin: Instant },
     /// Event time has advanced: no more rows at or before it.
-    Watermark { watermark: Watermark, origin: Instant },
+    Watermark {
+        watermark: Watermark,
+        origin: Instant,
+    },
     /// The source is finite and done; everything before has been sent.
     End,
 }

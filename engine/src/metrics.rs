@@ -25,7 +25,10 @@ pub struct StageMetrics {
 
 impl StageMetrics {
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), ..Self::default() }
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {
@@ -47,7 +50,9 @@ impl Default for Latency {
 
 impl Latency {
     pub fn record(&self, elapsed: Duration) {
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
+        let micros = u64::try_from(elapsed.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         if let Ok(mut histogram) = self.0.lock() {
             histogram.saturating_record(micros);
         }

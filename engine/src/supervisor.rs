@@ -75,7 +75,17 @@ impl PipelineSupervisor {
         metrics: Arc<PipelineMetrics>,
         state: watch::Sender<PipelineState>,
     ) -> Self {
-        Self { name, factory, options, arbiters, metrics, state, generation: 0, failures: 0, running: None }
+        Self {
+            name,
+            factory,
+            options,
+            arbiters,
+            metrics,
+            state,
+            generation: 0,
+            failures: 0,
+            running: None,
+        }
     }
 
     fn launch(&mut self, ctx: &mut Context<Self>) {
@@ -99,7 +109,14 @@ impl PipelineSupervisor {
         let (sink_me, sink_pipeline) = (me.clone(), Arc::clone(&pipeline));
         let sink = SinkActor::start_in_arbiter(&arbiter(parts.operators.len() + 1), move |ctx| {
             ctx.set_mailbox_capacity(capacity);
-            SinkActor { sink: sink_parts, last_flush: std::time::Instant::now(), metrics: sink_stage, pipeline: sink_pipeline, supervisor: sink_me, generation }
+            SinkActor {
+                sink: sink_parts,
+                last_flush: std::time::Instant::now(),
+                metrics: sink_stage,
+                pipeline: sink_pipeline,
+                supervisor: sink_me,
+                generation,
+            }
         });
         let mut downstream = sink.clone().recipient();
         let mut operators = Vec::new();
@@ -107,7 +124,8 @@ impl PipelineSupervisor {
         for (i, operator) in parts.operators.into_iter().enumerate().rev() {
             let metrics = stage(i + 1);
             let outbox_metrics = Arc::clone(&metrics);
-            let (op_me, op_pipeline, next) = (me.clone(), Arc::clone(&pipeline), downstream.clone());
+            let (op_me, op_pipeline, next) =
+                (me.clone(), Arc::clone(&pipeline), downstream.clone());
             let dead_letters = parts.dead_letters.clone();
             let addr = OperatorActor::start_in_arbiter(&arbiter(i + 1), move |ctx| {
                 ctx.set_mailbox_capacity(capacity);
@@ -128,7 +146,8 @@ impl PipelineSupervisor {
         operators.reverse();
         debug_assert_eq!(operators.len(), count);
         let source_metrics = stage(0);
-        let (source, watermark, idle_timeout) = (parts.source, parts.watermark, self.options.idle_timeout);
+        let (source, watermark, idle_timeout) =
+            (parts.source, parts.watermark, self.options.idle_timeout);
         let source = SourceActor::start_in_arbiter(&arbiter(0), move |_| SourceActor {
             source: Some(source),
             watermark,
@@ -138,7 +157,11 @@ impl PipelineSupervisor {
             generation,
             metrics: source_metrics,
         });
-        self.running = Some(Running { source, operators, sink });
+        self.running = Some(Running {
+            source,
+            operators,
+            sink,
+        });
         let _ = self.state.send(PipelineState::Running);
     }
 
@@ -155,7 +178,11 @@ impl PipelineSupervisor {
         }
         self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
         let backoff = self.options.backoff(self.failures);
-        let _ = self.state.send(PipelineState::Restarting { attempt: self.failures, error: error.to_string(), backoff });
+        let _ = self.state.send(PipelineState::Restarting {
+            attempt: self.failures,
+            error: error.to_string(),
+            backoff,
+        });
         ctx.run_later(backoff, |supervisor, ctx| supervisor.launch(ctx));
     }
 }
@@ -179,10 +206,10 @@ impl Handler<PipelineEvent> for PipelineSupervisor {
 
     fn handle(&mut self, event: PipelineEvent, ctx: &mut Self::Context) {
         match event {
-            PipelineEvent::Failed { generation, error } if generation == self.generation => {
-                if self.running.is_some() {
-                    self.on_failure(ctx, error);
-                }
+            PipelineEvent::Failed { generation, error }
+                if generation == self.generation && self.running.is_some() =>
+            {
+                self.on_failure(ctx, error);
             }
             PipelineEvent::Finished { generation } if generation == self.generation => {
                 if let Some(running) = self.running.take() {
@@ -219,7 +246,10 @@ impl Handler<Shutdown> for PipelineSupervisor {
 
 /// Per-stage metrics in graph order: source, operators, sink.
 pub(crate) fn stage_metrics(names: impl IntoIterator<Item = String>) -> Vec<Arc<StageMetrics>> {
-    names.into_iter().map(|n| Arc::new(StageMetrics::new(n))).collect()
+    names
+        .into_iter()
+        .map(|n| Arc::new(StageMetrics::new(n)))
+        .collect()
 }
 
 pub(crate) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {

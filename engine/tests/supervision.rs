@@ -1,8 +1,8 @@
 //! Engine behaviour that needs real actors: backpressure from a slow sink, and a panicking
 //! pipeline restarted by its supervisor while another pipeline keeps producing.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Float64Array, RecordBatch};
@@ -16,7 +16,11 @@ fn schema() -> SchemaRef {
 }
 
 fn batch(rows: usize) -> RecordBatch {
-    RecordBatch::try_new(schema(), vec![Arc::new(Float64Array::from(vec![1.0; rows]))]).expect("batch")
+    RecordBatch::try_new(
+        schema(),
+        vec![Arc::new(Float64Array::from(vec![1.0; rows]))],
+    )
+    .expect("batch")
 }
 
 /// Yields `remaining` batches (endless if `None`), then ends.
@@ -58,7 +62,8 @@ struct CountingSink {
 impl Sink for CountingSink {
     fn write_batch(&mut self, batch: &RecordBatch) -> weir_connectors::Result<()> {
         std::thread::sleep(self.delay);
-        self.rows.fetch_add(batch.num_rows() as u64, Ordering::SeqCst);
+        self.rows
+            .fetch_add(batch.num_rows() as u64, Ordering::SeqCst);
         Ok(())
     }
 
@@ -81,7 +86,11 @@ impl Operator for FlakyOperator {
         schema()
     }
 
-    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> weir_operators::Result<()> {
+    fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> weir_operators::Result<()> {
         assert!(!self.panics, "flaky operator panics on purpose");
         out.emit(batch);
         Ok(())
@@ -105,16 +114,29 @@ impl PipelineFactory for TestFactory {
     fn build(&self) -> weir_engine::Result<PipelineParts> {
         let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
         Ok(PipelineParts {
-            source: Box::new(TestSource { remaining: self.batches, rows: self.rows_per_batch }),
+            source: Box::new(TestSource {
+                remaining: self.batches,
+                rows: self.rows_per_batch,
+            }),
             watermark: None,
-            operators: vec![Box::new(FlakyOperator { panics: run <= self.panicking_runs })],
-            sink: Box::new(CountingSink { rows: Arc::clone(&self.sink_rows), delay: self.sink_delay }),
+            operators: vec![Box::new(FlakyOperator {
+                panics: run <= self.panicking_runs,
+            })],
+            sink: Box::new(CountingSink {
+                rows: Arc::clone(&self.sink_rows),
+                delay: self.sink_delay,
+            }),
             dead_letters: DeadLetterQueue::default(),
         })
     }
 }
 
-fn factory(batches: Option<usize>, rows: usize, delay: Duration, panicking_runs: u32) -> (Arc<TestFactory>, Arc<AtomicU64>, Arc<AtomicU32>) {
+fn factory(
+    batches: Option<usize>,
+    rows: usize,
+    delay: Duration,
+    panicking_runs: u32,
+) -> (Arc<TestFactory>, Arc<AtomicU64>, Arc<AtomicU32>) {
     let sink_rows = Arc::new(AtomicU64::new(0));
     let runs = Arc::new(AtomicU32::new(0));
     let factory = Arc::new(TestFactory {
@@ -130,7 +152,10 @@ fn factory(batches: Option<usize>, rows: usize, delay: Duration, panicking_runs:
 
 fn system() -> actix_rt::SystemRunner {
     actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime")
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
     })
 }
 
@@ -146,7 +171,10 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 #[test]
 fn a_panicking_pipeline_is_restarted_while_another_keeps_producing() {
     system().block_on(async {
-        let options = EngineOptions { initial_backoff: Duration::from_millis(20), ..EngineOptions::default() };
+        let options = EngineOptions {
+            initial_backoff: Duration::from_millis(20),
+            ..EngineOptions::default()
+        };
         let engine = Engine::new(options);
         let (flaky, flaky_rows, flaky_runs) = factory(Some(50), 10, Duration::ZERO, 2);
         let (steady, steady_rows, steady_runs) = factory(None, 10, Duration::ZERO, 0);
@@ -156,14 +184,32 @@ fn a_panicking_pipeline_is_restarted_while_another_keeps_producing() {
         // The healthy pipeline keeps producing while the other one panics and restarts.
         let state = flaky_handle.wait().await;
         assert_eq!(state, PipelineState::Finished);
-        assert_eq!(flaky_runs.load(Ordering::SeqCst), 3, "two panicking runs, then one good run");
+        assert_eq!(
+            flaky_runs.load(Ordering::SeqCst),
+            3,
+            "two panicking runs, then one good run"
+        );
         assert_eq!(flaky_handle.metrics.snapshot().restarts, 2);
-        assert_eq!(flaky_rows.load(Ordering::SeqCst), 500, "the good run delivers every row");
+        assert_eq!(
+            flaky_rows.load(Ordering::SeqCst),
+            500,
+            "the good run delivers every row"
+        );
 
         let before = steady_rows.load(Ordering::SeqCst);
-        assert!(before > 0, "the steady pipeline produced while the flaky one restarted");
-        eventually("the steady pipeline to keep producing", || steady_rows.load(Ordering::SeqCst) > before).await;
-        assert_eq!(steady_runs.load(Ordering::SeqCst), 1, "the steady pipeline was never restarted");
+        assert!(
+            before > 0,
+            "the steady pipeline produced while the flaky one restarted"
+        );
+        eventually("the steady pipeline to keep producing", || {
+            steady_rows.load(Ordering::SeqCst) > before
+        })
+        .await;
+        assert_eq!(
+            steady_runs.load(Ordering::SeqCst),
+            1,
+            "the steady pipeline was never restarted"
+        );
         assert_eq!(*steady_handle.state.borrow(), PipelineState::Running);
         engine.shutdown().await;
     });
@@ -179,10 +225,19 @@ fn a_pipeline_that_keeps_failing_stops_after_its_restart_budget() {
         };
         let engine = Engine::new(options);
         let (always, _, runs) = factory(Some(5), 1, Duration::ZERO, u32::MAX);
-        let mut handle = engine.start("always-panics".into(), always).expect("starts");
+        let mut handle = engine
+            .start("always-panics".into(), always)
+            .expect("starts");
         let state = handle.wait().await;
-        assert!(matches!(&state, PipelineState::Failed(reason) if reason.contains("panicked")), "{state:?}");
-        assert_eq!(runs.load(Ordering::SeqCst), 4, "the first run and three restarts");
+        assert!(
+            matches!(&state, PipelineState::Failed(reason) if reason.contains("panicked")),
+            "{state:?}"
+        );
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            4,
+            "the first run and three restarts"
+        );
         engine.shutdown().await;
     });
 }
@@ -190,11 +245,20 @@ fn a_pipeline_that_keeps_failing_stops_after_its_restart_budget() {
 #[test]
 fn a_slow_sink_slows_the_source_instead_of_growing_memory() {
     system().block_on(async {
-        let options = EngineOptions { in_flight: 4, workers: 4, ..EngineOptions::default() };
+        let options = EngineOptions {
+            in_flight: 4,
+            workers: 4,
+            ..EngineOptions::default()
+        };
         let engine = Engine::new(options);
         let (endless, sink_rows, _) = factory(None, 1000, Duration::from_millis(2), 0);
-        let handle = engine.start("backpressure".into(), endless).expect("starts");
-        eventually("the sink to take 200 batches", || sink_rows.load(Ordering::SeqCst) >= 200 * 1000).await;
+        let handle = engine
+            .start("backpressure".into(), endless)
+            .expect("starts");
+        eventually("the sink to take 200 batches", || {
+            sink_rows.load(Ordering::SeqCst) >= 200 * 1000
+        })
+        .await;
         let snapshot = handle.metrics.snapshot();
         let produced = snapshot.stages[0].batches_out;
         let consumed = snapshot.stages[2].batches_in;
@@ -233,8 +297,11 @@ impl Source for QuietSource {
                 std::future::pending::<()>().await;
             }
             self.sent = true;
-            let times = arrow::array::TimestampNanosecondArray::from(vec![0, 5_000_000, 10_000_000]);
-            Ok(SourceEvent::Batch(RecordBatch::try_new(time_schema(), vec![Arc::new(times)]).expect("batch")))
+            let times =
+                arrow::array::TimestampNanosecondArray::from(vec![0, 5_000_000, 10_000_000]);
+            Ok(SourceEvent::Batch(
+                RecordBatch::try_new(time_schema(), vec![Arc::new(times)]).expect("batch"),
+            ))
         })
     }
 }
@@ -253,12 +320,20 @@ impl Operator for WatermarkProbe {
         time_schema()
     }
 
-    fn process_batch(&mut self, batch: RecordBatch, out: &mut Collector) -> weir_operators::Result<()> {
+    fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> weir_operators::Result<()> {
         out.emit(batch);
         Ok(())
     }
 
-    fn on_watermark(&mut self, watermark: weir_operators::Watermark, _: &mut Collector) -> weir_operators::Result<()> {
+    fn on_watermark(
+        &mut self,
+        watermark: weir_operators::Watermark,
+        _: &mut Collector,
+    ) -> weir_operators::Result<()> {
         self.seen.fetch_max(watermark.0, Ordering::SeqCst);
         Ok(())
     }
@@ -276,9 +351,17 @@ impl PipelineFactory for QuietFactory {
     fn build(&self) -> weir_engine::Result<PipelineParts> {
         Ok(PipelineParts {
             source: Box::new(QuietSource { sent: false }),
-            watermark: Some(weir_engine::WatermarkRule { column: 0, delay_ns: 2_000_000 }),
-            operators: vec![Box::new(WatermarkProbe { seen: Arc::clone(&self.seen) })],
-            sink: Box::new(CountingSink { rows: Arc::new(AtomicU64::new(0)), delay: Duration::ZERO }),
+            watermark: Some(weir_engine::WatermarkRule {
+                column: 0,
+                delay_ns: 2_000_000,
+            }),
+            operators: vec![Box::new(WatermarkProbe {
+                seen: Arc::clone(&self.seen),
+            })],
+            sink: Box::new(CountingSink {
+                rows: Arc::new(AtomicU64::new(0)),
+                delay: Duration::ZERO,
+            }),
             dead_letters: DeadLetterQueue::default(),
         })
     }
@@ -287,12 +370,25 @@ impl PipelineFactory for QuietFactory {
 #[test]
 fn an_idle_source_advances_its_watermark_by_the_wall_clock() {
     system().block_on(async {
-        let options = EngineOptions { idle_timeout: Duration::from_millis(50), ..EngineOptions::default() };
+        let options = EngineOptions {
+            idle_timeout: Duration::from_millis(50),
+            ..EngineOptions::default()
+        };
         let engine = Engine::new(options);
         let seen = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
-        let _handle = engine.start("quiet".into(), Arc::new(QuietFactory { seen: Arc::clone(&seen) })).expect("starts");
+        let _handle = engine
+            .start(
+                "quiet".into(),
+                Arc::new(QuietFactory {
+                    seen: Arc::clone(&seen),
+                }),
+            )
+            .expect("starts");
         // First from the data: max event time 10 ms minus the 2 ms delay.
-        eventually("the data watermark", || seen.load(Ordering::SeqCst) >= 8_000_000).await;
+        eventually("the data watermark", || {
+            seen.load(Ordering::SeqCst) >= 8_000_000
+        })
+        .await;
         // Then, with no more data, event time follows the wall clock past the last row.
         eventually("the idle watermark to pass 200 ms of event time", || {
             seen.load(Ordering::SeqCst) > 200_000_000

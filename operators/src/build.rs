@@ -9,13 +9,13 @@ use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext
 use datafusion::physical_expr::aggregate::LoweredAggregateBuilder;
 use weir_proto::plan::{self, aggregate_output, operator_node, window_aggregate};
 
+use crate::Operator;
 use crate::detect::{self, DetectorOperator};
 use crate::error::{OperatorError, Result};
 use crate::expr::ExprDecoder;
 use crate::filter::FilterOperator;
 use crate::project::ProjectOperator;
 use crate::window::{AggregateCall, OutputColumn, WindowAggregate, WindowKind};
-use crate::Operator;
 
 /// Builds the operator described by `node`. Fails only for plans this build cannot run
 /// (unknown function or detector, malformed bytes), never because of data.
@@ -43,9 +43,13 @@ pub fn build(node: &plan::OperatorNode, decoder: &ExprDecoder) -> Result<Box<dyn
         operator_node::Kind::WindowAggregate(window) => {
             Box::new(build_window(window, &input, output_schema, decoder)?)
         }
-        operator_node::Kind::Detector(detector) => {
-            Box::new(build_detector(&node.id, detector, &input, output_schema, decoder)?)
-        }
+        operator_node::Kind::Detector(detector) => Box::new(build_detector(
+            &node.id,
+            detector,
+            &input,
+            output_schema,
+            decoder,
+        )?),
     })
 }
 
@@ -59,9 +63,10 @@ fn build_window(
         Some(window_aggregate::Window::Tumble(plan::Tumble { size_ns })) => {
             WindowKind::Tumble { size: size_ns }
         }
-        Some(window_aggregate::Window::Hop(plan::Hop { size_ns, slide_ns })) => {
-            WindowKind::Hop { size: size_ns, slide: slide_ns }
-        }
+        Some(window_aggregate::Window::Hop(plan::Hop { size_ns, slide_ns })) => WindowKind::Hop {
+            size: size_ns,
+            slide: slide_ns,
+        },
         None => return Err(OperatorError::plan("window aggregate without a window")),
     };
     let time_column = input

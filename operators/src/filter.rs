@@ -32,9 +32,15 @@ impl Operator for FilterOperator {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        let mask = self.predicate.evaluate(&batch)?.into_array(batch.num_rows())?;
+        let mask = self
+            .predicate
+            .evaluate(&batch)?
+            .into_array(batch.num_rows())?;
         let mask = mask.as_boolean_opt().ok_or_else(|| {
-            crate::OperatorError::plan(format!("filter predicate is {}, not boolean", mask.data_type()))
+            crate::OperatorError::plan(format!(
+                "filter predicate is {}, not boolean",
+                mask.data_type()
+            ))
         })?;
         if mask.true_count() == batch.num_rows() {
             out.emit(batch);
@@ -56,16 +62,30 @@ mod tests {
     #[test]
     fn keeps_true_rows_and_drops_false_and_null() {
         let input = schema("sensor:utf8, v:f64");
-        let predicate = binary(col("v", &input).expect("col"), BinaryOperator::Gt, lit(1.0), &input).expect("expr");
+        let predicate = binary(
+            col("v", &input).expect("col"),
+            BinaryOperator::Gt,
+            lit(1.0),
+            &input,
+        )
+        .expect("expr");
         let mut filter = FilterOperator::new(predicate, Arc::clone(&input));
         let mut out = Collector::default();
         filter
-            .process_batch(batch(&input, r#"{"sensor":"a","v":0.5}
+            .process_batch(
+                batch(
+                    &input,
+                    r#"{"sensor":"a","v":0.5}
                 {"sensor":"b","v":2.5}
                 {"sensor":"c","v":null}
-                {"sensor":"d","v":3.0}"#), &mut out)
+                {"sensor":"d","v":3.0}"#,
+                ),
+                &mut out,
+            )
             .expect("filter");
-        filter.process_batch(RecordBatch::new_empty(Arc::clone(&input)), &mut out).expect("empty");
+        filter
+            .process_batch(RecordBatch::new_empty(Arc::clone(&input)), &mut out)
+            .expect("empty");
         assert_eq!(
             pretty(out.batches()),
             "\

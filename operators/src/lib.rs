@@ -155,7 +155,10 @@ pub fn process_isolating(
             Ok(()) => {}
             Err(error @ (OperatorError::DataFusion(_) | OperatorError::Arrow(_))) => {
                 if batch.num_rows() <= 1 {
-                    rejected.push(RejectedRows { rows: batch, reason: error.to_string() });
+                    rejected.push(RejectedRows {
+                        rows: batch,
+                        reason: error.to_string(),
+                    });
                 } else {
                     let half = batch.num_rows() / 2;
                     // Pushed in reverse so the first half is processed first: order is kept.

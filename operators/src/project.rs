@@ -38,7 +38,11 @@ impl Operator for ProjectOperator {
             .map(|expr| expr.evaluate(&batch)?.into_array(rows))
             .collect::<datafusion::error::Result<Vec<_>>>()?;
         let options = RecordBatchOptions::new().with_row_count(Some(rows));
-        out.emit(RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?);
+        out.emit(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            columns,
+            &options,
+        )?);
         Ok(())
     }
 }
@@ -54,13 +58,27 @@ mod tests {
     #[test]
     fn evaluates_each_expression_over_the_whole_batch() {
         let input = schema("a:f64, b:f64");
-        let sum = binary(col("a", &input).expect("col"), BinaryOperator::Plus, col("b", &input).expect("col"), &input)
-            .expect("expr");
-        let mut project = ProjectOperator::new(vec![col("b", &input).expect("col"), sum], schema("b:f64, total:f64"));
+        let sum = binary(
+            col("a", &input).expect("col"),
+            BinaryOperator::Plus,
+            col("b", &input).expect("col"),
+            &input,
+        )
+        .expect("expr");
+        let mut project = ProjectOperator::new(
+            vec![col("b", &input).expect("col"), sum],
+            schema("b:f64, total:f64"),
+        );
         let mut out = Collector::default();
         project
-            .process_batch(batch(&input, r#"{"a":1.0,"b":2.0}
-                {"a":null,"b":3.0}"#), &mut out)
+            .process_batch(
+                batch(
+                    &input,
+                    r#"{"a":1.0,"b":2.0}
+                {"a":null,"b":3.0}"#,
+                ),
+                &mut out,
+            )
             .expect("project");
         assert_eq!(
             pretty(out.batches()),

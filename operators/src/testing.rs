@@ -48,5 +48,7 @@ pub fn batch(schema: &SchemaRef, json_lines: &str) -> RecordBatch {
 
 /// The batches as an aligned text table, for assertions that read like the data.
 pub fn pretty(batches: &[RecordBatch]) -> String {
-    pretty_format_batches(batches).expect("printable").to_string()
+    pretty_format_batches(batches)
+        .expect("printable")
+        .to_string()
 }

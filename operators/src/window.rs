@@ -23,9 +23,9 @@ use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use arrow::row::{RowConverter, Rows, SortField};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
-use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
-use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::GroupsAccumulatorAdapter;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{OperatorError, Result};
@@ -50,9 +50,9 @@ impl WindowKind {
             WindowKind::Tumble { size } if size <= 0 => {
                 Err(OperatorError::plan("window size must be positive"))
             }
-            WindowKind::Hop { size, slide } if size <= 0 || slide <= 0 => {
-                Err(OperatorError::plan("window size and slide must be positive"))
-            }
+            WindowKind::Hop { size, slide } if size <= 0 || slide <= 0 => Err(OperatorError::plan(
+                "window size and slide must be positive",
+            )),
             WindowKind::Hop { size, slide } if slide > size => Err(OperatorError::plan(
                 "hop slide must not exceed the window size",
             )),
@@ -228,7 +228,12 @@ impl WindowAggregate {
         start.saturating_add(self.kind.size()) <= self.watermark.0
     }
 
-    fn emit_window(&self, start: EventTime, mut window: OpenWindow, out: &mut Collector) -> Result<()> {
+    fn emit_window(
+        &self,
+        start: EventTime,
+        mut window: OpenWindow,
+        out: &mut Collector,
+    ) -> Result<()> {
         let groups = window.group_count();
         if groups == 0 {
             return Ok(());
@@ -272,7 +277,10 @@ impl WindowAggregate {
             let window = self.open_window()?;
             self.open.insert(start, window);
         }
-        let window = self.open.get_mut(&start).ok_or_else(|| OperatorError::plan("window vanished"))?;
+        let window = self
+            .open
+            .get_mut(&start)
+            .ok_or_else(|| OperatorError::plan("window vanished"))?;
         self.group_indices.clear();
         self.group_indices.resize(times.len(), 0);
         let mut mask = Vec::with_capacity(times.len());
@@ -386,7 +394,13 @@ impl Operator for WindowAggregate {
                 .collect::<datafusion::error::Result<Vec<_>>>()?;
             inputs.push(values);
             let filter = match &call.filter {
-                Some(filter) => Some(filter.evaluate(&batch)?.into_array(rows)?.as_boolean().clone()),
+                Some(filter) => Some(
+                    filter
+                        .evaluate(&batch)?
+                        .into_array(rows)?
+                        .as_boolean()
+                        .clone(),
+                ),
                 None => None,
             };
             filters.push(filter);
@@ -394,12 +408,17 @@ impl Operator for WindowAggregate {
 
         for start in starts {
             let (mask, groups) = self.assign_groups(start, &times, &keys)?;
-            let window = self.open.get_mut(&start).ok_or_else(|| OperatorError::plan("window vanished"))?;
+            let window = self
+                .open
+                .get_mut(&start)
+                .ok_or_else(|| OperatorError::plan("window vanished"))?;
             for (i, accumulator) in window.accumulators.iter_mut().enumerate() {
                 let mask = and_masks(mask.clone(), filters[i].as_ref())?;
                 accumulator
                     .update_batch(&inputs[i], &self.group_indices, mask.as_ref(), groups)
-                    .map_err(|e| OperatorError::Internal(format!("aggregate update failed midway: {e}")))?;
+                    .map_err(|e| {
+                        OperatorError::Internal(format!("aggregate update failed midway: {e}"))
+                    })?;
             }
         }
         out.late_rows += late;
@@ -491,13 +510,14 @@ impl Operator for WindowAggregate {
                 return Err(OperatorError::Restore("window group count mismatch".into()));
             }
             let mut window = self.open_window()?;
-            let key_columns = batch
-                .columns()
-                .get(..key_count)
-                .ok_or_else(|| OperatorError::Restore("snapshot has fewer key columns than the plan".into()))?;
+            let key_columns = batch.columns().get(..key_count).ok_or_else(|| {
+                OperatorError::Restore("snapshot has fewer key columns than the plan".into())
+            })?;
             window.keys = self.converter.convert_columns(key_columns)?;
             for group in 0..groups {
-                window.index.insert(window.keys.row(group).as_ref().into(), group);
+                window
+                    .index
+                    .insert(window.keys.row(group).as_ref().into(), group);
             }
             let indices: Vec<usize> = (0..groups).collect();
             let mut offset = key_count;
@@ -561,20 +581,30 @@ mod tests {
 
     const SECOND: i64 = 1_000_000_000;
 
-    fn call(function: Arc<AggregateUDF>, column: &str, input: &SchemaRef, alias: &str) -> AggregateCall {
+    fn call(
+        function: Arc<AggregateUDF>,
+        column: &str,
+        input: &SchemaRef,
+        alias: &str,
+    ) -> AggregateCall {
         let arg = col(column, input).expect("column");
         let function = AggregateExprBuilder::new(function, vec![Arc::clone(&arg)])
             .schema(Arc::clone(input))
             .alias(alias)
             .build()
             .expect("aggregate");
-        AggregateCall { function: Arc::new(function), inputs: vec![arg], filter: None }
+        AggregateCall {
+            function: Arc::new(function),
+            inputs: vec![arg],
+            filter: None,
+        }
     }
 
     /// `sensor, window_start, window_end, sum(v), count(v), avg(v)` over `kind`.
     fn aggregate(kind: WindowKind) -> WindowAggregate {
         let input = schema("sensor:utf8, ts:ts!, v:f64");
-        let output = schema("sensor:utf8, window_start:ts!, window_end:ts!, total:f64, n:i64!, mean:f64");
+        let output =
+            schema("sensor:utf8, window_start:ts!, window_end:ts!, total:f64, n:i64!, mean:f64");
         WindowAggregate::try_new(
             kind,
             &input,
@@ -614,13 +644,20 @@ mod tests {
     fn tumbling_window_is_emitted_only_when_the_watermark_passes_its_end() {
         let mut op = aggregate(WindowKind::Tumble { size: SECOND });
         let mut out = Collector::default();
-        feed(&mut op, r#"
+        feed(
+            &mut op,
+            r#"
             {"sensor":"a","ts":"1970-01-01T00:00:00.100Z","v":1.0}
             {"sensor":"b","ts":"1970-01-01T00:00:00.200Z","v":10.0}
             {"sensor":"a","ts":"1970-01-01T00:00:00.900Z","v":3.0}
-            {"sensor":"a","ts":"1970-01-01T00:00:01.100Z","v":7.0}"#, &mut out);
+            {"sensor":"a","ts":"1970-01-01T00:00:01.100Z","v":7.0}"#,
+            &mut out,
+        );
         op.on_watermark(at(0.999), &mut out).expect("watermark");
-        assert!(out.batches().is_empty(), "window [0s, 1s) must stay open before the watermark reaches 1s");
+        assert!(
+            out.batches().is_empty(),
+            "window [0s, 1s) must stay open before the watermark reaches 1s"
+        );
         op.on_watermark(at(1.0), &mut out).expect("watermark");
         assert_eq!(
             pretty(&out.take_batches()),
@@ -632,27 +669,53 @@ mod tests {
 | b      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 10.0  | 1 | 10.0 |
 +--------+---------------------+---------------------+-------+---+------+"
         );
-        op.on_watermark(Watermark::END, &mut out).expect("watermark");
-        assert!(pretty(&out.take_batches()).contains("| a      | 1970-01-01T00:00:01 | 1970-01-01T00:00:02 | 7.0   | 1 | 7.0  |"));
+        op.on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
+        assert!(
+            pretty(&out.take_batches()).contains(
+                "| a      | 1970-01-01T00:00:01 | 1970-01-01T00:00:02 | 7.0   | 1 | 7.0  |"
+            )
+        );
     }
 
     #[test]
     fn out_of_order_rows_within_the_delay_count_and_late_rows_are_dropped() {
         let mut op = aggregate(WindowKind::Tumble { size: SECOND });
         let mut out = Collector::default();
-        feed(&mut op, r#"{"sensor":"a","ts":"1970-01-01T00:00:01.500Z","v":1.0}"#, &mut out);
+        feed(
+            &mut op,
+            r#"{"sensor":"a","ts":"1970-01-01T00:00:01.500Z","v":1.0}"#,
+            &mut out,
+        );
         op.on_watermark(at(0.5), &mut out).expect("watermark");
         // Older than the latest row, but its window [0s, 1s) is still open: accepted.
-        feed(&mut op, r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#, &mut out);
+        feed(
+            &mut op,
+            r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#,
+            &mut out,
+        );
         op.on_watermark(at(1.2), &mut out).expect("watermark");
         assert_eq!(out.late_rows, 0);
         // Window [0s, 1s) has been emitted: this row is late.
-        feed(&mut op, r#"{"sensor":"a","ts":"1970-01-01T00:00:00.300Z","v":100.0}"#, &mut out);
+        feed(
+            &mut op,
+            r#"{"sensor":"a","ts":"1970-01-01T00:00:00.300Z","v":100.0}"#,
+            &mut out,
+        );
         assert_eq!(out.late_rows, 1);
-        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        op.on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
         let text = pretty(&out.take_batches());
-        assert!(text.contains("| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 2.0   | 1 | 2.0  |"), "{text}");
-        assert!(!text.contains("100"), "the late row must not be aggregated: {text}");
+        assert!(
+            text.contains(
+                "| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 2.0   | 1 | 2.0  |"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("100"),
+            "the late row must not be aggregated: {text}"
+        );
     }
 
     #[test]
@@ -663,14 +726,25 @@ mod tests {
         let nan_batch = RecordBatch::try_new(
             Arc::clone(&input),
             vec![
-                Arc::new(arrow::array::StringArray::from(vec![Some("a"), Some("a"), None, Some("b")])),
+                Arc::new(arrow::array::StringArray::from(vec![
+                    Some("a"),
+                    Some("a"),
+                    None,
+                    Some("b"),
+                ])),
                 Arc::new(TimestampNanosecondArray::from(vec![1, 2, 3, 4])),
-                Arc::new(arrow::array::Float64Array::from(vec![Some(1.0), None, Some(5.0), Some(f64::NAN)])),
+                Arc::new(arrow::array::Float64Array::from(vec![
+                    Some(1.0),
+                    None,
+                    Some(5.0),
+                    Some(f64::NAN),
+                ])),
             ],
         )
         .expect("batch");
         op.process_batch(nan_batch, &mut out).expect("process");
-        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        op.on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
         assert_eq!(
             pretty(&out.take_batches()),
             "\
@@ -699,23 +773,40 @@ mod tests {
         )
         .expect("batch");
         op.process_batch(with_null_time, &mut out).expect("process");
-        op.process_batch(RecordBatch::new_empty(schema("sensor:utf8, ts:ts!, v:f64")), &mut out).expect("empty");
+        op.process_batch(
+            RecordBatch::new_empty(schema("sensor:utf8, ts:ts!, v:f64")),
+            &mut out,
+        )
+        .expect("empty");
         assert_eq!(out.invalid_rows, 1);
-        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        op.on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
         let batches = out.take_batches();
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].num_rows(), 1);
-        assert!(pretty(&batches).contains("| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 2.0   | 1 | 2.0  |"));
+        assert!(
+            pretty(&batches).contains(
+                "| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 2.0   | 1 | 2.0  |"
+            )
+        );
     }
 
     #[test]
     fn hopping_windows_count_a_row_in_every_window_that_contains_it() {
-        let mut op = aggregate(WindowKind::Hop { size: 2 * SECOND, slide: SECOND });
+        let mut op = aggregate(WindowKind::Hop {
+            size: 2 * SECOND,
+            slide: SECOND,
+        });
         let mut out = Collector::default();
-        feed(&mut op, r#"
+        feed(
+            &mut op,
+            r#"
             {"sensor":"a","ts":"1970-01-01T00:00:00.500Z","v":1.0}
-            {"sensor":"a","ts":"1970-01-01T00:00:01.500Z","v":2.0}"#, &mut out);
-        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+            {"sensor":"a","ts":"1970-01-01T00:00:01.500Z","v":2.0}"#,
+            &mut out,
+        );
+        op.on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
         assert_eq!(
             pretty(&out.take_batches()),
             "\
@@ -733,23 +824,46 @@ mod tests {
     fn snapshot_and_restore_keep_open_windows() {
         let mut op = aggregate(WindowKind::Tumble { size: SECOND });
         let mut out = Collector::default();
-        feed(&mut op, r#"
+        feed(
+            &mut op,
+            r#"
             {"sensor":"a","ts":"1970-01-01T00:00:00.100Z","v":1.0}
-            {"sensor":"b","ts":"1970-01-01T00:00:01.100Z","v":4.0}"#, &mut out);
+            {"sensor":"b","ts":"1970-01-01T00:00:01.100Z","v":4.0}"#,
+            &mut out,
+        );
         op.on_watermark(at(0.5), &mut out).expect("watermark");
         let state = op.snapshot().expect("snapshot");
         // The snapshot must not disturb the original either.
-        feed(&mut op, r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#, &mut out);
-        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        feed(
+            &mut op,
+            r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#,
+            &mut out,
+        );
+        op.on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
         let original = pretty(&out.take_batches());
 
         let mut restored = aggregate(WindowKind::Tumble { size: SECOND });
         restored.restore(&state).expect("restore");
-        feed(&mut restored, r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#, &mut out);
-        restored.on_watermark(Watermark::END, &mut out).expect("watermark");
+        feed(
+            &mut restored,
+            r#"{"sensor":"a","ts":"1970-01-01T00:00:00.200Z","v":2.0}"#,
+            &mut out,
+        );
+        restored
+            .on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
         assert_eq!(pretty(&out.take_batches()), original);
-        assert!(original.contains("| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 3.0   | 2 | 1.5  |"), "{original}");
-        assert!(restored.restore(&state[..state.len() / 2]).is_err(), "a truncated snapshot is refused");
+        assert!(
+            original.contains(
+                "| a      | 1970-01-01T00:00:00 | 1970-01-01T00:00:01 | 3.0   | 2 | 1.5  |"
+            ),
+            "{original}"
+        );
+        assert!(
+            restored.restore(&state[..state.len() / 2]).is_err(),
+            "a truncated snapshot is refused"
+        );
     }
 
     #[test]
@@ -776,8 +890,12 @@ mod tests {
         )
         .expect("batch");
         op.process_batch(extreme, &mut out).expect("process");
-        assert_eq!(out.invalid_rows, 1, "a time whose window start cannot be represented is invalid");
-        op.on_watermark(Watermark::END, &mut out).expect("watermark");
+        assert_eq!(
+            out.invalid_rows, 1,
+            "a time whose window start cannot be represented is invalid"
+        );
+        op.on_watermark(Watermark::END, &mut out)
+            .expect("watermark");
         assert_eq!(
             pretty(&out.take_batches()),
             "\
@@ -792,9 +910,38 @@ mod tests {
     #[test]
     fn zero_length_and_inverted_windows_are_refused() {
         assert!(WindowKind::Tumble { size: 0 }.validate().is_err());
-        assert!(WindowKind::Hop { size: SECOND, slide: 0 }.validate().is_err());
-        assert!(WindowKind::Hop { size: SECOND, slide: 2 * SECOND }.validate().is_err());
-        assert!(WindowKind::Hop { size: 2 * SECOND, slide: SECOND }.validate().is_ok());
-        assert!(WindowKind::Hop { size: 86_400 * SECOND, slide: 1_000_000 }.validate().is_err(), "too many overlaps");
+        assert!(
+            WindowKind::Hop {
+                size: SECOND,
+                slide: 0
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            WindowKind::Hop {
+                size: SECOND,
+                slide: 2 * SECOND
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            WindowKind::Hop {
+                size: 2 * SECOND,
+                slide: SECOND
+            }
+            .validate()
+            .is_ok()
+        );
+        assert!(
+            WindowKind::Hop {
+                size: 86_400 * SECOND,
+                slide: 1_000_000
+            }
+            .validate()
+            .is_err(),
+            "too many overlaps"
+        );
     }
 }

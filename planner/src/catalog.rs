@@ -28,7 +28,11 @@ impl Catalog {
         // TEXT columns are plain Utf8 end to end: decoders build them, sinks write them, and
         // one string type keeps every connector simple.
         options.sql_parser.map_string_types_to_utf8view = false;
-        Self { state, options, tables: HashMap::new() }
+        Self {
+            state,
+            options,
+            tables: HashMap::new(),
+        }
     }
 
     pub fn add_table(&mut self, name: &str, schema: SchemaRef) {
@@ -36,7 +40,10 @@ impl Catalog {
     }
 
     pub fn table_names(&self) -> impl Iterator<Item = &str> {
-        self.tables.keys().map(String::as_str).filter(|n| !n.starts_with("__weir"))
+        self.tables
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !n.starts_with("__weir"))
     }
 
     pub fn options(&self) -> &ConfigOptions {
@@ -45,7 +52,10 @@ impl Catalog {
 }
 
 impl ContextProvider for Catalog {
-    fn get_table_source(&self, name: TableReference) -> datafusion::error::Result<Arc<dyn TableSource>> {
+    fn get_table_source(
+        &self,
+        name: TableReference,
+    ) -> datafusion::error::Result<Arc<dyn TableSource>> {
         match self.tables.get(name.table()) {
             Some(schema) => Ok(Arc::new(LogicalTableSource::new(Arc::clone(schema)))),
             None => plan_err!("unknown source '{}'", name.table()),
@@ -93,7 +103,11 @@ impl ContextProvider for Catalog {
     }
 
     fn higher_order_function_names(&self) -> Vec<String> {
-        self.state.higher_order_functions().keys().cloned().collect()
+        self.state
+            .higher_order_functions()
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn udaf_names(&self) -> Vec<String> {

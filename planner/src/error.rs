@@ -17,7 +17,11 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(position: Position, message: impl Into<String>) -> Self {
-        Self { position, message: message.into(), hint: None }
+        Self {
+            position,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     pub fn with_message(mut self, message: impl Into<String>) -> Self {
@@ -69,7 +73,9 @@ impl PlanError {
 
 impl From<Diagnostic> for PlanError {
     fn from(diagnostic: Diagnostic) -> Self {
-        Self { diagnostics: vec![diagnostic] }
+        Self {
+            diagnostics: vec![diagnostic],
+        }
     }
 }
 

@@ -26,7 +26,12 @@ pub fn explain(plan: &PipelinePlan) -> String {
         let _ = writeln!(out, "    schema: {}", schema_text(&decoder, &source.schema));
         match &source.watermark {
             Some(rule) => {
-                let _ = writeln!(out, "    watermark: {} (delay {})", rule.display, duration(rule.delay_ns));
+                let _ = writeln!(
+                    out,
+                    "    watermark: {} (delay {})",
+                    rule.display,
+                    duration(rule.delay_ns)
+                );
             }
             None => {
                 let _ = writeln!(out, "    watermark: none (processing order only)");
@@ -49,9 +54,15 @@ pub fn explain(plan: &PipelinePlan) -> String {
             }
             Some(operator_node::Kind::WindowAggregate(w)) => {
                 let window = match &w.window {
-                    Some(window_aggregate::Window::Tumble(t)) => format!("TUMBLE(size {})", duration(t.size_ns)),
+                    Some(window_aggregate::Window::Tumble(t)) => {
+                        format!("TUMBLE(size {})", duration(t.size_ns))
+                    }
                     Some(window_aggregate::Window::Hop(h)) => {
-                        format!("HOP(slide {}, size {})", duration(h.slide_ns), duration(h.size_ns))
+                        format!(
+                            "HOP(slide {}, size {})",
+                            duration(h.slide_ns),
+                            duration(h.size_ns)
+                        )
                     }
                     None => "<no window>".to_string(),
                 };
@@ -61,15 +72,22 @@ pub fn explain(plan: &PipelinePlan) -> String {
                 for output in &w.outputs {
                     match &output.kind {
                         Some(aggregate_output::Kind::Key(k)) => keys.push(expr(k)),
-                        Some(aggregate_output::Kind::WindowStart(_)) => keys.push("window_start".into()),
-                        Some(aggregate_output::Kind::WindowEnd(_)) => keys.push("window_end".into()),
+                        Some(aggregate_output::Kind::WindowStart(_)) => {
+                            keys.push("window_start".into())
+                        }
+                        Some(aggregate_output::Kind::WindowEnd(_)) => {
+                            keys.push("window_end".into())
+                        }
                         Some(aggregate_output::Kind::Aggregate(a)) => aggregates.push(expr(a)),
                         None => {}
                     }
                 }
                 let _ = writeln!(out, "      group by: {}", keys.join(", "));
                 let _ = writeln!(out, "      aggregates: {}", aggregates.join(", "));
-                let _ = writeln!(out, "      emits a window when the watermark passes its end");
+                let _ = writeln!(
+                    out,
+                    "      emits a window when the watermark passes its end"
+                );
             }
             Some(operator_node::Kind::Detector(d)) => {
                 let args: Vec<String> = d.args.iter().map(|a| expr(a)).collect();
@@ -79,7 +97,11 @@ pub fn explain(plan: &PipelinePlan) -> String {
                     " {}({}) PER {} AS {}",
                     d.kind,
                     args.join(", "),
-                    if keys.is_empty() { "<all rows>".to_string() } else { keys.join(", ") },
+                    if keys.is_empty() {
+                        "<all rows>".to_string()
+                    } else {
+                        keys.join(", ")
+                    },
                     d.output_name
                 );
             }
@@ -87,7 +109,11 @@ pub fn explain(plan: &PipelinePlan) -> String {
                 let _ = writeln!(out, " <unknown operator>");
             }
         }
-        let _ = writeln!(out, "      output: {}", schema_text(&decoder, &node.output_schema));
+        let _ = writeln!(
+            out,
+            "      output: {}",
+            schema_text(&decoder, &node.output_schema)
+        );
     }
     if let Some(sink) = &plan.sink {
         let connector = sink.connector.as_ref();
@@ -131,9 +157,20 @@ pub fn duration(ns: i64) -> String {
     if ns == 0 {
         return "0s".into();
     }
-    let units = [("h", 3_600_000_000_000i64), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1_000), ("ns", 1)];
+    let units = [
+        ("h", 3_600_000_000_000i64),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+        ("ns", 1),
+    ];
     let mut rest = ns.unsigned_abs() as i128;
-    let mut text = if ns < 0 { "-".to_string() } else { String::new() };
+    let mut text = if ns < 0 {
+        "-".to_string()
+    } else {
+        String::new()
+    };
     for (unit, size) in units {
         let size = size as i128;
         if rest >= size {

@@ -94,8 +94,13 @@ pub fn compile(sql: &str) -> Result<Compiled> {
     }
     if pipelines.is_empty() && diagnostics.is_empty() {
         diagnostics.push(
-            Diagnostic::new(Position { line: 1, column: 1 }, "no CREATE PIPELINE in this file")
-                .with_hint("a pipeline reads: CREATE PIPELINE name AS INSERT INTO sink SELECT ... FROM source"),
+            Diagnostic::new(
+                Position { line: 1, column: 1 },
+                "no CREATE PIPELINE in this file",
+            )
+            .with_hint(
+                "a pipeline reads: CREATE PIPELINE name AS INSERT INTO sink SELECT ... FROM source",
+            ),
         );
     }
     if diagnostics.is_empty() {
@@ -124,16 +129,31 @@ struct Compiler {
 }
 
 fn normalize(ident: &Ident) -> String {
-    if ident.quote_style.is_some() { ident.value.clone() } else { ident.value.to_ascii_lowercase() }
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_ascii_lowercase()
+    }
 }
 
-fn span_position(span: datafusion::sql::sqlparser::tokenizer::Span, fallback: Position) -> Position {
-    if span.start.line == 0 { fallback } else { parse::position(span.start) }
+fn span_position(
+    span: datafusion::sql::sqlparser::tokenizer::Span,
+    fallback: Position,
+) -> Position {
+    if span.start.line == 0 {
+        fallback
+    } else {
+        parse::position(span.start)
+    }
 }
 
 impl Compiler {
     fn new() -> Self {
-        Self { catalog: Catalog::new(), sources: HashMap::new(), sinks: HashMap::new() }
+        Self {
+            catalog: Catalog::new(),
+            sources: HashMap::new(),
+            sinks: HashMap::new(),
+        }
     }
 
     fn planner(&self) -> SqlToRel<'_, Catalog> {
@@ -143,7 +163,10 @@ impl Compiler {
     fn add_source(&mut self, source: &SourceDecl) -> std::result::Result<(), Diagnostic> {
         let name = source.name.to_ascii_lowercase();
         if self.sources.contains_key(&name) || self.sinks.contains_key(&name) {
-            return Err(Diagnostic::new(source.position, format!("'{name}' is declared twice")));
+            return Err(Diagnostic::new(
+                source.position,
+                format!("'{name}' is declared twice"),
+            ));
         }
         let schema = self
             .planner()
@@ -156,15 +179,25 @@ impl Compiler {
                 let column = normalize(&decl.column);
                 let at = span_position(decl.column.span, decl.position);
                 let Some(field) = fields.iter_mut().find(|f| f.name() == &column) else {
-                    return Err(unknown_column(at, &column, schema.fields().iter().map(|f| f.name().as_str())));
+                    return Err(unknown_column(
+                        at,
+                        &column,
+                        schema.fields().iter().map(|f| f.name().as_str()),
+                    ));
                 };
                 if !matches!(field.data_type(), DataType::Timestamp(_, _)) {
-                    return Err(Diagnostic::new(at, format!(
-                        "watermark column '{column}' is {}, not a TIMESTAMP", field.data_type()
-                    )));
+                    return Err(Diagnostic::new(
+                        at,
+                        format!(
+                            "watermark column '{column}' is {}, not a TIMESTAMP",
+                            field.data_type()
+                        ),
+                    ));
                 }
                 // Event time is always nanoseconds internally; connectors convert on the way in.
-                *field = field.clone().with_data_type(DataType::Timestamp(TimeUnit::Nanosecond, None));
+                *field = field
+                    .clone()
+                    .with_data_type(DataType::Timestamp(TimeUnit::Nanosecond, None));
                 let delay_ns = self.watermark_delay(&column, &decl.expr, decl.position)?;
                 Some(plan::WatermarkRule {
                     column,
@@ -184,27 +217,57 @@ impl Compiler {
             .map_err(|e| datafusion_diagnostic(e, source.position, None))?;
         // Registered before the connector check so that pipelines reading this source are
         // still checked, instead of failing with a misleading "unknown source".
-        self.catalog.add_table(&name, Arc::new(arrow_schema.clone()));
-        self.sources.insert(name, SourceEntry { schema: Arc::new(df_schema), watermark, connector });
-        weir_connectors::validate_source(&spec, &arrow_schema)
-            .map_err(|e| connector_diagnostic(e, &source.options, weir_connectors::registry::source_connectors()))
+        self.catalog
+            .add_table(&name, Arc::new(arrow_schema.clone()));
+        self.sources.insert(
+            name,
+            SourceEntry {
+                schema: Arc::new(df_schema),
+                watermark,
+                connector,
+            },
+        );
+        weir_connectors::validate_source(&spec, &arrow_schema).map_err(|e| {
+            connector_diagnostic(
+                e,
+                &source.options,
+                weir_connectors::registry::source_connectors(),
+            )
+        })
     }
 
-    fn watermark_delay(&self, column: &str, expr: &sql::Expr, at: Position) -> std::result::Result<i64, Diagnostic> {
+    fn watermark_delay(
+        &self,
+        column: &str,
+        expr: &sql::Expr,
+        at: Position,
+    ) -> std::result::Result<i64, Diagnostic> {
         let shape_error = || {
-            Diagnostic::new(span_position(expr.span(), at), "watermark must be the column or the column minus an interval")
-                .with_hint(format!("e.g. WATERMARK FOR {column} AS {column} - INTERVAL '2' SECOND"))
+            Diagnostic::new(
+                span_position(expr.span(), at),
+                "watermark must be the column or the column minus an interval",
+            )
+            .with_hint(format!(
+                "e.g. WATERMARK FOR {column} AS {column} - INTERVAL '2' SECOND"
+            ))
         };
         match expr {
             sql::Expr::Identifier(ident) if normalize(ident) == column => Ok(0),
-            sql::Expr::BinaryOp { left, op: sql::BinaryOperator::Minus, right } => {
+            sql::Expr::BinaryOp {
+                left,
+                op: sql::BinaryOperator::Minus,
+                right,
+            } => {
                 match left.as_ref() {
                     sql::Expr::Identifier(ident) if normalize(ident) == column => {}
                     _ => return Err(shape_error()),
                 }
                 let delay = self.interval_ns(right, at)?;
                 if delay < 0 {
-                    return Err(Diagnostic::new(span_position(right.span(), at), "watermark delay must not be negative"));
+                    return Err(Diagnostic::new(
+                        span_position(right.span(), at),
+                        "watermark delay must not be negative",
+                    ));
                 }
                 Ok(delay)
             }
@@ -213,7 +276,11 @@ impl Compiler {
     }
 
     /// Evaluates a constant interval such as `INTERVAL '1' SECOND` to nanoseconds.
-    fn interval_ns(&self, expr: &sql::Expr, fallback: Position) -> std::result::Result<i64, Diagnostic> {
+    fn interval_ns(
+        &self,
+        expr: &sql::Expr,
+        fallback: Position,
+    ) -> std::result::Result<i64, Diagnostic> {
         let at = span_position(expr.span(), fallback);
         let not_interval = || {
             Diagnostic::new(at, format!("expected a constant interval, found {expr}"))
@@ -238,7 +305,10 @@ impl Compiler {
                 .and_then(|d| d.checked_add(i64::from(v.milliseconds) * 1_000_000))
                 .ok_or_else(too_long),
             ScalarValue::IntervalMonthDayNano(Some(_)) | ScalarValue::IntervalYearMonth(_) => {
-                Err(Diagnostic::new(at, "months and years have no fixed length; use days or smaller units"))
+                Err(Diagnostic::new(
+                    at,
+                    "months and years have no fixed length; use days or smaller units",
+                ))
             }
             _ => Err(not_interval()),
         }
@@ -247,7 +317,10 @@ impl Compiler {
     fn add_sink(&mut self, sink: &SinkDecl) -> std::result::Result<(), Diagnostic> {
         let name = sink.name.to_ascii_lowercase();
         if self.sources.contains_key(&name) || self.sinks.contains_key(&name) {
-            return Err(Diagnostic::new(sink.position, format!("'{name}' is declared twice")));
+            return Err(Diagnostic::new(
+                sink.position,
+                format!("'{name}' is declared twice"),
+            ));
         }
         connector(&sink.options, sink.position, "sink")?;
         self.sinks.insert(
@@ -270,13 +343,22 @@ impl Compiler {
         let Some(sink) = self.sinks.get(&sink_name) else {
             let hint = nearest(&sink_name, self.sinks.keys().map(String::as_str))
                 .map(|n| format!("did you mean '{n}'?"))
-                .unwrap_or_else(|| format!("declare it first: CREATE SINK {sink_name} WITH (connector = 'stdout')"));
-            return Err(Diagnostic::new(sink_at, format!("unknown sink '{sink_name}'")).with_hint(hint));
+                .unwrap_or_else(|| {
+                    format!("declare it first: CREATE SINK {sink_name} WITH (connector = 'stdout')")
+                });
+            return Err(
+                Diagnostic::new(sink_at, format!("unknown sink '{sink_name}'")).with_hint(hint),
+            );
         };
 
         // TUMBLE(...) and HOP(...) in FROM become private views with window columns.
         let mut query = decl.query.clone();
-        let mut rewriter = WindowRewriter { compiler: self, windowed: HashMap::new(), error: None, fallback: decl.position };
+        let mut rewriter = WindowRewriter {
+            compiler: self,
+            windowed: HashMap::new(),
+            error: None,
+            fallback: decl.position,
+        };
         let _ = query.visit(&mut rewriter);
         if let Some(error) = rewriter.error {
             return Err(error);
@@ -289,7 +371,12 @@ impl Compiler {
         }
         for (view, window) in &windowed {
             let source = &self.sources[&window.source];
-            let mut fields: Vec<Field> = source.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            let mut fields: Vec<Field> = source
+                .schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
             let ts = DataType::Timestamp(TimeUnit::Nanosecond, None);
             fields.push(Field::new(WINDOW_START, ts.clone(), false));
             fields.push(Field::new(WINDOW_END, ts, false));
@@ -303,19 +390,27 @@ impl Compiler {
             .execute_and_check(logical, catalog.options(), |_, _| {})
             .map_err(|e| datafusion_diagnostic(e, decl.position, Some(&catalog)))?;
 
-        let sources: HashMap<String, Arc<DFSchema>> =
-            self.sources.iter().map(|(n, e)| (n.clone(), Arc::clone(&e.schema))).collect();
+        let sources: HashMap<String, Arc<DFSchema>> = self
+            .sources
+            .iter()
+            .map(|(n, e)| (n.clone(), Arc::clone(&e.schema)))
+            .collect();
         let group_by = match decl.query.body.as_ref() {
             sql::SetExpr::Select(select) => match &select.group_by {
-                sql::GroupByExpr::Expressions(exprs, _) => {
-                    exprs.first().map(|e| span_position(e.span(), decl.position))
-                }
+                sql::GroupByExpr::Expressions(exprs, _) => exprs
+                    .first()
+                    .map(|e| span_position(e.span(), decl.position)),
                 sql::GroupByExpr::All(_) => None,
             },
             _ => None,
         };
-        let chain = LowerContext { windowed: &windowed, sources: &sources, position: decl.position, group_by }
-            .lower(&logical)?;
+        let chain = LowerContext {
+            windowed: &windowed,
+            sources: &sources,
+            position: decl.position,
+            group_by,
+        }
+        .lower(&logical)?;
         let source = &self.sources[&chain.source];
 
         let sink_schema = chain.schema.as_arrow().clone();
@@ -325,8 +420,13 @@ impl Compiler {
             options: sink.options.values.clone(),
             event_time: None,
         };
-        weir_connectors::validate_sink(&spec, &sink_schema)
-            .map_err(|e| connector_diagnostic(e, &sink.options, weir_connectors::registry::sink_connectors()))?;
+        weir_connectors::validate_sink(&spec, &sink_schema).map_err(|e| {
+            connector_diagnostic(
+                e,
+                &sink.options,
+                weir_connectors::registry::sink_connectors(),
+            )
+        })?;
 
         let encode_schema = |schema: &DFSchema| {
             weir_operators::encode_schema(schema)
@@ -352,10 +452,17 @@ impl Compiler {
     }
 }
 
-fn connector(options: &Options, at: Position, what: &str) -> std::result::Result<plan::Connector, Diagnostic> {
+fn connector(
+    options: &Options,
+    at: Position,
+    what: &str,
+) -> std::result::Result<plan::Connector, Diagnostic> {
     let Some((name, _)) = &options.connector else {
-        return Err(Diagnostic::new(options.position.max(at), format!("the {what} names no connector"))
-            .with_hint("add connector = '...' to its WITH options"));
+        return Err(Diagnostic::new(
+            options.position.max(at),
+            format!("the {what} names no connector"),
+        )
+        .with_hint("add connector = '...' to its WITH options"));
     };
     Ok(plan::Connector {
         name: name.clone(),
@@ -363,13 +470,21 @@ fn connector(options: &Options, at: Position, what: &str) -> std::result::Result
     })
 }
 
-fn connector_diagnostic(error: weir_connectors::ConnectorError, options: &Options, known: &[&str]) -> Diagnostic {
-    let at = options.connector.as_ref().map_or(options.position, |(_, at)| *at);
+fn connector_diagnostic(
+    error: weir_connectors::ConnectorError,
+    options: &Options,
+    known: &[&str],
+) -> Diagnostic {
+    let at = options
+        .connector
+        .as_ref()
+        .map_or(options.position, |(_, at)| *at);
     let mut diagnostic = Diagnostic::new(at, error.to_string());
-    if let Some((name, _)) = &options.connector {
-        if !known.contains(&name.as_str()) && !diagnostic.message.contains("known") {
-            diagnostic = diagnostic.with_hint(format!("connectors: {}", known.join(", ")));
-        }
+    if let Some((name, _)) = &options.connector
+        && !known.contains(&name.as_str())
+        && !diagnostic.message.contains("known")
+    {
+        diagnostic = diagnostic.with_hint(format!("connectors: {}", known.join(", ")));
     }
     diagnostic
 }
@@ -382,7 +497,11 @@ fn nearest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<
         .map(|(_, c)| c)
 }
 
-fn unknown_column<'a>(at: Position, name: &str, valid: impl Iterator<Item = &'a str>) -> Diagnostic {
+fn unknown_column<'a>(
+    at: Position,
+    name: &str,
+    valid: impl Iterator<Item = &'a str>,
+) -> Diagnostic {
     let diagnostic = Diagnostic::new(at, format!("unknown column '{name}'"));
     match nearest(name, valid) {
         Some(n) => diagnostic.with_hint(format!("did you mean '{n}'?")),
@@ -391,7 +510,11 @@ fn unknown_column<'a>(at: Position, name: &str, valid: impl Iterator<Item = &'a 
 }
 
 /// Turns a DataFusion planning error into a diagnostic at the best position we know.
-fn datafusion_diagnostic(error: DataFusionError, fallback: Position, catalog: Option<&Catalog>) -> Diagnostic {
+fn datafusion_diagnostic(
+    error: DataFusionError,
+    fallback: Position,
+    catalog: Option<&Catalog>,
+) -> Diagnostic {
     let at = error
         .diagnostic()
         .and_then(|d| d.span)
@@ -399,19 +522,25 @@ fn datafusion_diagnostic(error: DataFusionError, fallback: Position, catalog: Op
             if span.start.line == 0 {
                 fallback
             } else {
-                Position { line: span.start.line, column: span.start.column }
+                Position {
+                    line: span.start.line,
+                    column: span.start.column,
+                }
             }
         });
     let root = error.find_root();
-    if let DataFusionError::SchemaError(schema_error, _) = root {
-        if let SchemaError::FieldNotFound { field, valid_fields } = schema_error.as_ref() {
-            let names: Vec<&str> = valid_fields
-                .iter()
-                .map(|c| c.name.as_str())
-                .filter(|n| !n.starts_with("__"))
-                .collect();
-            return unknown_column(at, &field.name, names.into_iter());
-        }
+    if let DataFusionError::SchemaError(schema_error, _) = root
+        && let SchemaError::FieldNotFound {
+            field,
+            valid_fields,
+        } = schema_error.as_ref()
+    {
+        let names: Vec<&str> = valid_fields
+            .iter()
+            .map(|c| c.name.as_str())
+            .filter(|n| !n.starts_with("__"))
+            .collect();
+        return unknown_column(at, &field.name, names.into_iter());
     }
     let message = root.message().trim().to_string();
     if let Some(rest) = message.strip_prefix("unknown source '") {
@@ -429,7 +558,8 @@ fn datafusion_diagnostic(error: DataFusionError, fallback: Position, catalog: Op
         || message.contains("No function matches")
         || message.contains("cannot be cast")
     {
-        diagnostic = diagnostic.with_hint("types do not match; convert one side explicitly, e.g. CAST(x AS DOUBLE)");
+        diagnostic = diagnostic
+            .with_hint("types do not match; convert one side explicitly, e.g. CAST(x AS DOUBLE)");
     }
     diagnostic
 }
@@ -451,15 +581,23 @@ impl VisitorMut for WindowRewriter<'_> {
     type Break = ();
 
     fn pre_visit_table_factor(&mut self, factor: &mut TableFactor) -> ControlFlow<()> {
-        let TableFactor::Table { name, alias, args: Some(args), .. } = factor else {
+        let TableFactor::Table {
+            name,
+            alias,
+            args: Some(args),
+            ..
+        } = factor
+        else {
             return ControlFlow::Continue(());
         };
         let function = name.to_string().to_ascii_uppercase();
         let at = span_position(name.span(), self.fallback);
         let result = match function.as_str() {
             "TUMBLE" | "HOP" => self.window(&function, &args.args, at),
-            _ => Err(Diagnostic::new(at, format!("unknown table function {function}"))
-                .with_hint("windows: TUMBLE(source, ts, size), HOP(source, ts, slide, size)")),
+            _ => Err(
+                Diagnostic::new(at, format!("unknown table function {function}"))
+                    .with_hint("windows: TUMBLE(source, ts, size), HOP(source, ts, slide, size)"),
+            ),
         };
         match result {
             Ok((view, source)) => {
@@ -485,8 +623,17 @@ impl VisitorMut for WindowRewriter<'_> {
 }
 
 impl WindowRewriter<'_> {
-    fn window(&mut self, function: &str, args: &[FunctionArg], at: Position) -> std::result::Result<(String, String), Diagnostic> {
-        let usage = if function == "TUMBLE" { "TUMBLE(source, ts, INTERVAL '1' SECOND)" } else { "HOP(source, ts, INTERVAL '1' SECOND, INTERVAL '10' SECOND)" };
+    fn window(
+        &mut self,
+        function: &str,
+        args: &[FunctionArg],
+        at: Position,
+    ) -> std::result::Result<(String, String), Diagnostic> {
+        let usage = if function == "TUMBLE" {
+            "TUMBLE(source, ts, INTERVAL '1' SECOND)"
+        } else {
+            "HOP(source, ts, INTERVAL '1' SECOND, INTERVAL '10' SECOND)"
+        };
         let expected = if function == "TUMBLE" { 3 } else { 4 };
         let exprs: Vec<&sql::Expr> = args
             .iter()
@@ -496,7 +643,10 @@ impl WindowRewriter<'_> {
             })
             .collect();
         if exprs.len() != expected || args.len() != expected {
-            return Err(Diagnostic::new(at, format!("{function} takes {expected} arguments")).with_hint(usage));
+            return Err(
+                Diagnostic::new(at, format!("{function} takes {expected} arguments"))
+                    .with_hint(usage),
+            );
         }
         let ident = |e: &sql::Expr| match e {
             sql::Expr::Identifier(i) => Some(normalize(i)),
@@ -504,21 +654,37 @@ impl WindowRewriter<'_> {
         };
         let source_at = span_position(exprs[0].span(), at);
         let Some(source) = ident(exprs[0]) else {
-            return Err(Diagnostic::new(source_at, "the first window argument must be a source name").with_hint(usage));
+            return Err(Diagnostic::new(
+                source_at,
+                "the first window argument must be a source name",
+            )
+            .with_hint(usage));
         };
         let Some(entry) = self.compiler.sources.get(&source) else {
             let diagnostic = Diagnostic::new(source_at, format!("unknown source '{source}'"));
-            return Err(match nearest(&source, self.compiler.sources.keys().map(String::as_str)) {
-                Some(n) => diagnostic.with_hint(format!("did you mean '{n}'?")),
-                None => diagnostic.with_hint("declare it with CREATE SOURCE before the pipeline"),
-            });
+            return Err(
+                match nearest(&source, self.compiler.sources.keys().map(String::as_str)) {
+                    Some(n) => diagnostic.with_hint(format!("did you mean '{n}'?")),
+                    None => {
+                        diagnostic.with_hint("declare it with CREATE SOURCE before the pipeline")
+                    }
+                },
+            );
         };
         let time_at = span_position(exprs[1].span(), at);
         let Some(time) = ident(exprs[1]) else {
-            return Err(Diagnostic::new(time_at, "the second window argument must be the event-time column").with_hint(usage));
+            return Err(Diagnostic::new(
+                time_at,
+                "the second window argument must be the event-time column",
+            )
+            .with_hint(usage));
         };
         if entry.schema.as_arrow().field_with_name(&time).is_err() {
-            return Err(unknown_column(time_at, &time, entry.schema.fields().iter().map(|f| f.name().as_str())));
+            return Err(unknown_column(
+                time_at,
+                &time,
+                entry.schema.fields().iter().map(|f| f.name().as_str()),
+            ));
         }
         match &entry.watermark {
             None => {
@@ -526,27 +692,43 @@ impl WindowRewriter<'_> {
                     .with_hint(format!("add WATERMARK FOR {time} AS {time} - INTERVAL '2' SECOND to CREATE SOURCE {source}")));
             }
             Some(rule) if rule.column != time => {
-                return Err(Diagnostic::new(time_at, format!("windows must use the watermark column '{}' of '{source}'", rule.column)));
+                return Err(Diagnostic::new(
+                    time_at,
+                    format!(
+                        "windows must use the watermark column '{}' of '{source}'",
+                        rule.column
+                    ),
+                ));
             }
             Some(_) => {}
         }
         let positive = |e: &sql::Expr| -> std::result::Result<i64, Diagnostic> {
             let ns = self.compiler.interval_ns(e, at)?;
             if ns <= 0 {
-                return Err(Diagnostic::new(span_position(e.span(), at), "window length must be positive, not zero or negative")
-                    .with_hint(usage));
+                return Err(Diagnostic::new(
+                    span_position(e.span(), at),
+                    "window length must be positive, not zero or negative",
+                )
+                .with_hint(usage));
             }
             Ok(ns)
         };
         let kind = if function == "TUMBLE" {
-            WindowKind::Tumble { size: positive(exprs[2])? }
+            WindowKind::Tumble {
+                size: positive(exprs[2])?,
+            }
         } else {
             let slide = positive(exprs[2])?;
             let size = positive(exprs[3])?;
             if size / slide > weir_operators::window::MAX_WINDOWS_PER_ROW {
-                return Err(Diagnostic::new(span_position(exprs[2].span(), at), format!(
-                    "HOP windows overlap {} times; at most {} are allowed", size / slide, weir_operators::window::MAX_WINDOWS_PER_ROW
-                ))
+                return Err(Diagnostic::new(
+                    span_position(exprs[2].span(), at),
+                    format!(
+                        "HOP windows overlap {} times; at most {} are allowed",
+                        size / slide,
+                        weir_operators::window::MAX_WINDOWS_PER_ROW
+                    ),
+                )
                 .with_hint("use a longer slide, or aggregate in two steps"));
             }
             if slide > size {
@@ -556,7 +738,14 @@ impl WindowRewriter<'_> {
             WindowKind::Hop { size, slide }
         };
         let view = format!("__weir_window_{}", self.windowed.len());
-        self.windowed.insert(view.clone(), WindowedTable { source: source.clone(), time_column: time, kind });
+        self.windowed.insert(
+            view.clone(),
+            WindowedTable {
+                source: source.clone(),
+                time_column: time,
+                kind,
+            },
+        );
         Ok((view, source))
     }
 }
@@ -608,9 +797,15 @@ mod tests {
             assert!(!text.contains('<'), "every expression decodes: {text}");
         }
         let rms = explain(&compiled.pipelines[0]);
-        assert!(rms.contains("watermark: ts AS ts - INTERVAL '2' SECOND (delay 2s)"), "{rms}");
+        assert!(
+            rms.contains("watermark: ts AS ts - INTERVAL '2' SECOND (delay 2s)"),
+            "{rms}"
+        );
         assert!(rms.contains("TUMBLE(size 1s) ON ts"), "{rms}");
-        assert!(rms.contains("output: sensor text not null, window_start timestamp not null"), "{rms}");
+        assert!(
+            rms.contains("output: sensor text not null, window_start timestamp not null"),
+            "{rms}"
+        );
         let spikes = explain(&compiled.pipelines[1]);
         assert!(spikes.contains("zscore("), "{spikes}");
     }
@@ -622,13 +817,29 @@ mod tests {
              SELECT sensor, window_start, avg(v) AS mean FROM TUMBLE(vibration, ts, INTERVAL '500' MILLISECOND)
              WHERE v > 0 GROUP BY sensor, window_start HAVING count(*) > 1;",
         );
-        let kinds: Vec<&str> = plan.operators.iter().map(|o| o.id.split(':').nth(1).unwrap_or("")).collect();
+        let kinds: Vec<&str> = plan
+            .operators
+            .iter()
+            .map(|o| o.id.split(':').nth(1).unwrap_or(""))
+            .collect();
         assert_eq!(kinds, ["filter", "window_aggregate", "filter", "project"]);
-        let Some(plan::operator_node::Kind::WindowAggregate(window)) = &plan.operators[1].kind else {
+        let Some(plan::operator_node::Kind::WindowAggregate(window)) = &plan.operators[1].kind
+        else {
             panic!("not a window");
         };
-        assert_eq!(window.window, Some(plan::window_aggregate::Window::Tumble(plan::Tumble { size_ns: 500_000_000 })));
-        assert_eq!(plan.source.as_ref().and_then(|s| s.watermark.as_ref()).map(|w| w.delay_ns), Some(2_000_000_000));
+        assert_eq!(
+            window.window,
+            Some(plan::window_aggregate::Window::Tumble(plan::Tumble {
+                size_ns: 500_000_000
+            }))
+        );
+        assert_eq!(
+            plan.source
+                .as_ref()
+                .and_then(|s| s.watermark.as_ref())
+                .map(|w| w.delay_ns),
+            Some(2_000_000_000)
+        );
     }
 
     #[test]
@@ -637,36 +848,59 @@ mod tests {
             "CREATE PIPELINE p AS INSERT INTO out SELECT sensor, window_end, max(v) FROM
              HOP(vibration, ts, INTERVAL '1' SECOND, INTERVAL '5' SECOND) GROUP BY sensor, window_end;",
         );
-        let Some(plan::operator_node::Kind::WindowAggregate(window)) = &plan.operators[0].kind else {
+        let Some(plan::operator_node::Kind::WindowAggregate(window)) = &plan.operators[0].kind
+        else {
             panic!("not a window");
         };
         assert_eq!(
             window.window,
-            Some(plan::window_aggregate::Window::Hop(plan::Hop { size_ns: 5_000_000_000, slide_ns: 1_000_000_000 }))
+            Some(plan::window_aggregate::Window::Hop(plan::Hop {
+                size_ns: 5_000_000_000,
+                slide_ns: 1_000_000_000
+            }))
         );
         let gap = errors(&format!(
             "{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT count(*) FROM
              HOP(vibration, ts, INTERVAL '5' SECOND, INTERVAL '1' SECOND) GROUP BY window_start;"
         ));
-        assert!(gap[0].contains("slide is longer than the window size"), "{gap:?}");
+        assert!(
+            gap[0].contains("slide is longer than the window size"),
+            "{gap:?}"
+        );
     }
 
     #[test]
     fn streaming_errors_name_the_problem() {
-        let order = errors(&format!("{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT v FROM vibration ORDER BY v;"));
-        assert!(order[0].contains("ORDER BY has no end on a stream"), "{order:?}");
+        let order = errors(&format!(
+            "{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT v FROM vibration ORDER BY v;"
+        ));
+        assert!(
+            order[0].contains("ORDER BY has no end on a stream"),
+            "{order:?}"
+        );
         let join = errors(&format!(
             "{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT a.v FROM vibration a JOIN vibration b ON a.sensor = b.sensor;"
         ));
         assert!(join[0].contains("joins are not supported"), "{join:?}");
-        let unknown = errors(&format!("{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT v FROM vibraton;"));
-        assert!(unknown[0].contains("did you mean 'vibration'"), "{unknown:?}");
+        let unknown = errors(&format!(
+            "{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT v FROM vibraton;"
+        ));
+        assert!(
+            unknown[0].contains("did you mean 'vibration'"),
+            "{unknown:?}"
+        );
         let no_pipeline = errors(SOURCE);
-        assert!(no_pipeline[0].contains("no CREATE PIPELINE"), "{no_pipeline:?}");
+        assert!(
+            no_pipeline[0].contains("no CREATE PIPELINE"),
+            "{no_pipeline:?}"
+        );
         let detector_args = errors(&format!(
             "{SOURCE}\nCREATE PIPELINE p AS INSERT INTO out SELECT zscore(v, v) OVER (PARTITION BY sensor) FROM vibration;"
         ));
-        assert!(detector_args[0].contains("parameters must be constants"), "{detector_args:?}");
+        assert!(
+            detector_args[0].contains("parameters must be constants"),
+            "{detector_args:?}"
+        );
     }
 
     #[test]

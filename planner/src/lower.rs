@@ -72,7 +72,9 @@ impl LowerContext<'_> {
 
     pub fn lower(&self, plan: &LogicalPlan) -> LowerResult<Chain> {
         match plan {
-            LogicalPlan::TableScan(scan) => self.lower_scan(scan.table_name.table(), &scan.projected_schema),
+            LogicalPlan::TableScan(scan) => {
+                self.lower_scan(scan.table_name.table(), &scan.projected_schema)
+            }
             LogicalPlan::SubqueryAlias(alias) => {
                 let mut chain = self.lower(&alias.input)?;
                 let fields = alias
@@ -131,11 +133,15 @@ impl LowerContext<'_> {
                             aggregate_output::Kind::WindowEnd(plan::WindowBound {})
                         }
                         Expr::GroupingSet(_) => {
-                            return Err(self.error("GROUPING SETS, ROLLUP and CUBE are not supported in pipelines"));
+                            return Err(self.error(
+                                "GROUPING SETS, ROLLUP and CUBE are not supported in pipelines",
+                            ));
                         }
                         other => {
                             self.check_no_window_columns(&chain, std::slice::from_ref(other))?;
-                            aggregate_output::Kind::Key(encode_expr(other).map_err(|e| self.internal(e))?)
+                            aggregate_output::Kind::Key(
+                                encode_expr(other).map_err(|e| self.internal(e))?,
+                            )
                         }
                     };
                     outputs.push(plan::AggregateOutput { kind: Some(kind) });
@@ -150,33 +156,53 @@ impl LowerContext<'_> {
                     });
                 }
                 let window_node = match window.kind {
-                    WindowKind::Tumble { size } => window_aggregate::Window::Tumble(plan::Tumble { size_ns: size }),
-                    WindowKind::Hop { size, slide } => {
-                        window_aggregate::Window::Hop(plan::Hop { size_ns: size, slide_ns: slide })
+                    WindowKind::Tumble { size } => {
+                        window_aggregate::Window::Tumble(plan::Tumble { size_ns: size })
                     }
+                    WindowKind::Hop { size, slide } => window_aggregate::Window::Hop(plan::Hop {
+                        size_ns: size,
+                        slide_ns: slide,
+                    }),
                 };
                 let node = operator_node::Kind::WindowAggregate(plan::WindowAggregate {
                     time_column: window.time_column.clone(),
                     window: Some(window_node),
                     outputs,
                 });
-                self.push(&mut chain, "window_aggregate", node, Arc::clone(&aggregate.schema))?;
+                self.push(
+                    &mut chain,
+                    "window_aggregate",
+                    node,
+                    Arc::clone(&aggregate.schema),
+                )?;
                 Ok(chain)
             }
             LogicalPlan::Window(window) => {
                 let mut chain = self.lower(&window.input)?;
                 if chain.pending_window.is_some() {
-                    return Err(self.error("detectors cannot read a TUMBLE/HOP window directly; aggregate it first"));
+                    return Err(self.error(
+                        "detectors cannot read a TUMBLE/HOP window directly; aggregate it first",
+                    ));
                 }
                 let base = window.input.schema().fields().len();
                 for (i, expr) in window.window_expr.iter().enumerate() {
                     let (function, output_name) = match expr {
-                        Expr::WindowFunction(f) => (f.as_ref(), window.schema.field(base + i).name().clone()),
+                        Expr::WindowFunction(f) => {
+                            (f.as_ref(), window.schema.field(base + i).name().clone())
+                        }
                         Expr::Alias(alias) => match alias.expr.as_ref() {
-                            Expr::WindowFunction(f) => (f.as_ref(), window.schema.field(base + i).name().clone()),
-                            _ => return Err(self.error(format!("unsupported window expression {expr}"))),
+                            Expr::WindowFunction(f) => {
+                                (f.as_ref(), window.schema.field(base + i).name().clone())
+                            }
+                            _ => {
+                                return Err(
+                                    self.error(format!("unsupported window expression {expr}"))
+                                );
+                            }
                         },
-                        _ => return Err(self.error(format!("unsupported window expression {expr}"))),
+                        _ => {
+                            return Err(self.error(format!("unsupported window expression {expr}")));
+                        }
                     };
                     let node = self.detector(function, output_name)?;
                     let fields = window
@@ -185,8 +211,9 @@ impl LowerContext<'_> {
                         .take(base + i + 1)
                         .map(|(q, f)| (q.cloned(), Arc::clone(f)))
                         .collect::<Vec<_>>();
-                    let schema = DFSchema::new_with_metadata(fields, window.schema.metadata().clone())
-                        .map_err(|e| self.internal(e))?;
+                    let schema =
+                        DFSchema::new_with_metadata(fields, window.schema.metadata().clone())
+                            .map_err(|e| self.internal(e))?;
                     self.push(&mut chain, "detector", node, Arc::new(schema))?;
                 }
                 Ok(chain)
@@ -205,16 +232,22 @@ impl LowerContext<'_> {
             }
             other => Err(self.error(format!(
                 "{} is not supported in pipelines",
-                other.display().to_string().split(':').next().unwrap_or("this construct")
+                other
+                    .display()
+                    .to_string()
+                    .split(':')
+                    .next()
+                    .unwrap_or("this construct")
             ))),
         }
     }
 
     fn lower_scan(&self, table: &str, scan_schema: &DFSchemaRef) -> LowerResult<Chain> {
         if let Some(window) = self.windowed.get(table) {
-            let source = self.sources.get(&window.source).ok_or_else(|| {
-                self.error(format!("unknown source '{}'", window.source))
-            })?;
+            let source = self
+                .sources
+                .get(&window.source)
+                .ok_or_else(|| self.error(format!("unknown source '{}'", window.source)))?;
             return Ok(Chain {
                 source: window.source.clone(),
                 operators: Vec::new(),
@@ -243,8 +276,13 @@ impl LowerContext<'_> {
         let index = chain.operators.len();
         chain.operators.push(plan::OperatorNode {
             id: format!("{index}:{kind}"),
-            inputs: if index == 0 { vec![] } else { vec![(index - 1) as u32] },
-            input_schema: weir_operators::encode_schema(&chain.schema).map_err(|e| self.internal(e))?,
+            inputs: if index == 0 {
+                vec![]
+            } else {
+                vec![(index - 1) as u32]
+            },
+            input_schema: weir_operators::encode_schema(&chain.schema)
+                .map_err(|e| self.internal(e))?,
             output_schema: weir_operators::encode_schema(&output).map_err(|e| self.internal(e))?,
             kind: Some(node),
         });
@@ -269,14 +307,20 @@ impl LowerContext<'_> {
                 if column.name == WINDOW_START || column.name == WINDOW_END {
                     return Err(self
                         .error(format!("{} is only known after GROUP BY", column.name))
-                        .with_hint("group by window_start/window_end and use them in SELECT or HAVING"));
+                        .with_hint(
+                            "group by window_start/window_end and use them in SELECT or HAVING",
+                        ));
                 }
             }
         }
         Ok(())
     }
 
-    fn detector(&self, function: &WindowFunction, output_name: String) -> LowerResult<operator_node::Kind> {
+    fn detector(
+        &self,
+        function: &WindowFunction,
+        output_name: String,
+    ) -> LowerResult<operator_node::Kind> {
         let name = match &function.fun {
             WindowFunctionDefinition::WindowUDF(udf) => udf.name().to_string(),
             WindowFunctionDefinition::AggregateUDF(udaf) => udaf.name().to_string(),
@@ -288,7 +332,9 @@ impl LowerContext<'_> {
                 .collect::<Vec<_>>()
                 .join("; ");
             return Err(self
-                .error(format!("window function {name}() is not a streaming detector"))
+                .error(format!(
+                    "window function {name}() is not a streaming detector"
+                ))
                 .with_hint(format!("detectors: {known}")));
         };
         let params = &function.params;
@@ -305,7 +351,11 @@ impl LowerContext<'_> {
         let encode = |e: &Expr| encode_expr(e).map_err(|e| self.internal(e));
         Ok(operator_node::Kind::Detector(plan::Detector {
             kind: name,
-            partition_by: params.partition_by.iter().map(encode).collect::<LowerResult<_>>()?,
+            partition_by: params
+                .partition_by
+                .iter()
+                .map(encode)
+                .collect::<LowerResult<_>>()?,
             args: params.args.iter().map(encode).collect::<LowerResult<_>>()?,
             output_name,
         }))
@@ -326,7 +376,8 @@ fn is_constant(expr: &Expr) -> bool {
 fn order_by_event_time(expr: Expr, time: &Expr) -> Expr {
     match expr {
         Expr::AggregateFunction(AggregateFunction { func, mut params })
-            if matches!(func.name(), "first_value" | "last_value") && params.order_by.is_empty() =>
+            if matches!(func.name(), "first_value" | "last_value")
+                && params.order_by.is_empty() =>
         {
             params.order_by = vec![SortExpr::new(time.clone(), true, false)];
             Expr::AggregateFunction(AggregateFunction { func, params })

@@ -21,6 +21,7 @@ use serde_json::{Map, Value as Json};
 use crate::error::{Diagnostic, Position};
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per statement; boxing buys nothing
 pub enum Statement {
     Source(SourceDecl),
     Sink(SinkDecl),
@@ -70,7 +71,10 @@ pub struct Options {
 }
 
 pub fn position(location: Location) -> Position {
-    Position { line: location.line, column: location.column }
+    Position {
+        line: location.line,
+        column: location.column,
+    }
 }
 
 /// Parses a whole file. Returns the statements that parsed and a diagnostic per one that did not.
@@ -79,7 +83,10 @@ pub fn parse_file(sql: &str) -> (Vec<Statement>, Vec<Diagnostic>) {
     let tokens = match Tokenizer::new(&dialect, sql).tokenize_with_location() {
         Ok(tokens) => tokens,
         Err(e) => {
-            let at = Position { line: e.location.line, column: e.location.column };
+            let at = Position {
+                line: e.location.line,
+                column: e.location.column,
+            };
             return (Vec::new(), vec![Diagnostic::new(at, e.message)]);
         }
     };
@@ -103,7 +110,9 @@ pub fn parse_file(sql: &str) -> (Vec<Statement>, Vec<Diagnostic>) {
                 // so point just past its last token.
                 if diagnostic.message.ends_with("found: EOF") {
                     diagnostic.position = position(last.span.end);
-                    diagnostic.message = diagnostic.message.replace("found: EOF", "but the statement ends here");
+                    diagnostic.message = diagnostic
+                        .message
+                        .replace("found: EOF", "but the statement ends here");
                 }
                 diagnostics.push(diagnostic);
             }
@@ -155,7 +164,10 @@ fn parse_statement(
         "PIPELINE" => parse_pipeline(&mut parser, start, text).map(Statement::Pipeline),
         _ => Err(Diagnostic::new(
             position(kind.span.start),
-            format!("expected SOURCE, SINK or PIPELINE after CREATE, found {}", kind.token),
+            format!(
+                "expected SOURCE, SINK or PIPELINE after CREATE, found {}",
+                kind.token
+            ),
         )
         .with_hint("a Weir file holds CREATE SOURCE, CREATE SINK and CREATE PIPELINE statements")),
     }
@@ -193,7 +205,11 @@ fn parse_source(parser: &mut Parser, start: Position) -> Result<SourceDecl, Diag
             let column = parser.parse_identifier().map_err(err)?;
             parser.expect_keyword(Keyword::AS).map_err(err)?;
             let expr = parser.parse_expr().map_err(err)?;
-            watermark = Some(WatermarkDecl { column, expr, position: position(next.span.start) });
+            watermark = Some(WatermarkDecl {
+                column,
+                expr,
+                position: position(next.span.start),
+            });
         } else {
             columns.push(parser.parse_column_def().map_err(err)?);
         }
@@ -204,28 +220,51 @@ fn parse_source(parser: &mut Parser, start: Position) -> Result<SourceDecl, Diag
     parser.expect_token(&Token::RParen).map_err(err)?;
     let options = parse_with(parser, start)?;
     expect_end(parser, start)?;
-    Ok(SourceDecl { name: name.value, position: start, columns, watermark, options })
+    Ok(SourceDecl {
+        name: name.value,
+        position: start,
+        columns,
+        watermark,
+        options,
+    })
 }
 
 fn parse_sink(parser: &mut Parser, start: Position) -> Result<SinkDecl, Diagnostic> {
-    let name = parser.parse_identifier().map_err(|e| parser_diagnostic(e, start))?;
+    let name = parser
+        .parse_identifier()
+        .map_err(|e| parser_diagnostic(e, start))?;
     let options = parse_with(parser, start)?;
     expect_end(parser, start)?;
-    Ok(SinkDecl { name: name.value, position: start, options })
+    Ok(SinkDecl {
+        name: name.value,
+        position: start,
+        options,
+    })
 }
 
-fn parse_pipeline(parser: &mut Parser, start: Position, text: String) -> Result<PipelineDecl, Diagnostic> {
+fn parse_pipeline(
+    parser: &mut Parser,
+    start: Position,
+    text: String,
+) -> Result<PipelineDecl, Diagnostic> {
     let err = |e: ParserError| parser_diagnostic(e, start);
     let name = parser.parse_identifier().map_err(err)?;
     parser.expect_keyword(Keyword::AS).map_err(err)?;
     parser.expect_keyword(Keyword::INSERT).map_err(|e| {
-        parser_diagnostic(e, start).with_hint("a pipeline reads: CREATE PIPELINE name AS INSERT INTO sink SELECT ...")
+        parser_diagnostic(e, start)
+            .with_hint("a pipeline reads: CREATE PIPELINE name AS INSERT INTO sink SELECT ...")
     })?;
     parser.expect_keyword(Keyword::INTO).map_err(err)?;
     let sink = parser.parse_identifier().map_err(err)?;
     let query = parser.parse_query().map_err(err)?;
     expect_end(parser, start)?;
-    Ok(PipelineDecl { name: name.value, position: start, sink, query, text })
+    Ok(PipelineDecl {
+        name: name.value,
+        position: start,
+        sink,
+        query,
+        text,
+    })
 }
 
 fn expect_end(parser: &mut Parser, start: Position) -> Result<(), Diagnostic> {
@@ -233,9 +272,17 @@ fn expect_end(parser: &mut Parser, start: Position) -> Result<(), Diagnostic> {
     if next.token == Token::EOF {
         Ok(())
     } else {
-        let at = if next.span.start.line == 0 { start } else { position(next.span.start) };
-        let missing_semicolon = matches!(&next.token, Token::Word(w) if w.keyword == Keyword::CREATE);
-        let diagnostic = Diagnostic::new(at, format!("unexpected '{}' after the end of the statement", next.token));
+        let at = if next.span.start.line == 0 {
+            start
+        } else {
+            position(next.span.start)
+        };
+        let missing_semicolon =
+            matches!(&next.token, Token::Word(w) if w.keyword == Keyword::CREATE);
+        let diagnostic = Diagnostic::new(
+            at,
+            format!("unexpected '{}' after the end of the statement", next.token),
+        );
         Err(if missing_semicolon {
             diagnostic.with_hint("statements are separated by ';'")
         } else {
@@ -248,11 +295,17 @@ fn parse_with(parser: &mut Parser, start: Position) -> Result<Options, Diagnosti
     let err = |e: ParserError| parser_diagnostic(e, start);
     let at = position(parser.peek_token().span.start);
     if !parser.parse_keyword(Keyword::WITH) {
-        return Err(Diagnostic::new(at, "expected WITH (connector = '...', ...)")
-            .with_hint("every source and sink names its connector, e.g. WITH (connector = 'stdout')"));
+        return Err(
+            Diagnostic::new(at, "expected WITH (connector = '...', ...)").with_hint(
+                "every source and sink names its connector, e.g. WITH (connector = 'stdout')",
+            ),
+        );
     }
     parser.expect_token(&Token::LParen).map_err(err)?;
-    let mut options = Options { position: at, ..Options::default() };
+    let mut options = Options {
+        position: at,
+        ..Options::default()
+    };
     loop {
         if parser.consume_token(&Token::RParen) {
             break;
@@ -263,7 +316,10 @@ fn parse_with(parser: &mut Parser, start: Position) -> Result<Options, Diagnosti
             Token::Word(w) => w.value.to_ascii_lowercase(),
             Token::SingleQuotedString(s) => s.clone(),
             other => {
-                return Err(Diagnostic::new(key_at, format!("expected an option name, found {other}")));
+                return Err(Diagnostic::new(
+                    key_at,
+                    format!("expected an option name, found {other}"),
+                ));
             }
         };
         parser.next_token();
@@ -276,13 +332,14 @@ fn parse_with(parser: &mut Parser, start: Position) -> Result<Options, Diagnosti
             Value::Boolean(b) => Json::Bool(b),
             Value::Number(n, _) => {
                 let text = if negative { format!("-{n}") } else { n };
-                serde_json::from_str::<Json>(&text).map_err(|_| {
-                    Diagnostic::new(value_at, format!("'{text}' is not a number"))
-                })?
+                serde_json::from_str::<Json>(&text)
+                    .map_err(|_| Diagnostic::new(value_at, format!("'{text}' is not a number")))?
             }
             other => {
-                return Err(Diagnostic::new(value_at, format!("unsupported option value {other}"))
-                    .with_hint("option values are 'strings', numbers or true/false"));
+                return Err(
+                    Diagnostic::new(value_at, format!("unsupported option value {other}"))
+                        .with_hint("option values are 'strings', numbers or true/false"),
+                );
             }
         };
         if key == "connector" {
@@ -291,7 +348,10 @@ fn parse_with(parser: &mut Parser, start: Position) -> Result<Options, Diagnosti
                 _ => return Err(Diagnostic::new(value_at, "connector must be a quoted name")),
             }
         } else if options.values.insert(key.clone(), json).is_some() {
-            return Err(Diagnostic::new(key_at, format!("option '{key}' is given twice")));
+            return Err(Diagnostic::new(
+                key_at,
+                format!("option '{key}' is given twice"),
+            ));
         }
         if !parser.consume_token(&Token::Comma) {
             parser.expect_token(&Token::RParen).map_err(err)?;
@@ -315,20 +375,44 @@ mod tests {
         assert_eq!(statements.len(), 3);
         assert_eq!(diagnostics.len(), 1);
         assert_eq!(diagnostics[0].position, Position { line: 2, column: 8 });
-        let Statement::Source(source) = &statements[0] else { panic!("not a source") };
+        let Statement::Source(source) = &statements[0] else {
+            panic!("not a source")
+        };
         assert_eq!(source.columns.len(), 2);
-        assert_eq!(source.watermark.as_ref().map(|w| w.column.value.as_str()), Some("ts"));
-        assert_eq!(source.options.values.get("batch_size"), Some(&Json::from(10)));
-        let Statement::Pipeline(pipeline) = &statements[2] else { panic!("not a pipeline") };
-        assert_eq!(pipeline.text, "CREATE PIPELINE p AS INSERT INTO out SELECT a FROM s");
+        assert_eq!(
+            source.watermark.as_ref().map(|w| w.column.value.as_str()),
+            Some("ts")
+        );
+        assert_eq!(
+            source.options.values.get("batch_size"),
+            Some(&Json::from(10))
+        );
+        let Statement::Pipeline(pipeline) = &statements[2] else {
+            panic!("not a pipeline")
+        };
+        assert_eq!(
+            pipeline.text,
+            "CREATE PIPELINE p AS INSERT INTO out SELECT a FROM s"
+        );
     }
 
     #[test]
     fn reports_position_of_a_syntax_error_inside_a_query() {
-        let (_, diagnostics) = parse_file("CREATE PIPELINE p AS INSERT INTO out\nSELECT a FROM s WHERE;");
+        let (_, diagnostics) =
+            parse_file("CREATE PIPELINE p AS INSERT INTO out\nSELECT a FROM s WHERE;");
         assert_eq!(diagnostics.len(), 1);
         // The statement ends where an expression was expected: point just past `WHERE`.
-        assert_eq!(diagnostics[0].position, Position { line: 2, column: 22 });
-        assert!(diagnostics[0].message.contains("the statement ends here"), "{}", diagnostics[0].message);
+        assert_eq!(
+            diagnostics[0].position,
+            Position {
+                line: 2,
+                column: 22
+            }
+        );
+        assert!(
+            diagnostics[0].message.contains("the statement ends here"),
+            "{}",
+            diagnostics[0].message
+        );
     }
 }

@@ -86,7 +86,9 @@ impl DetectorFunction {
 
 impl std::fmt::Debug for DetectorFunction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DetectorFunction").field("name", &self.kind.name()).finish()
+        f.debug_struct("DetectorFunction")
+            .field("name", &self.kind.name())
+            .finish()
     }
 }
 
@@ -117,10 +119,17 @@ impl WindowUDFImpl for DetectorFunction {
         &self,
         _args: PartitionEvaluatorArgs,
     ) -> datafusion::error::Result<Box<dyn PartitionEvaluator>> {
-        not_impl_err!("{} runs only inside a Weir streaming pipeline", self.kind.name())
+        not_impl_err!(
+            "{} runs only inside a Weir streaming pipeline",
+            self.kind.name()
+        )
     }
 
     fn field(&self, field_args: WindowUDFFieldArgs) -> datafusion::error::Result<FieldRef> {
-        Ok(Arc::new(Field::new(field_args.name(), DataType::Float64, true)))
+        Ok(Arc::new(Field::new(
+            field_args.name(),
+            DataType::Float64,
+            true,
+        )))
     }
 }

@@ -1,7 +1,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, BooleanArray, Float64Builder, RecordBatch, RecordBatchOptions};
+use arrow::array::{
+    ArrayRef, AsArray, BooleanArray, Float64Builder, RecordBatch, RecordBatchOptions,
+};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Schema, SchemaRef};
 use arrow::row::{RowConverter, Rows, SortField};
@@ -107,18 +109,27 @@ impl Operator for DetectorOperator {
             self.row_keys.push(index);
         }
         let mut output = Float64Builder::with_capacity(rows);
-        self.detector
-            .process(&self.row_keys, values.as_primitive::<Float64Type>(), &mut output);
+        self.detector.process(
+            &self.row_keys,
+            values.as_primitive::<Float64Type>(),
+            &mut output,
+        );
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(output.finish()));
         let options = RecordBatchOptions::new().with_row_count(Some(rows));
-        out.emit(RecordBatch::try_new_with_options(Arc::clone(&self.schema), columns, &options)?);
+        out.emit(RecordBatch::try_new_with_options(
+            Arc::clone(&self.schema),
+            columns,
+            &options,
+        )?);
         Ok(())
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>> {
         let snapshot = DetectorSnapshot {
-            keys: (0..self.keys.num_rows()).map(|i| self.keys.row(i).as_ref().to_vec()).collect(),
+            keys: (0..self.keys.num_rows())
+                .map(|i| self.keys.row(i).as_ref().to_vec())
+                .collect(),
             detector: self.detector.snapshot(),
         };
         serde_json::to_vec(&snapshot)

@@ -71,7 +71,11 @@ struct KeyHistory {
 
 impl ZScoreState {
     fn new(n: usize) -> Self {
-        Self { n, ring: Vec::new(), keys: Vec::new() }
+        Self {
+            n,
+            ring: Vec::new(),
+            keys: Vec::new(),
+        }
     }
 
     fn ensure_key(&mut self, key: usize) {
@@ -148,7 +152,11 @@ impl KeyedDetector for ZScoreState {
 mod tests {
     use super::*;
 
-    fn run(detector: &mut dyn KeyedDetector, keys: &[usize], values: Vec<Option<f64>>) -> Vec<Option<f64>> {
+    fn run(
+        detector: &mut dyn KeyedDetector,
+        keys: &[usize],
+        values: Vec<Option<f64>>,
+    ) -> Vec<Option<f64>> {
         let mut out = Float64Builder::new();
         detector.process(keys, &Float64Array::from(values), &mut out);
         out.finish().iter().collect()
@@ -156,26 +164,43 @@ mod tests {
 
     #[test]
     fn null_until_history_is_full_then_scores_against_previous_values() {
-        let mut z = ZScore.create(&[ScalarValue::Float64(Some(4.0))]).expect("valid");
-        let out = run(z.as_mut(), &[0; 5], vec![Some(1.0), Some(3.0), Some(1.0), Some(3.0), Some(6.0)]);
+        let mut z = ZScore
+            .create(&[ScalarValue::Float64(Some(4.0))])
+            .expect("valid");
+        let out = run(
+            z.as_mut(),
+            &[0; 5],
+            vec![Some(1.0), Some(3.0), Some(1.0), Some(3.0), Some(6.0)],
+        );
         // History 1,3,1,3: mean 2, population std 1, so 6 is 4 standard deviations out.
         assert_eq!(out, vec![None, None, None, None, Some(4.0)]);
     }
 
     #[test]
     fn keys_have_separate_histories() {
-        let mut z = ZScore.create(&[ScalarValue::Float64(Some(2.0))]).expect("valid");
+        let mut z = ZScore
+            .create(&[ScalarValue::Float64(Some(2.0))])
+            .expect("valid");
         let out = run(
             z.as_mut(),
             &[0, 1, 0, 1, 0, 1],
-            vec![Some(1.0), Some(10.0), Some(3.0), Some(30.0), Some(2.0), Some(20.0)],
+            vec![
+                Some(1.0),
+                Some(10.0),
+                Some(3.0),
+                Some(30.0),
+                Some(2.0),
+                Some(20.0),
+            ],
         );
         assert_eq!(out, vec![None, None, None, None, Some(0.0), Some(0.0)]);
     }
 
     #[test]
     fn null_and_nan_values_are_skipped_and_flat_history_scores_null() {
-        let mut z = ZScore.create(&[ScalarValue::Float64(Some(2.0))]).expect("valid");
+        let mut z = ZScore
+            .create(&[ScalarValue::Float64(Some(2.0))])
+            .expect("valid");
         let out = run(
             z.as_mut(),
             &[0; 5],
@@ -194,14 +219,32 @@ mod tests {
     #[test]
     fn snapshot_restore_continues_identically() {
         let values = [1.0, 2.0, 4.0, 3.0, 8.0, 1.0, 2.0];
-        let mut whole = ZScore.create(&[ScalarValue::Float64(Some(3.0))]).expect("valid");
-        let expected = run(whole.as_mut(), &[0; 7], values.iter().copied().map(Some).collect());
+        let mut whole = ZScore
+            .create(&[ScalarValue::Float64(Some(3.0))])
+            .expect("valid");
+        let expected = run(
+            whole.as_mut(),
+            &[0; 7],
+            values.iter().copied().map(Some).collect(),
+        );
 
-        let mut first = ZScore.create(&[ScalarValue::Float64(Some(3.0))]).expect("valid");
-        let mut got = run(first.as_mut(), &[0; 4], values[..4].iter().copied().map(Some).collect());
-        let mut second = ZScore.create(&[ScalarValue::Float64(Some(3.0))]).expect("valid");
+        let mut first = ZScore
+            .create(&[ScalarValue::Float64(Some(3.0))])
+            .expect("valid");
+        let mut got = run(
+            first.as_mut(),
+            &[0; 4],
+            values[..4].iter().copied().map(Some).collect(),
+        );
+        let mut second = ZScore
+            .create(&[ScalarValue::Float64(Some(3.0))])
+            .expect("valid");
         second.restore(&first.snapshot()).expect("restore");
-        got.extend(run(second.as_mut(), &[0; 3], values[4..].iter().copied().map(Some).collect()));
+        got.extend(run(
+            second.as_mut(),
+            &[0; 3],
+            values[4..].iter().copied().map(Some).collect(),
+        ));
         assert_eq!(got, expected);
     }
 }
