@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use weir_connectors::{ConnectorSpec, DeadLetterQueue, SourceEvent};
+use weir_connectors::{DeadLetterQueue, SourceEvent};
 use weir_engine::{Engine, EngineOptions, PipelineState};
 use weir_operators::{Collector, ExprDecoder, Operator, Watermark};
 use weir_proto::plan::PipelinePlan;
@@ -130,23 +130,12 @@ fn run_with_restore(plan: &PipelinePlan) -> Vec<arrow::array::RecordBatch> {
             .collect()
     };
     let source = plan.source.as_ref().expect("source");
-    let schema = Arc::new(
-        decoder
-            .schema(&source.schema)
-            .expect("schema")
-            .as_arrow()
-            .clone(),
-    );
-    let connector = source.connector.as_ref().expect("connector");
-    let options = match serde_json::from_str(&connector.options_json).expect("json") {
-        serde_json::Value::Object(map) => map,
-        _ => panic!("options are an object"),
-    };
-    let spec = ConnectorSpec {
-        connector: connector.name.clone(),
-        options,
-        event_time: source.watermark.as_ref().map(|w| w.column.clone()),
-    };
+    let schema = decoder.arrow_schema(&source.schema).expect("schema");
+    let spec = weir_engine::connector_spec(
+        source.connector.as_ref(),
+        source.watermark.as_ref().map(|w| w.column.clone()),
+    )
+    .expect("source spec");
     let mut reader =
         weir_connectors::build_source(&spec, Arc::clone(&schema), DeadLetterQueue::default())
             .expect("source");
@@ -241,23 +230,8 @@ fn golden_cases_survive_snapshot_and_restore() {
         let batches = run_with_restore(&plan);
         let sink = plan.sink.as_ref().expect("sink");
         let decoder = ExprDecoder::new();
-        let schema = Arc::new(
-            decoder
-                .schema(&sink.schema)
-                .expect("schema")
-                .as_arrow()
-                .clone(),
-        );
-        let connector = sink.connector.as_ref().expect("connector");
-        let options = match serde_json::from_str(&connector.options_json).expect("json") {
-            serde_json::Value::Object(map) => map,
-            _ => panic!("options are an object"),
-        };
-        let spec = ConnectorSpec {
-            connector: connector.name.clone(),
-            options,
-            event_time: None,
-        };
+        let schema = decoder.arrow_schema(&sink.schema).expect("schema");
+        let spec = weir_engine::connector_spec(sink.connector.as_ref(), None).expect("sink spec");
         let mut writer = weir_connectors::build_sink(&spec, schema).expect("sink");
         for batch in &batches {
             writer.write_batch(batch).expect("write");

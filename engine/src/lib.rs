@@ -138,7 +138,8 @@ impl PlanFactory {
     }
 }
 
-fn spec(
+/// The connector spec a plan node describes: name, `WITH` options and event-time column.
+pub fn connector_spec(
     connector: Option<&weir_proto::plan::Connector>,
     event_time: Option<String>,
 ) -> Result<ConnectorSpec> {
@@ -200,7 +201,7 @@ impl PipelineFactory for PlanFactory {
             }),
             None => None,
         };
-        let source_spec = spec(
+        let source_spec = connector_spec(
             source.connector.as_ref(),
             source.watermark.as_ref().map(|w| w.column.clone()),
         )?;
@@ -211,7 +212,7 @@ impl PipelineFactory for PlanFactory {
             .map(|node| weir_operators::build(node, &decoder))
             .collect::<weir_operators::Result<Vec<_>>>()?;
         let sink_schema = Arc::new(decoder.schema(&sink.schema)?.as_arrow().clone());
-        let sink_spec = spec(sink.connector.as_ref(), None)?;
+        let sink_spec = connector_spec(sink.connector.as_ref(), None)?;
         Ok(PipelineParts {
             source: weir_connectors::build_source(
                 &source_spec,

@@ -61,6 +61,11 @@ impl ExprDecoder {
         Ok(Arc::new(schema))
     }
 
+    /// The plain Arrow schema (no qualifiers) of encoded DataFusion schema bytes.
+    pub fn arrow_schema(&self, bytes: &[u8]) -> Result<arrow::datatypes::SchemaRef> {
+        Ok(Arc::new(self.schema(bytes)?.as_arrow().clone()))
+    }
+
     pub fn expr(&self, bytes: &[u8]) -> Result<Expr> {
         let message = protobuf::LogicalExprNode::decode(bytes)
             .map_err(|e| OperatorError::plan(format!("malformed expression: {e}")))?;
