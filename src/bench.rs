@@ -1,6 +1,7 @@
 //! `weir bench`: workload V, S sensors x 1 kHz vibration -> 1-second tumbling RMS and peak per
-//! sensor, in-process (simulator -> engine -> collecting sink), with every result checked
-//! against a direct computation from the simulator's signal model.
+//! sensor, in-process: a publisher thread encodes the simulator's signal as JSON payloads, a
+//! payload source decodes them into Arrow, the real planner and engine aggregate, and every
+//! result is checked against a direct computation from the signal model.
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,8 @@ use anyhow::{Context, bail};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int64Type, TimestampNanosecondType};
 use serde::Serialize;
+use weir_connectors::decode::DecodeOptions;
+use weir_connectors::payload::{PayloadSource, Payloads};
 use weir_connectors::simulator::{SignalModel, SimulatorConfig};
 use weir_connectors::{DeadLetterQueue, Sink};
 use weir_engine::{
@@ -44,6 +47,100 @@ struct ScenarioResult {
     peak_rss_mb: f64,
     windows: usize,
     correct: bool,
+}
+
+fn bench_schema() -> arrow::datatypes::SchemaRef {
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    Arc::new(Schema::new(vec![
+        Field::new("sensor", DataType::Utf8, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+        Field::new("v", DataType::Float64, true),
+    ]))
+}
+
+/// Encodes the simulator's signal as JSON payloads (epoch-millisecond times) and sends them in
+/// chunks: one payload per sample, or one per run of samples of a 100-sample block (a dropout
+/// splits a block). Returns when everything is sent.
+fn publish(
+    sender: &tokio::sync::mpsc::Sender<Payloads>,
+    sensors: u32,
+    seconds: u32,
+    blocks: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let config = SimulatorConfig {
+        sensors,
+        seed: 42,
+        faults: true,
+        ..SimulatorConfig::default()
+    };
+    let model = SignalModel::new(config.seed, config.sensors, config.rate_hz, config.faults);
+    let start_ms = config.reproducible_start_nanos()? / 1_000_000;
+    let ids: Vec<String> = (0..sensors)
+        .map(weir_connectors::simulator::sensor_id)
+        .collect();
+    let mut float = ryu::Buffer::new();
+    let ticks = u64::from(seconds) * 10;
+    for tick in 0..ticks {
+        let mut chunk = Payloads::with_capacity(
+            if blocks {
+                sensors as usize
+            } else {
+                sensors as usize * 100
+            },
+            1 << 16,
+        );
+        for (sensor, id) in ids.iter().enumerate() {
+            let first = tick * 100;
+            if blocks {
+                let mut sample = first;
+                while sample < first + 100 {
+                    if model.value(sensor, sample).is_none() {
+                        sample += 1;
+                        continue;
+                    }
+                    let run_start = sample;
+                    chunk.push_with(|out| {
+                        let _ = write!(
+                            out,
+                            r#"{{"sensor":"{id}","t0":{},"rate_hz":1000,"samples":["#,
+                            start_ms + run_start as i64
+                        );
+                        let mut first_value = true;
+                        while sample < first + 100 {
+                            let Some(v) = model.value(sensor, sample) else {
+                                break;
+                            };
+                            if !first_value {
+                                out.push(b',');
+                            }
+                            first_value = false;
+                            out.extend_from_slice(float.format(v).as_bytes());
+                            sample += 1;
+                        }
+                        out.extend_from_slice(b"]}");
+                    });
+                }
+            } else {
+                for sample in first..first + 100 {
+                    if let Some(v) = model.value(sensor, sample) {
+                        chunk.push_with(|out| {
+                            let _ = write!(
+                                out,
+                                r#"{{"sensor":"{id}","ts":{},"v":{}}}"#,
+                                start_ms + sample as i64,
+                                float.format(v)
+                            );
+                        });
+                    }
+                }
+            }
+        }
+        sender
+            .blocking_send(chunk)
+            .map_err(|_| anyhow::anyhow!("the pipeline stopped reading"))?;
+    }
+    Ok(())
 }
 
 const SQL: &str = "
@@ -120,9 +217,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The plan's parts with the null sink swapped for one that keeps the results to check.
+/// The plan's parts with the simulator swapped for a source fed by the publisher thread, and
+/// the null sink for one that keeps the results to check.
 struct CheckedFactory {
     plan: PlanFactory,
+    source: Mutex<Option<PayloadSource>>,
     results: Arc<Mutex<Vec<RecordBatch>>>,
 }
 
@@ -133,6 +232,17 @@ impl PipelineFactory for CheckedFactory {
 
     fn build(&self) -> weir_engine::Result<PipelineParts> {
         let mut parts = self.plan.build()?;
+        let source = self
+            .source
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .ok_or_else(|| {
+                weir_engine::EngineError::Internal(
+                    "the bench pipeline cannot restart: its publisher is gone".into(),
+                )
+            })?;
+        parts.source = Box::new(source);
         parts.sink = Box::new(CollectingSink(Arc::clone(&self.results)));
         Ok(parts)
     }
@@ -166,8 +276,18 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
         .next()
         .context("bench SQL has a pipeline")?;
     let results = Arc::new(Mutex::new(Vec::new()));
+    let plan_factory = PlanFactory::new(plan, DeadLetterQueue::default())?;
+    let (source, sender) = PayloadSource::channel(
+        "bench",
+        bench_schema(),
+        Some("ts"),
+        DecodeOptions::default(),
+        DeadLetterQueue::default(),
+        8,
+    )?;
     let factory = CheckedFactory {
-        plan: PlanFactory::new(plan, DeadLetterQueue::default())?,
+        plan: plan_factory,
+        source: Mutex::new(Some(source)),
         results: Arc::clone(&results),
     };
 
@@ -178,13 +298,21 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
             .build()
             .expect("a tokio runtime can be built")
     });
+    let blocks = payload == "json_blocks";
+    let (sensors, seconds) = (args.sensors, args.seconds);
     let (state, elapsed, snapshot) = system.block_on(async move {
         let engine = Engine::new(EngineOptions::default());
         let started = Instant::now();
         let mut handle = engine.start("vibration_rms".into(), Arc::new(factory))?;
+        // The publisher plays the sensors and the broker: it encodes payloads on its own
+        // thread, as devices do, so the figures are Weir's decoding and processing.
+        let publisher = std::thread::spawn(move || publish(&sender, sensors, seconds, blocks));
         let state = handle.wait().await;
         let elapsed = started.elapsed();
         engine.shutdown().await;
+        publisher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the publisher thread panicked"))??;
         Ok::<_, anyhow::Error>((state, elapsed, handle.metrics.snapshot()))
     })?;
     if state != PipelineState::Finished {

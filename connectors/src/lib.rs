@@ -21,6 +21,7 @@ pub mod decode;
 pub mod error;
 pub mod file;
 pub mod null;
+pub mod payload;
 pub mod registry;
 pub mod simulator;
 pub mod time;
