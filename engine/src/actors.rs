@@ -255,6 +255,20 @@ impl Handler<Stop> for OperatorActor {
     }
 }
 
+/// Stops an operator after writing its state to bytes, for a replacement to restore. Like
+/// [`Stop`], it queues behind the batches already in the mailbox, so the state covers them.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<u8>>")]
+pub struct StopAndSnapshot;
+
+impl Handler<StopAndSnapshot> for OperatorActor {
+    type Result = Result<Vec<u8>>;
+    fn handle(&mut self, _: StopAndSnapshot, ctx: &mut Self::Context) -> Self::Result {
+        ctx.stop();
+        Ok(self.operator.snapshot()?)
+    }
+}
+
 impl OperatorActor {
     fn run(&mut self, message: StreamMessage) -> Result<Vec<StreamMessage>> {
         let operator = &mut self.operator;

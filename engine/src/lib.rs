@@ -155,6 +155,7 @@ pub fn connector_spec(
     };
     Ok(ConnectorSpec {
         connector: connector.name.clone(),
+        name: String::new(),
         options,
         event_time,
     })
@@ -204,7 +205,8 @@ impl PipelineFactory for PlanFactory {
         let source_spec = connector_spec(
             source.connector.as_ref(),
             source.watermark.as_ref().map(|w| w.column.clone()),
-        )?;
+        )?
+        .with_name(&source.name);
         let operators = self
             .plan
             .operators
@@ -212,7 +214,7 @@ impl PipelineFactory for PlanFactory {
             .map(|node| weir_operators::build(node, &decoder))
             .collect::<weir_operators::Result<Vec<_>>>()?;
         let sink_schema = Arc::new(decoder.schema(&sink.schema)?.as_arrow().clone());
-        let sink_spec = connector_spec(sink.connector.as_ref(), None)?;
+        let sink_spec = connector_spec(sink.connector.as_ref(), None)?.with_name(&sink.name);
         Ok(PipelineParts {
             source: weir_connectors::build_source(
                 &source_spec,
@@ -251,12 +253,23 @@ impl PipelineHandle {
     }
 
     pub fn stop(&self) {
-        self.supervisor.do_send(Shutdown);
+        self.supervisor.do_send(Shutdown { snapshot: false });
     }
 
     /// Stops the pipeline and waits until its sink has flushed.
     pub async fn stop_and_wait(&self) {
-        let _ = self.supervisor.send(Shutdown).await;
+        let _ = self.supervisor.send(Shutdown { snapshot: false }).await;
+    }
+
+    /// Stops the pipeline like [`Self::stop_and_wait`] and returns the state of each operator
+    /// once the last batch in flight passed it, for [`Engine::start_with_state`]; `None` when
+    /// the pipeline was not running or its state could not be written.
+    pub async fn stop_and_snapshot(&self) -> Option<Vec<Vec<u8>>> {
+        self.supervisor
+            .send(Shutdown { snapshot: true })
+            .await
+            .ok()
+            .flatten()
     }
 }
 
@@ -265,6 +278,7 @@ pub struct Engine {
     options: EngineOptions,
     arbiters: Vec<Arbiter>,
     pipelines: Mutex<HashMap<String, PipelineHandle>>,
+    supervisors_started: std::sync::atomic::AtomicUsize,
 }
 
 impl Engine {
@@ -276,6 +290,7 @@ impl Engine {
             options,
             arbiters,
             pipelines: Mutex::new(HashMap::new()),
+            supervisors_started: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -296,6 +311,19 @@ impl Engine {
     /// copies never write to the same sink. Replacing a running pipeline is the live gateway's
     /// job (stop, wait, start).
     pub fn start(&self, name: String, factory: Arc<dyn PipelineFactory>) -> Result<PipelineHandle> {
+        self.start_with_state(name, factory, None)
+    }
+
+    /// Starts a pipeline whose operators first restore `state`, as returned by
+    /// [`PipelineHandle::stop_and_snapshot`] of the version it replaces. The caller checks
+    /// that the two versions have the same operators; if a restore fails anyway, the pipeline
+    /// starts with empty state and says so in the log.
+    pub fn start_with_state(
+        &self,
+        name: String,
+        factory: Arc<dyn PipelineFactory>,
+        state: Option<Vec<Vec<u8>>>,
+    ) -> Result<PipelineHandle> {
         if let Ok(pipelines) = self.pipelines.lock()
             && pipelines
                 .get(&name)
@@ -309,17 +337,21 @@ impl Engine {
             stages: supervisor::stage_metrics(factory.stage_names()),
             ..PipelineMetrics::default()
         });
-        let (state, receiver) = watch::channel(PipelineState::Starting);
+        let (state_sender, receiver) = watch::channel(PipelineState::Starting);
         let arbiters = self.arbiters.iter().map(Arbiter::handle).collect();
-        let supervisor = PipelineSupervisor::new(
+        let mut supervisor = PipelineSupervisor::new(
             name.clone(),
             factory,
             self.options.clone(),
             arbiters,
             Arc::clone(&metrics),
-            state,
-        )
-        .start();
+            state_sender,
+        );
+        supervisor.initial_state = state;
+        // Started on a worker arbiter rather than the caller's: callers such as the admin API
+        // run on plain tokio threads, where an actor cannot live.
+        let home = self.arbiters[self.next_home()].handle();
+        let supervisor = PipelineSupervisor::start_in_arbiter(&home, move |_| supervisor);
         let handle = PipelineHandle {
             name: name.clone(),
             metrics,
@@ -330,6 +362,24 @@ impl Engine {
             pipelines.insert(name, handle.clone());
         }
         Ok(handle)
+    }
+
+    /// Forgets a pipeline that has stopped, so that it is no longer listed.
+    pub fn forget(&self, name: &str) {
+        if let Ok(mut pipelines) = self.pipelines.lock()
+            && pipelines
+                .get(name)
+                .is_some_and(|p| p.state.borrow().is_terminal())
+        {
+            pipelines.remove(name);
+        }
+    }
+
+    /// The worker arbiter of the next supervisor, round robin.
+    fn next_home(&self) -> usize {
+        self.supervisors_started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % self.arbiters.len()
     }
 
     pub fn pipelines(&self) -> Vec<PipelineHandle> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::watch;
 
-use crate::actors::{OperatorActor, Outbox, SinkActor, SourceActor, Stop};
+use crate::actors::{OperatorActor, Outbox, SinkActor, SourceActor, Stop, StopAndSnapshot};
 use crate::error::EngineError;
 use crate::metrics::{PipelineMetrics, StageMetrics};
 use crate::{EngineOptions, PipelineFactory, PipelineState};
@@ -23,10 +23,15 @@ pub enum PipelineEvent {
     Finished { generation: u64 },
 }
 
-/// Stops the pipeline for good.
+/// Stops the pipeline for good, after every batch in flight has reached the sink. With
+/// `snapshot`, answers with the state of each operator (in graph order) as it was once the
+/// last batch passed, for a replacement pipeline to continue from; `None` when the pipeline
+/// was not running or an operator could not write its state.
 #[derive(Message)]
-#[rtype(result = "()")]
-pub struct Shutdown;
+#[rtype(result = "Option<Vec<Vec<u8>>>")]
+pub struct Shutdown {
+    pub snapshot: bool,
+}
 
 struct Running {
     source: Addr<SourceActor>,
@@ -35,13 +40,32 @@ struct Running {
 }
 
 impl Running {
-    /// Stops every actor and waits until each has handled the stop (the sink flushes).
-    async fn stop_and_wait(self) {
+    /// Stops every actor in graph order and waits until each has handled the stop, so what
+    /// was in flight reaches the sink, which flushes. With `snapshot`, each operator writes
+    /// its state as it stops.
+    async fn stop_and_wait(self, snapshot: bool) -> Option<Vec<Vec<u8>>> {
         let _ = self.source.send(Stop).await;
+        let mut states = Some(Vec::with_capacity(self.operators.len()));
         for operator in self.operators {
-            let _ = operator.send(Stop).await;
+            if snapshot {
+                let state = match operator.send(StopAndSnapshot).await {
+                    Ok(Ok(state)) => Some(state),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "operator state not kept: snapshot failed");
+                        None
+                    }
+                    Err(_) => None,
+                };
+                states = states.zip(state).map(|(mut all, one)| {
+                    all.push(one);
+                    all
+                });
+            } else {
+                let _ = operator.send(Stop).await;
+            }
         }
         let _ = self.sink.send(Stop).await;
+        if snapshot { states } else { None }
     }
 
     fn stop(self) {
@@ -63,6 +87,9 @@ pub struct PipelineSupervisor {
     pub(crate) generation: u64,
     /// Failures of this pipeline so far; restarts stop after `max_restarts`.
     pub(crate) failures: u32,
+    /// Operator state handed over by the version this pipeline replaced; restored on the
+    /// first launch only.
+    pub(crate) initial_state: Option<Vec<Vec<u8>>>,
     running: Option<Running>,
 }
 
@@ -84,6 +111,7 @@ impl PipelineSupervisor {
             state,
             generation: 0,
             failures: 0,
+            initial_state: None,
             running: None,
         }
     }
@@ -91,13 +119,37 @@ impl PipelineSupervisor {
     fn launch(&mut self, ctx: &mut Context<Self>) {
         self.generation += 1;
         let generation = self.generation;
-        let parts = match self.factory.build() {
+        let mut parts = match self.factory.build() {
             Ok(parts) => parts,
             Err(error) => {
                 self.on_failure(ctx, error);
                 return;
             }
         };
+        if let Some(states) = self.initial_state.take() {
+            let restored = if states.len() == parts.operators.len() {
+                parts
+                    .operators
+                    .iter_mut()
+                    .zip(&states)
+                    .try_for_each(|(operator, state)| operator.restore(state))
+            } else {
+                Err(weir_operators::OperatorError::Restore(
+                    "the replaced version has a different number of operators".into(),
+                ))
+            };
+            if let Err(error) = restored {
+                // The deploy-time check makes this rare; starting fresh beats not starting.
+                tracing::warn!(pipeline = %self.name, %error, "state of the replaced version not restored; starting fresh");
+                parts = match self.factory.build() {
+                    Ok(parts) => parts,
+                    Err(error) => {
+                        self.on_failure(ctx, error);
+                        return;
+                    }
+                };
+            }
+        }
         let stage = |i: usize| Arc::clone(&self.metrics.stages[i]);
         let me = ctx.address();
         let arbiter = |i: usize| self.arbiters[i % self.arbiters.len()].clone();
@@ -225,20 +277,22 @@ impl Handler<PipelineEvent> for PipelineSupervisor {
 }
 
 impl Handler<Shutdown> for PipelineSupervisor {
-    type Result = ResponseActFuture<Self, ()>;
+    type Result = ResponseActFuture<Self, Option<Vec<Vec<u8>>>>;
 
-    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, shutdown: Shutdown, _: &mut Self::Context) -> Self::Result {
         let running = self.running.take();
         Box::pin(
             async move {
-                if let Some(running) = running {
-                    running.stop_and_wait().await;
+                match running {
+                    Some(running) => running.stop_and_wait(shutdown.snapshot).await,
+                    None => None,
                 }
             }
             .into_actor(self)
-            .map(|(), supervisor, ctx| {
+            .map(|states, supervisor, ctx| {
                 let _ = supervisor.state.send(PipelineState::Stopped);
                 ctx.stop();
+                states
             }),
         )
     }
