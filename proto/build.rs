@@ -3,7 +3,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
-    config.compile_protos(&["proto/weir/plan/v1/plan.proto"], &["proto"])?;
+    config.compile_protos(
+        &[
+            "proto/weir/plan/v1/plan.proto",
+            "proto/sparkplug/sparkplug_b.proto",
+        ],
+        &["proto"],
+    )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

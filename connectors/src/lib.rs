@@ -1,9 +1,9 @@
 //! Weir's sources and sinks: everything that moves data into or out of a pipeline.
 //!
 //! ```text
-//!   file (CSV / JSON lines) ──┐                        ┌──> file / stdout (JSON lines, CSV)
-//!   simulator (vibration) ────┼─> RecordBatch ─> ... ─>┤
-//!   (mqtt, next issue) ───────┘   + dead letters       └──> null (benchmarks)
+//!   file (CSV / JSON lines) ───┐                        ┌──> file / stdout (JSON lines, CSV)
+//!   simulator (vibration) ─────┼─> RecordBatch ─> ... ─>┼──> mqtt (JSON rows or arrays)
+//!   mqtt (JSON/CSV/Sparkplug) ─┘   + dead letters       └──> null (benchmarks)
 //! ```
 //!
 //! What lives here: one folder per connector with its typed config, the payload decoders that
@@ -20,6 +20,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod error;
 pub mod file;
+pub mod mqtt;
 pub mod null;
 pub mod payload;
 pub mod registry;

@@ -18,19 +18,22 @@ use serde_json::{Map, Value};
 
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::{ConnectorError, Result};
-use crate::{Sink, Source, file, null, simulator};
+use crate::{Sink, Source, file, mqtt, null, simulator};
 
 /// Every source connector, by name.
-pub const SOURCES: &[SourceConnector] = &[file::SOURCE, simulator::SOURCE];
+pub const SOURCES: &[SourceConnector] = &[file::SOURCE, simulator::SOURCE, mqtt::SOURCE];
 
 /// Every sink connector, by name.
-pub const SINKS: &[SinkConnector] = &[file::SINK, file::STDOUT_SINK, null::SINK];
+pub const SINKS: &[SinkConnector] = &[file::SINK, file::STDOUT_SINK, null::SINK, mqtt::SINK];
 
 /// What SQL says about one source or sink: `WITH (connector = 'file', path = '...')`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectorSpec {
     /// The `connector` option: which connector to use.
     pub connector: String,
+    /// The SQL name of the source or sink, for logs, counters and dead letters; may be empty.
+    #[serde(default)]
+    pub name: String,
     /// Every other `WITH` option. Quoted SQL values arrive as JSON strings, numbers and
     /// booleans as JSON numbers and booleans.
     #[serde(default)]
@@ -45,9 +48,16 @@ impl ConnectorSpec {
     pub fn new(connector: impl Into<String>) -> Self {
         Self {
             connector: connector.into(),
+            name: String::new(),
             options: Map::new(),
             event_time: None,
         }
+    }
+
+    /// Sets the SQL name of the source or sink.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Adds one option; handy in tests and for programmatic pipelines.
@@ -262,8 +272,8 @@ mod tests {
 
     #[test]
     fn lists_every_connector() {
-        assert_eq!(source_connectors(), ["file", "simulator"]);
-        assert_eq!(sink_connectors(), ["file", "stdout", "null"]);
+        assert_eq!(source_connectors(), ["file", "simulator", "mqtt"]);
+        assert_eq!(sink_connectors(), ["file", "stdout", "null", "mqtt"]);
     }
 
     #[test]
@@ -272,11 +282,11 @@ mod tests {
         assert_eq!(
             message(validate_source(&ConnectorSpec::new("simulater"), &schema)),
             "unknown source connector 'simulater' (did you mean 'simulator'?); known source \
-             connectors: file, simulator"
+             connectors: file, simulator, mqtt"
         );
         assert_eq!(
             message(validate_sink(&ConnectorSpec::new("kafka"), &schema)),
-            "unknown sink connector 'kafka'; known sink connectors: file, stdout, null"
+            "unknown sink connector 'kafka'; known sink connectors: file, stdout, null, mqtt"
         );
         assert!(build_sink(&ConnectorSpec::new("nul"), schema).is_err());
     }

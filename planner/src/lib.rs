@@ -210,6 +210,7 @@ impl Compiler {
         let connector = connector(&source.options, source.position, "source")?;
         let spec = ConnectorSpec {
             connector: connector.name.clone(),
+            name: name.clone(),
             options: source.options.values.clone(),
             event_time: watermark.as_ref().map(|w| w.column.clone()),
         };
@@ -417,6 +418,7 @@ impl Compiler {
         let sink_connector = connector(&sink.options, sink.position, "sink")?;
         let spec = ConnectorSpec {
             connector: sink_connector.name.clone(),
+            name: sink_name.clone(),
             options: sink.options.values.clone(),
             event_time: None,
         };

@@ -1,13 +1,31 @@
-//! The Weir plan format: protobuf messages generated from `proto/weir/plan/v1/plan.proto`.
+//! Protobuf messages Weir reads and writes, generated at build time by prost.
 //!
-//! This crate only holds the generated types and the format version; the planner produces
-//! plans, the operators crate and the engine consume them. DataFusion expressions and schemas
-//! inside a plan are opaque bytes here (datafusion-proto messages) so this crate stays free of
-//! DataFusion.
+//! - [`plan`]: the Weir plan format, from `proto/weir/plan/v1/plan.proto`. The planner
+//!   produces plans, the operators crate and the engine consume them. DataFusion expressions
+//!   and schemas inside a plan are opaque bytes here (datafusion-proto messages) so this crate
+//!   stays free of DataFusion.
+//! - [`sparkplug`]: the Sparkplug B payload of industrial MQTT edge nodes, from
+//!   `proto/sparkplug/sparkplug_b.proto`. The connectors crate decodes it into rows.
+//!
+//! This crate only holds generated types and format constants, no behaviour.
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod plan {
     include!(concat!(env!("OUT_DIR"), "/weir.plan.v1.rs"));
+}
+
+/// Sparkplug B (Eclipse Sparkplug 3.0) payload messages, package `org.eclipse.tahu.protobuf`.
+///
+/// [`Payload`](sparkplug::Payload) is what an edge node publishes under
+/// `spBv1.0/{group}/{NBIRTH|NDATA|...}/{edge node}[/{device}]`; each
+/// [`Metric`](sparkplug::payload::Metric) carries its `datatype` as a
+/// [`DataType`](sparkplug::DataType) code (`Int8 = 1` ... `Boolean = 11`, `String = 12`,
+/// `DateTime = 13`, `Text = 14`, ...), which says how to read the value in the `value` oneof:
+/// signed integers travel as two's complement bits in `int_value` / `long_value`, `DateTime`
+/// as epoch milliseconds in `long_value`.
+#[allow(clippy::all, clippy::pedantic)]
+pub mod sparkplug {
+    include!(concat!(env!("OUT_DIR"), "/org.eclipse.tahu.protobuf.rs"));
 }
 
 /// The plan format this build writes and understands.

@@ -833,6 +833,46 @@ fn scan_string(b: &[u8], i: usize) -> DecodeResult<(usize, usize, bool, usize)> 
     }
 }
 
+/// When `payload` is a JSON array, writes the byte range of each element into `out` (so that
+/// each element can be decoded, or rejected, as a record of its own) and returns
+/// `Some(Ok(()))`; returns `None` when the payload is not an array at all.
+pub fn array_elements(
+    payload: &[u8],
+    out: &mut Vec<std::ops::Range<usize>>,
+) -> Option<DecodeResult<()>> {
+    let mut i = skip_ws(payload, 0);
+    if payload.get(i) != Some(&b'[') {
+        return None;
+    }
+    out.clear();
+    i = skip_ws(payload, i + 1);
+    if payload.get(i) == Some(&b']') {
+        i += 1;
+    } else {
+        loop {
+            let end = match scan_value(payload, i) {
+                Ok((_, end)) => end,
+                Err(error) => return Some(Err(error)),
+            };
+            out.push(i..end);
+            i = skip_ws(payload, end);
+            match payload.get(i) {
+                Some(b',') => i = skip_ws(payload, i + 1),
+                Some(b']') => {
+                    i += 1;
+                    break;
+                }
+                _ => return Some(Err(DecodeError::InvalidJson)),
+            }
+        }
+    }
+    Some(if skip_ws(payload, i) == payload.len() {
+        Ok(())
+    } else {
+        Err(DecodeError::InvalidJson)
+    })
+}
+
 /// Locates the value starting at `i`; returns it and the position just after it.
 #[inline(always)]
 fn scan_value(b: &[u8], i: usize) -> DecodeResult<(Value, usize)> {
@@ -1302,5 +1342,25 @@ mod tests {
                 Err(DecodeError::InvalidJson)
             );
         }
+    }
+
+    #[test]
+    fn arrays_split_into_their_elements() {
+        let mut ranges = Vec::new();
+        let payload = br#" [ {"a":1}, {"b":[1,2]} ,3 ] "#;
+        assert_eq!(array_elements(payload, &mut ranges), Some(Ok(())));
+        let elements: Vec<&[u8]> = ranges.iter().map(|r| &payload[r.clone()]).collect();
+        assert_eq!(elements, [&br#"{"a":1}"#[..], br#"{"b":[1,2]}"#, b"3"]);
+        assert_eq!(array_elements(b"[]", &mut ranges), Some(Ok(())));
+        assert!(ranges.is_empty());
+        assert_eq!(array_elements(br#"{"a":1}"#, &mut ranges), None);
+        assert_eq!(
+            array_elements(b"[1,", &mut ranges),
+            Some(Err(DecodeError::InvalidJson))
+        );
+        assert_eq!(
+            array_elements(b"[1] x", &mut ranges),
+            Some(Err(DecodeError::InvalidJson))
+        );
     }
 }

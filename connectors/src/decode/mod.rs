@@ -9,9 +9,12 @@
 //!
 //! - [`JsonDecoder`]: JSON objects, one sample per object or a block of samples per object.
 //! - [`CsvDecoder`]: CSV lines, columns matched by the header row.
+//! - [`SparkplugDecoder`]: Sparkplug B protobuf payloads with their MQTT topics, one row per
+//!   metric, aliases resolved through the birth certificates.
 
 pub mod csv;
 pub mod json;
+pub mod sparkplug;
 
 use std::sync::Arc;
 
@@ -24,6 +27,7 @@ use arrow::datatypes::{DataType, Field, SchemaRef, TimeUnit as ArrowTimeUnit};
 
 pub use self::csv::CsvDecoder;
 pub use self::json::JsonDecoder;
+pub use self::sparkplug::SparkplugDecoder;
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::{ConnectorError, Result};
 use crate::time::TimeUnit;
@@ -31,10 +35,12 @@ use crate::time::TimeUnit;
 /// Options shared by the decoders.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DecodeOptions {
-    /// Unit of epoch numbers in timestamp columns.
+    /// Unit of epoch numbers in timestamp columns. Sparkplug ignores it: its timestamps are
+    /// always milliseconds.
     pub time_unit: TimeUnit,
     /// Column that receives the samples of a JSON block; when `None`, the one numeric column
-    /// (other than event time) that the block object does not name.
+    /// (other than event time) that the block object does not name. For Sparkplug, the column
+    /// that receives metric values; when `None`, the column named `value`.
     pub value_column: Option<String>,
 }
 
@@ -92,6 +98,19 @@ pub enum DecodeError {
     /// A CSV line has an unterminated or misplaced quote.
     #[error("invalid csv quoting")]
     InvalidCsv,
+    /// An MQTT topic outside the `spBv1.0/{group}/{message type}/{edge node}[/{device}]`
+    /// namespace, or with a message type Sparkplug B does not define.
+    #[error("not a sparkplug topic")]
+    NotSparkplugTopic,
+    /// The payload is not a Sparkplug B protobuf, or breaks its rules: a `seq` above 255, a
+    /// birth metric without a name or with a repeated alias, a metric with neither name nor
+    /// alias.
+    #[error("invalid sparkplug payload")]
+    InvalidSparkplug,
+    /// A data message names a metric by an alias that no birth certificate of the
+    /// edge node or device defined, typically because the decoder started after the birth.
+    #[error("sparkplug metric alias without a birth certificate")]
+    UnknownSparkplugAlias,
 }
 
 type DecodeResult<T> = std::result::Result<T, DecodeError>;

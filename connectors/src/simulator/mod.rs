@@ -18,6 +18,7 @@
 //! event times may differ by a nanosecond (the decoder counts from each block's `t0`).
 
 mod config;
+pub mod messages;
 mod signal;
 
 use std::fmt::Write as _;
@@ -32,6 +33,7 @@ use arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit as ArrowTimeUnit};
 use tokio::time::Instant;
 
 pub use self::config::{DEFAULT_START, SimulatorConfig, SimulatorPayload};
+pub use self::messages::{MessageShape, SensorMessages};
 pub use self::signal::{FAULT_WINDOW_SECONDS, Fault, FaultKind, RESOLUTION, SignalModel};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::{DecodeOptions, JsonDecoder};

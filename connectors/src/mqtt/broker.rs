@@ -1,0 +1,152 @@
+//! The embedded MQTT broker: rumqttd on threads of its own, so a site needs nothing else.
+//!
+//! Sensors, `mosquitto_pub`/`mosquitto_sub` and Weir's own sources and sinks connect to it as
+//! to any MQTT 3.1.1 broker. It binds to loopback unless told otherwise. rumqttd keeps
+//! messages per subscription in an in-memory commit log of `segments` segments of
+//! `segment_bytes` each; that bounds the broker's memory and how much backlog a persistent
+//! session can hold while its subscriber is away.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConnectorError, Result};
+
+/// Settings of the embedded broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedBrokerConfig {
+    /// Address to listen on. Loopback by default: expose it to the plant network on purpose.
+    pub listen: SocketAddr,
+    /// Largest accepted message, in bytes.
+    pub max_message_bytes: usize,
+    /// Most simultaneous client connections.
+    pub max_connections: usize,
+    /// Size of one commit-log segment per subscription, in bytes.
+    pub segment_bytes: usize,
+    /// Segments kept per subscription; older messages are dropped beyond that.
+    pub segments: usize,
+    /// User name -> password; empty: no login required.
+    pub users: HashMap<String, String>,
+}
+
+impl Default for EmbeddedBrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_message_bytes: 1 << 20,
+            max_connections: 10_000,
+            segment_bytes: 8 << 20,
+            segments: 4,
+            users: HashMap::new(),
+        }
+    }
+}
+
+impl EmbeddedBrokerConfig {
+    /// Checks the settings; errors name the setting.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |message: &str| Err(ConnectorError::config("embedded broker", message));
+        if self.max_message_bytes == 0 || self.max_message_bytes > 256 << 20 {
+            return invalid("max_message_bytes must be between 1 and 268435456");
+        }
+        if self.segment_bytes < self.max_message_bytes {
+            return invalid("segment_bytes must be at least max_message_bytes");
+        }
+        if self.segments == 0 || self.max_connections == 0 {
+            return invalid("segments and max_connections must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// A running embedded broker. It stops with the process: rumqttd has no shutdown.
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    address: SocketAddr,
+}
+
+impl EmbeddedBroker {
+    /// Starts the broker and waits until it accepts connections. Fails when the address is
+    /// taken or the broker does not come up within a few seconds.
+    pub fn start(config: &EmbeddedBrokerConfig) -> Result<Self> {
+        config.validate()?;
+        let mut address = config.listen;
+        // rumqttd reports a failed bind only in its log, so find out first; port 0 asks
+        // for a free port, which rumqttd cannot report back either.
+        {
+            let probe = TcpListener::bind(address).map_err(|e| {
+                ConnectorError::config(
+                    "embedded broker",
+                    format!("cannot listen on {address}: {e}"),
+                )
+            })?;
+            if address.port() == 0 {
+                address = probe.local_addr().map_err(|e| {
+                    ConnectorError::Internal(format!("embedded broker address: {e}"))
+                })?;
+            }
+        }
+        let connections = ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: config.max_message_bytes,
+            max_inflight_count: 500,
+            auth: (!config.users.is_empty()).then(|| config.users.clone()),
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        let server = ServerSettings {
+            name: "weir-v4".into(),
+            listen: address,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections,
+        };
+        let rumqttd_config = Config {
+            id: 0,
+            router: RouterConfig {
+                max_connections: config.max_connections,
+                max_outgoing_packet_count: 200,
+                max_segment_size: config.segment_bytes,
+                max_segment_count: config.segments,
+                ..RouterConfig::default()
+            },
+            v4: Some(HashMap::from([("1".to_owned(), server)])),
+            ..Config::default()
+        };
+        std::thread::Builder::new()
+            .name("mqtt-broker".into())
+            .spawn(move || {
+                let mut broker = Broker::new(rumqttd_config);
+                if let Err(error) = broker.start() {
+                    tracing::error!(%error, "embedded MQTT broker stopped");
+                }
+            })
+            .map_err(|e| ConnectorError::Internal(format!("cannot start broker thread: {e}")))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+            if Instant::now() > deadline {
+                return Err(ConnectorError::config(
+                    "embedded broker",
+                    format!("did not start listening on {address}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::info!(%address, "embedded MQTT broker listening");
+        Ok(Self { address })
+    }
+
+    /// Where the broker listens.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// `mqtt://host:port` for clients.
+    pub fn url(&self) -> String {
+        format!("mqtt://{}", self.address)
+    }
+}

@@ -1,0 +1,589 @@
+//! The `mqtt` source: subscribe, decode messages in batches into Arrow, survive the broker.
+//!
+//! ```text
+//!  broker ──> client task (rumqttc event loop) ──> Inbox ──> MqttSource::next_event
+//!             reconnect, backoff, resubscribe       │        decode every pending message,
+//!                                                   │        flush on batch_size or linger
+//!                                   waits while full (backpressure to the broker's socket)
+//! ```
+//!
+//! The client task owns the connection and only moves messages into the [`Inbox`]: raw bytes
+//! appended to one buffer, so a burst of small messages costs no allocation each. The source
+//! takes the whole pending buffer at once, which batches naturally: when decoding keeps up,
+//! each take holds the few messages that arrived meanwhile; when it falls behind, the buffer
+//! grows until its cap, and then the task stops reading the socket, so the broker holds the
+//! backlog rather than the gateway's memory.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
+use arrow::datatypes::{Schema, SchemaRef};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use super::config::{BrokerConfig, MessageFormat, MqttSourceConfig};
+use super::topic::TopicPattern;
+use super::{MqttStats, RateLimitedLog};
+use crate::dead_letter::DeadLetterQueue;
+use crate::decode::json::array_elements;
+use crate::decode::{CsvDecoder, DecodeError, JsonDecoder, SparkplugDecoder};
+use crate::error::Result;
+use crate::{Source, SourceEvent, SourceFuture};
+
+/// Pending messages beyond which the client task stops reading from the broker.
+const INBOX_MAX_MESSAGES: usize = 65_536;
+/// Pending bytes beyond which the client task stops reading from the broker.
+const INBOX_MAX_BYTES: usize = 32 << 20;
+
+/// Messages handed from the client task to the source, as one byte buffer plus offsets.
+#[derive(Debug, Default)]
+pub(crate) struct Messages {
+    bytes: Vec<u8>,
+    /// Per message: end of its topic, end of its payload (in `bytes`).
+    ends: Vec<(usize, usize)>,
+}
+
+impl Messages {
+    fn push(&mut self, topic: &str, payload: &[u8]) {
+        self.bytes.extend_from_slice(topic.as_bytes());
+        let topic_end = self.bytes.len();
+        self.bytes.extend_from_slice(payload);
+        self.ends.push((topic_end, self.bytes.len()));
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    /// Each message as `(topic, payload)`. Topics were `&str` when pushed, so they are UTF-8.
+    fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(topic_end, end)| {
+            let topic = std::str::from_utf8(&self.bytes[start..topic_end]).unwrap_or_default();
+            let payload = &self.bytes[topic_end..end];
+            start = end;
+            (topic, payload)
+        })
+    }
+}
+
+/// The hand-over point between the client task and the source.
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    pending: Mutex<Messages>,
+    /// Signalled when messages are added.
+    arrived: Notify,
+    /// Signalled when the source took the pending messages.
+    taken: Notify,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, Messages> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a message, first waiting while the inbox is full.
+    async fn put(&self, topic: &str, payload: &[u8]) {
+        loop {
+            {
+                let mut pending = self.lock();
+                if pending.len() < INBOX_MAX_MESSAGES && pending.bytes.len() < INBOX_MAX_BYTES {
+                    pending.push(topic, payload);
+                    break;
+                }
+            }
+            self.taken.notified().await;
+        }
+        self.arrived.notify_one();
+    }
+
+    /// Swaps every pending message into `into` (which must be empty), waiting for one if
+    /// there is none. Cancel-safe: nothing is taken until the swap, which does not wait.
+    async fn take(&self, into: &mut Messages) {
+        loop {
+            {
+                let mut pending = self.lock();
+                if pending.len() > 0 {
+                    std::mem::swap(&mut *pending, into);
+                    drop(pending);
+                    self.taken.notify_one();
+                    return;
+                }
+            }
+            self.arrived.notified().await;
+        }
+    }
+}
+
+/// Decodes message payloads of one format.
+enum PayloadDecoder {
+    Json {
+        decoder: JsonDecoder,
+        elements: Vec<std::ops::Range<usize>>,
+    },
+    Csv(CsvDecoder),
+    Sparkplug(SparkplugDecoder),
+}
+
+impl PayloadDecoder {
+    fn len(&self) -> usize {
+        match self {
+            Self::Json { decoder, .. } => decoder.len(),
+            Self::Csv(decoder) => decoder.len(),
+            Self::Sparkplug(decoder) => decoder.len(),
+        }
+    }
+
+    fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        match self {
+            Self::Json { decoder, .. } => decoder.flush(),
+            Self::Csv(decoder) => decoder.flush(),
+            Self::Sparkplug(decoder) => decoder.flush(),
+        }
+    }
+
+    /// Decodes one message; every rejected record goes to `reject`. Returns the rows added.
+    fn decode(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        reject: &mut impl FnMut(&DecodeError, &[u8]),
+    ) -> usize {
+        match self {
+            Self::Json { decoder, elements } => match array_elements(payload, elements) {
+                None => decoder.decode_record(payload).unwrap_or_else(|error| {
+                    reject(&error, payload);
+                    0
+                }),
+                Some(Err(error)) => {
+                    reject(&error, payload);
+                    0
+                }
+                Some(Ok(())) => {
+                    let mut rows = 0;
+                    for range in elements.iter() {
+                        let element = &payload[range.clone()];
+                        match decoder.decode_record(element) {
+                            Ok(added) => rows += added,
+                            Err(error) => reject(&error, element),
+                        }
+                    }
+                    rows
+                }
+            },
+            Self::Csv(decoder) => {
+                let mut rows = 0;
+                for line in payload.split(|&b| b == b'\n') {
+                    let line = line.trim_ascii();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    match decoder.decode_record(line) {
+                        Ok(added) => rows += added,
+                        Err(error) => reject(&error, line),
+                    }
+                }
+                rows
+            }
+            Self::Sparkplug(decoder) => {
+                decoder
+                    .decode_message(topic, payload)
+                    .unwrap_or_else(|error| {
+                        reject(&error, payload);
+                        0
+                    })
+            }
+        }
+    }
+}
+
+/// Where each column of the source's batches comes from.
+#[derive(Debug, Clone, Copy)]
+enum ColumnOrigin {
+    /// Column `i` of the decoded payload batch.
+    Payload(usize),
+    /// Named topic level `i` of the pattern.
+    Topic(usize),
+}
+
+/// Reads one MQTT subscription; see the module docs.
+pub struct MqttSource {
+    name: String,
+    schema: SchemaRef,
+    config: MqttSourceConfig,
+    max_message_bytes: usize,
+    pattern: TopicPattern,
+    decoder: PayloadDecoder,
+    origins: Vec<ColumnOrigin>,
+    /// One builder per named topic level, filled alongside the decoder.
+    levels: Vec<StringBuilder>,
+    level_values: Vec<String>,
+    dead_letters: DeadLetterQueue,
+    stats: Arc<MqttStats>,
+    inbox: Arc<Inbox>,
+    taken: Messages,
+    oldest_pending: Option<Instant>,
+    client: Option<ClientTask>,
+    connection: Option<(MqttOptions, QoS)>,
+}
+
+impl MqttSource {
+    /// A source for `schema`, not yet connected: the connection is made on the first poll,
+    /// inside the engine's runtime. Reads the TLS files, if any.
+    pub fn new(
+        name: &str,
+        broker: &BrokerConfig,
+        config: MqttSourceConfig,
+        schema: SchemaRef,
+        event_time: Option<&str>,
+        dead_letters: DeadLetterQueue,
+    ) -> Result<Self> {
+        let mut source = Self::check(name, broker, config, schema, event_time, dead_letters)?;
+        let client_id = broker
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("weir-{}-{:08x}", sanitize(name), rand::random::<u32>()));
+        let options = broker.mqtt_options(&client_id, source.config.clean_session)?;
+        source.connection = Some((options, source.config.qos.level()));
+        Ok(source)
+    }
+
+    /// Checks the options and schema as [`Self::new`] does, without reading files (which
+    /// exist only on the gateway, while the SQL may be compiled elsewhere).
+    pub fn check(
+        name: &str,
+        broker: &BrokerConfig,
+        config: MqttSourceConfig,
+        schema: SchemaRef,
+        event_time: Option<&str>,
+        dead_letters: DeadLetterQueue,
+    ) -> Result<Self> {
+        broker.validate(config.clean_session)?;
+        config.validate()?;
+        let pattern = TopicPattern::parse(&config.topic, &schema)?;
+        // Columns filled from the topic are not decoded from the payload.
+        let mut origins = Vec::with_capacity(schema.fields().len());
+        let mut payload_fields = Vec::new();
+        for field in schema.fields() {
+            match pattern.captures.iter().position(|(_, c)| c == field.name()) {
+                Some(level) => origins.push(ColumnOrigin::Topic(level)),
+                None => {
+                    origins.push(ColumnOrigin::Payload(payload_fields.len()));
+                    payload_fields.push(field.clone());
+                }
+            }
+        }
+        let payload_schema = Arc::new(Schema::new(payload_fields));
+        let options = config.decode_options();
+        let decoder = match config.format {
+            MessageFormat::Json => PayloadDecoder::Json {
+                decoder: JsonDecoder::new(payload_schema, event_time, options)?,
+                elements: Vec::new(),
+            },
+            MessageFormat::Csv => {
+                PayloadDecoder::Csv(CsvDecoder::new(payload_schema, event_time, options)?)
+            }
+            MessageFormat::Sparkplug => PayloadDecoder::Sparkplug(SparkplugDecoder::new(
+                payload_schema,
+                event_time,
+                options,
+            )?),
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            levels: pattern
+                .captures
+                .iter()
+                .map(|_| StringBuilder::new())
+                .collect(),
+            level_values: Vec::new(),
+            schema,
+            max_message_bytes: broker.max_message_bytes,
+            pattern,
+            decoder,
+            origins,
+            dead_letters,
+            stats: MqttStats::named(name),
+            inbox: Arc::default(),
+            taken: Messages::default(),
+            oldest_pending: None,
+            client: None,
+            connection: None,
+            config,
+        })
+    }
+
+    /// Connection and message counters of this source.
+    pub fn stats(&self) -> Arc<MqttStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn start_client(&mut self) {
+        if let Some((options, qos)) = self.connection.take() {
+            self.client = Some(ClientTask::spawn(
+                self.name.clone(),
+                options,
+                self.pattern.filter.clone(),
+                qos,
+                Arc::clone(&self.inbox),
+                Arc::clone(&self.stats),
+            ));
+        }
+    }
+
+    fn decode_taken(&mut self) {
+        let Self {
+            taken,
+            decoder,
+            pattern,
+            levels,
+            level_values,
+            dead_letters,
+            name,
+            stats,
+            max_message_bytes,
+            ..
+        } = self;
+        let mut rejected = 0u64;
+        for (topic, payload) in taken.iter() {
+            stats.messages.fetch_add(1, Ordering::Relaxed);
+            if payload.len() > *max_message_bytes {
+                dead_letters.push(name, "message too large", payload);
+                rejected += 1;
+                continue;
+            }
+            let mut captured = Vec::new();
+            if !pattern.capture(topic, &mut captured) {
+                dead_letters.push(name, "topic does not match the pattern", topic.as_bytes());
+                rejected += 1;
+                continue;
+            }
+            level_values.clear();
+            level_values.extend(captured.iter().map(|s| (*s).to_owned()));
+            let rows = decoder.decode(topic, payload, &mut |error, record| {
+                dead_letters.push(name, &error.to_string(), record);
+                rejected += 1;
+            });
+            for (builder, value) in levels.iter_mut().zip(level_values.iter()) {
+                for _ in 0..rows {
+                    builder.append_value(value);
+                }
+            }
+        }
+        stats.rejected.fetch_add(rejected, Ordering::Relaxed);
+        taken.clear();
+    }
+
+    fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        self.oldest_pending = None;
+        let Some(payload) = self.decoder.flush()? else {
+            return Ok(None);
+        };
+        let levels: Vec<ArrayRef> = self
+            .levels
+            .iter_mut()
+            .map(|b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
+        let columns = self
+            .origins
+            .iter()
+            .map(|origin| match origin {
+                ColumnOrigin::Payload(i) => Arc::clone(payload.column(*i)),
+                ColumnOrigin::Topic(i) => Arc::clone(&levels[*i]),
+            })
+            .collect();
+        Ok(Some(RecordBatch::try_new(
+            Arc::clone(&self.schema),
+            columns,
+        )?))
+    }
+
+    async fn next(&mut self) -> Result<SourceEvent> {
+        self.start_client();
+        loop {
+            if self.decoder.len() >= self.config.batch_size
+                && let Some(batch) = self.flush()?
+            {
+                return Ok(SourceEvent::Batch(batch));
+            }
+            match self.oldest_pending {
+                None => self.inbox.take(&mut self.taken).await,
+                Some(oldest) => {
+                    let deadline = tokio::time::Instant::from_std(oldest + self.config.linger);
+                    let take = self.inbox.take(&mut self.taken);
+                    if tokio::time::timeout_at(deadline, take).await.is_err() {
+                        if let Some(batch) = self.flush()? {
+                            return Ok(SourceEvent::Batch(batch));
+                        }
+                        continue;
+                    }
+                }
+            }
+            self.decode_taken();
+            if self.decoder.len() > 0 && self.oldest_pending.is_none() {
+                self.oldest_pending = Some(Instant::now());
+            }
+        }
+    }
+}
+
+impl Source for MqttSource {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn next_event(&mut self) -> SourceFuture<'_> {
+        Box::pin(self.next())
+    }
+}
+
+/// A client id made only of characters every broker accepts.
+pub(crate) fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect()
+}
+
+/// The task that owns the broker connection of a source; aborted when dropped.
+struct ClientTask {
+    task: JoinHandle<()>,
+    client: AsyncClient,
+}
+
+impl ClientTask {
+    fn spawn(
+        name: String,
+        options: MqttOptions,
+        filter: String,
+        qos: QoS,
+        inbox: Arc<Inbox>,
+        stats: Arc<MqttStats>,
+    ) -> Self {
+        let (client, events) = AsyncClient::new(options, 64);
+        let task = tokio::spawn(run_client(
+            name,
+            client.clone(),
+            events,
+            filter,
+            qos,
+            inbox,
+            stats,
+        ));
+        Self { task, client }
+    }
+}
+
+impl Drop for ClientTask {
+    fn drop(&mut self) {
+        // Say goodbye if the connection is up; the abort below ends the task either way.
+        let _ = self.client.try_disconnect();
+        self.task.abort();
+    }
+}
+
+/// Drives the connection: moves publishes into the inbox, subscribes after every connect,
+/// and reconnects with exponential backoff and jitter after any failure.
+async fn run_client(
+    name: String,
+    client: AsyncClient,
+    mut events: EventLoop,
+    filter: String,
+    qos: QoS,
+    inbox: Arc<Inbox>,
+    stats: Arc<MqttStats>,
+) {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times();
+    let mut delays = backoff.build();
+    let mut failures = RateLimitedLog::new(Duration::from_secs(30));
+    let mut connected = false;
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                inbox.put(&publish.topic, &publish.payload).await;
+            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                stats.connects.fetch_add(1, Ordering::Relaxed);
+                stats.up.store(1, Ordering::Relaxed);
+                delays = backoff.build();
+                if failures.suppressed() > 0 || stats.connects.load(Ordering::Relaxed) > 1 {
+                    tracing::info!(source = %name, "reconnected to the MQTT broker");
+                }
+                failures.reset();
+                // A clean session forgets subscriptions; a persistent one keeps them, and
+                // subscribing again is harmless, so subscribe after every connect.
+                // `try_`: this task is what drains the client's request channel.
+                if let Err(error) = client.try_subscribe(filter.clone(), qos) {
+                    tracing::error!(source = %name, %error, "cannot subscribe");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                use rumqttc::SubscribeReasonCode;
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    stats.subscribe_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        source = %name,
+                        topic = %filter,
+                        "the broker refused the subscription (not authorised for this topic?)"
+                    );
+                } else {
+                    stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                if connected {
+                    stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                connected = false;
+                stats.up.store(0, Ordering::Relaxed);
+                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = failures.allow() {
+                    tracing::warn!(
+                        source = %name,
+                        error = %describe(&error),
+                        suppressed,
+                        "MQTT broker unavailable; retrying with backoff"
+                    );
+                }
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// A connection error as a person would say it.
+pub(crate) fn describe(error: &ConnectionError) -> String {
+    match error {
+        ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection ({code:?}); check username and password")
+        }
+        ConnectionError::Io(io) => format!("network: {io}"),
+        other => other.to_string(),
+    }
+}

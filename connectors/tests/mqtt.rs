@@ -1,0 +1,623 @@
+//! The `mqtt` source and sink against real brokers: the embedded one (rumqttd) and Mosquitto
+//! (a broker Weir did not write), each started on a free loopback port by the test.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::task::JoinHandle;
+use weir_connectors::mqtt::mosquitto::{self, Mosquitto};
+use weir_connectors::mqtt::{EmbeddedBroker, EmbeddedBrokerConfig, MqttStats};
+use weir_connectors::{ConnectorSpec, DeadLetterQueue, SourceEvent};
+
+/// A broker for one test; Mosquitto is killed when dropped.
+enum TestBroker {
+    Embedded(EmbeddedBroker),
+    Mosquitto(Mosquitto),
+}
+
+impl TestBroker {
+    fn url(&self) -> String {
+        match self {
+            Self::Embedded(broker) => broker.url(),
+            Self::Mosquitto(broker) => broker.url(),
+        }
+    }
+}
+
+fn embedded() -> TestBroker {
+    let config = EmbeddedBrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        ..EmbeddedBrokerConfig::default()
+    };
+    TestBroker::Embedded(EmbeddedBroker::start(&config).expect("embedded broker"))
+}
+
+fn mosquitto() -> TestBroker {
+    assert!(
+        mosquitto::binary().is_some(),
+        "Mosquitto is not installed: run ./scripts/test.sh, which installs it"
+    );
+    TestBroker::Mosquitto(Mosquitto::start().expect("mosquitto"))
+}
+
+fn vibration_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("sensor", DataType::Utf8, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+        Field::new("v", DataType::Float64, true),
+        Field::new("unit", DataType::Utf8, true),
+    ]))
+}
+
+/// A source drained by a task into a shared list of batches.
+struct Running {
+    batches: Arc<Mutex<Vec<RecordBatch>>>,
+    stats: Arc<MqttStats>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    fn start(spec: ConnectorSpec, schema: SchemaRef, dead_letters: DeadLetterQueue) -> Self {
+        let stats = MqttStats::named(&spec.name);
+        let mut source =
+            weir_connectors::build_source(&spec, schema, dead_letters).expect("source");
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&batches);
+        let task = tokio::spawn(async move {
+            while let SourceEvent::Batch(batch) = source.next_event().await.expect("source event") {
+                sink.lock().expect("lock").push(batch);
+            }
+        });
+        Self {
+            batches,
+            stats,
+            task,
+        }
+    }
+
+    fn rows(&self) -> Vec<String> {
+        let batches = self.batches.lock().expect("lock");
+        let mut rows = render(&batches);
+        rows.sort();
+        rows
+    }
+
+    fn row_count(&self) -> usize {
+        let batches = self.batches.lock().expect("lock");
+        batches.iter().map(RecordBatch::num_rows).sum()
+    }
+
+    async fn subscribed(&self, times: u64) {
+        let stats = Arc::clone(&self.stats);
+        wait_until("the source to subscribe", move || {
+            stats.subscriptions.load(Ordering::Relaxed) >= times
+        })
+        .await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `rows`, sorted as [`Running::rows`] sorts.
+fn sorted(rows: &[&str]) -> Vec<String> {
+    let mut rows: Vec<String> = rows.iter().map(|r| (*r).to_owned()).collect();
+    rows.sort();
+    rows
+}
+
+/// Each row as `a|b|c`, NULL as `null`, timestamps in Arrow's display form.
+fn render(batches: &[RecordBatch]) -> Vec<String> {
+    let options = FormatOptions::default().with_null("null");
+    let mut rows = Vec::new();
+    for batch in batches {
+        let formatters: Vec<_> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).expect("formatter"))
+            .collect();
+        for row in 0..batch.num_rows() {
+            let cells: Vec<String> = formatters
+                .iter()
+                .map(|f| f.value(row).to_string())
+                .collect();
+            rows.push(cells.join("|"));
+        }
+    }
+    rows
+}
+
+/// Polls `done` every 10 ms; fails the test after 20 s. A bound on waiting for an outcome,
+/// not a measurement: the test asserts what arrived, never how fast.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Publishes every message and waits until the broker has acknowledged them all (QoS 1).
+async fn publish(url: &str, messages: &[(&str, Vec<u8>)]) {
+    let address = url.trim_start_matches("mqtt://");
+    let (host, port) = address.rsplit_once(':').expect("host:port");
+    let mut options = MqttOptions::new(
+        format!("test-pub-{:08x}", rand::random::<u32>()),
+        host,
+        port.parse().expect("port"),
+    );
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, messages.len() + 10);
+    for (topic, payload) in messages {
+        client
+            .publish(*topic, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .expect("queue publish");
+    }
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked < messages.len() {
+        assert!(Instant::now() < deadline, "broker did not acknowledge");
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => panic!("publisher: {error}"),
+            Err(_) => {}
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+/// Subscribes and collects `(topic, payload)` of every message received.
+struct Subscriber {
+    messages: Arc<Mutex<Vec<(String, String, bool)>>>,
+    task: JoinHandle<()>,
+}
+
+impl Subscriber {
+    async fn start(url: &str, filter: &str) -> Self {
+        let address = url.trim_start_matches("mqtt://");
+        let (host, port) = address.rsplit_once(':').expect("host:port");
+        let options = MqttOptions::new(
+            format!("test-sub-{:08x}", rand::random::<u32>()),
+            host,
+            port.parse().expect("port"),
+        );
+        let (client, mut events) = AsyncClient::new(options, 10);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        loop {
+            match events.poll().await.expect("subscriber connection") {
+                Event::Incoming(Packet::SubAck(_)) => break,
+                _ => continue,
+            }
+        }
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&messages);
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event {
+                    sink.lock().expect("lock").push((
+                        p.topic.clone(),
+                        String::from_utf8_lossy(&p.payload).into_owned(),
+                        p.retain,
+                    ));
+                }
+            }
+        });
+        Self { messages, task }
+    }
+
+    fn messages(&self) -> Vec<(String, String, bool)> {
+        self.messages.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn source_spec(name: &str, url: &str, topic: &str) -> ConnectorSpec {
+    ConnectorSpec::new("mqtt")
+        .with_name(name)
+        .with_option("url", url)
+        .with_option("topic", topic)
+        .with_option("linger", "5ms")
+        .with_event_time("ts")
+}
+
+async fn samples_blocks_arrays_and_topic_keys(broker: TestBroker, name: &str) {
+    let url = broker.url();
+    let running = Running::start(
+        source_spec(name, &url, "plant1/{sensor}/vibration"),
+        vibration_schema(),
+        DeadLetterQueue::default(),
+    );
+    running.subscribed(1).await;
+    publish(
+        &url,
+        &[
+            (
+                "plant1/s1/vibration",
+                br#"{"ts":1000,"v":1.5,"unit":"g"}"#.to_vec(),
+            ),
+            (
+                "plant1/s2/vibration",
+                br#"[{"ts":1000,"v":2.0},{"ts":1001,"v":2.5}]"#.to_vec(),
+            ),
+            (
+                "plant1/s3/vibration",
+                br#"{"t0":2000,"rate_hz":1000,"samples":[1,2,3]}"#.to_vec(),
+            ),
+            // The topic wins over a field of the same name in the payload.
+            (
+                "plant1/s4/vibration",
+                br#"{"sensor":"other","ts":3000,"v":4}"#.to_vec(),
+            ),
+            ("plant2/s9/vibration", br#"{"ts":1000,"v":9}"#.to_vec()),
+            ("plant1/s9/temperature", br#"{"ts":1000,"v":9}"#.to_vec()),
+        ],
+    )
+    .await;
+    wait_until("7 rows", || running.row_count() >= 7).await;
+    // Give a wrongly routed message time to show up before checking it did not.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        running.rows(),
+        sorted(&[
+            "s1|1970-01-01T00:00:01|1.5|g",
+            "s2|1970-01-01T00:00:01|2.0|null",
+            "s2|1970-01-01T00:00:01.001|2.5|null",
+            "s3|1970-01-01T00:00:02|1.0|null",
+            "s3|1970-01-01T00:00:02.001|2.0|null",
+            "s3|1970-01-01T00:00:02.002|3.0|null",
+            "s4|1970-01-01T00:00:03|4.0|null",
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_samples_blocks_arrays_and_topic_keys() {
+    samples_blocks_arrays_and_topic_keys(embedded(), "keys-embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_samples_blocks_arrays_and_topic_keys() {
+    samples_blocks_arrays_and_topic_keys(mosquitto(), "keys-mosquitto").await;
+}
+
+async fn malformed_messages_are_dead_lettered_per_reason(broker: TestBroker, name: &str) {
+    let url = broker.url();
+    let dead_letters = DeadLetterQueue::default();
+    let running = Running::start(
+        source_spec(name, &url, "m/{sensor}").with_option("max_message_bytes", 200),
+        vibration_schema(),
+        dead_letters.clone(),
+    );
+    running.subscribed(1).await;
+    let mut too_large = br#"{"ts":1000,"v":1,"unit":""#.to_vec();
+    too_large.extend(std::iter::repeat_n(b'x', 300));
+    too_large.extend(br#""}"#);
+    publish(
+        &url,
+        &[
+            ("m/a", too_large),
+            (
+                "m/a",
+                b"{\"ts\":1000,\"v\":1,\"unit\":\"\xff\xfe\"}".to_vec(),
+            ),
+            ("m/a", b"{\"ts\":1000,".to_vec()),
+            ("m/a", br#"{"ts":1000,"v":"0.5"}"#.to_vec()),
+            ("m/a", br#"{"v":1.0}"#.to_vec()),
+            ("m/a", br#"{"ts":1000,"v":"NaN"}"#.to_vec()),
+            (
+                "m/a",
+                br#"[{"ts":1000,"v":1},{"v":2},{"ts":1001,"v":3}]"#.to_vec(),
+            ),
+            ("m/b", br#"{"ts":1002,"v":4}"#.to_vec()),
+        ],
+    )
+    .await;
+    wait_until("3 good rows and 7 letters", || {
+        running.row_count() >= 3 && dead_letters.count() >= 7
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        running.rows(),
+        sorted(&[
+            "a|1970-01-01T00:00:01|1.0|null",
+            "a|1970-01-01T00:00:01.001|3.0|null",
+            "b|1970-01-01T00:00:01.002|4.0|null",
+        ])
+    );
+    let mut reasons = dead_letters.counts_by_reason();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            ("invalid json".to_owned(), 1),
+            ("invalid utf-8".to_owned(), 1),
+            ("message too large".to_owned(), 1),
+            ("missing field 'ts'".to_owned(), 2),
+            ("non-numeric value for 'v'".to_owned(), 1),
+            ("wrong type for 'v': expected number".to_owned(), 1),
+        ]
+    );
+    let stats = MqttStats::named(name);
+    assert_eq!(stats.messages.load(Ordering::Relaxed), 8);
+    assert_eq!(stats.rejected.load(Ordering::Relaxed), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_malformed_messages_are_dead_lettered_per_reason() {
+    malformed_messages_are_dead_lettered_per_reason(embedded(), "bad-embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_malformed_messages_are_dead_lettered_per_reason() {
+    malformed_messages_are_dead_lettered_per_reason(mosquitto(), "bad-mosquitto").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_lines_fill_the_columns_not_taken_from_the_topic() {
+    let broker = embedded();
+    let url = broker.url();
+    let dead_letters = DeadLetterQueue::default();
+    let running = Running::start(
+        source_spec("csv", &url, "c/{sensor}").with_option("format", "csv"),
+        vibration_schema(),
+        dead_letters.clone(),
+    );
+    running.subscribed(1).await;
+    publish(
+        &url,
+        &[("c/s1", b"1000,1.5,g\n1001,2.5,\n\nbad,1,x\n".to_vec())],
+    )
+    .await;
+    wait_until("2 rows", || {
+        running.row_count() >= 2 && dead_letters.count() >= 1
+    })
+    .await;
+    assert_eq!(
+        running.rows(),
+        sorted(&[
+            "s1|1970-01-01T00:00:01|1.5|g",
+            "s1|1970-01-01T00:00:01.001|2.5|null"
+        ])
+    );
+    assert_eq!(
+        dead_letters.counts_by_reason(),
+        [("invalid timestamp for 'ts'".to_owned(), 1)]
+    );
+}
+
+fn result_batch() -> RecordBatch {
+    use arrow::array::{Float64Array, StringArray, TimestampNanosecondArray};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("sensor", DataType::Utf8, false),
+        Field::new(
+            "window_end",
+            DataType::Timestamp(TimeUnit::Nanosecond, None),
+            false,
+        ),
+        Field::new("rms", DataType::Float64, true),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec!["s1", "s2", "s1"])),
+            Arc::new(TimestampNanosecondArray::from(vec![
+                1_000_000_000,
+                1_000_000_000,
+                2_000_000_000,
+            ])),
+            Arc::new(Float64Array::from(vec![Some(0.5), None, Some(f64::NAN)])),
+        ],
+    )
+    .expect("batch")
+}
+
+async fn sink_publishes_rows_on_templated_topics(broker: TestBroker, name: &str) {
+    let url = broker.url();
+    let subscriber = Subscriber::start(&url, "results/#").await;
+    let batch = result_batch();
+    let rows_spec = ConnectorSpec::new("mqtt")
+        .with_name(name)
+        .with_option("url", url.as_str())
+        .with_option("topic", "results/rows/{sensor}");
+    let arrays_spec = ConnectorSpec::new("mqtt")
+        .with_name(name)
+        .with_option("url", url.as_str())
+        .with_option("topic", "results/arrays/{sensor}")
+        .with_option("mode", "batch")
+        .with_option("timestamps", "epoch_ms");
+    for spec in [rows_spec, arrays_spec] {
+        let mut sink = weir_connectors::build_sink(&spec, batch.schema()).expect("sink");
+        sink.write_batch(&batch).expect("write");
+        sink.flush().expect("flush");
+        // Dropping the sink sends what is queued before disconnecting.
+        drop(sink);
+    }
+    // Compare whatever arrived, so a failure shows what is missing.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while subscriber.messages().len() < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut messages = subscriber.messages();
+    messages.sort();
+    let expected = [
+        (
+            "results/arrays/s1",
+            r#"[{"sensor":"s1","window_end":1000,"rms":0.5},{"sensor":"s1","window_end":2000,"rms":null}]"#,
+        ),
+        (
+            "results/arrays/s2",
+            r#"[{"sensor":"s2","window_end":1000,"rms":null}]"#,
+        ),
+        (
+            "results/rows/s1",
+            r#"{"sensor":"s1","window_end":"1970-01-01T00:00:01Z","rms":0.5}"#,
+        ),
+        (
+            "results/rows/s1",
+            r#"{"sensor":"s1","window_end":"1970-01-01T00:00:02Z","rms":null}"#,
+        ),
+        (
+            "results/rows/s2",
+            r#"{"sensor":"s2","window_end":"1970-01-01T00:00:01Z","rms":null}"#,
+        ),
+    ];
+    let got: Vec<(&str, &str)> = messages
+        .iter()
+        .map(|(t, p, _)| (t.as_str(), p.as_str()))
+        .collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_sink_publishes_rows_on_templated_topics() {
+    sink_publishes_rows_on_templated_topics(embedded(), "sink-embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sink_publishes_rows_on_templated_topics() {
+    sink_publishes_rows_on_templated_topics(mosquitto(), "sink-mosquitto").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_results_reach_late_subscribers() {
+    let broker = mosquitto();
+    let url = broker.url();
+    let spec = ConnectorSpec::new("mqtt")
+        .with_name("retain")
+        .with_option("url", url.as_str())
+        .with_option("topic", "state/{sensor}")
+        .with_option("retain", true);
+    let batch = result_batch();
+    let mut sink = weir_connectors::build_sink(&spec, batch.schema()).expect("sink");
+    sink.write_batch(&batch).expect("write");
+    drop(sink);
+    let subscriber = Subscriber::start(&url, "state/#").await;
+    wait_until("2 retained messages", || subscriber.messages().len() >= 2).await;
+    let messages = subscriber.messages();
+    assert!(
+        messages.iter().all(|(_, _, retained)| *retained),
+        "{messages:?}"
+    );
+    let s1 = messages
+        .iter()
+        .find(|(t, _, _)| t == "state/s1")
+        .expect("s1");
+    assert!(
+        s1.1.contains("1970-01-01T00:00:02Z"),
+        "last value per topic: {s1:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_reconnects_and_resubscribes_after_the_broker_restarts() {
+    let Some(_) = mosquitto::binary() else {
+        panic!("Mosquitto is not installed: run ./scripts/test.sh, which installs it");
+    };
+    let mut broker = Mosquitto::start().expect("mosquitto");
+    let port = broker.address().port();
+    let url = broker.url();
+    let running = Running::start(
+        source_spec("restart", &url, "r/{sensor}").with_option("keep_alive", "2s"),
+        vibration_schema(),
+        DeadLetterQueue::default(),
+    );
+    running.subscribed(1).await;
+    let batch = |from: i64, to: i64| -> Vec<(&'static str, Vec<u8>)> {
+        (from..to)
+            .map(|i| ("r/s1", format!(r#"{{"ts":{i},"v":{i}}}"#).into_bytes()))
+            .collect()
+    };
+    publish(&url, &batch(0, 100)).await;
+    wait_until("the first 100 rows", || running.row_count() >= 100).await;
+
+    broker.kill();
+    let stats = Arc::clone(&running.stats);
+    wait_until("the source to notice", || {
+        stats.disconnects.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    let _restarted = Mosquitto::start_on(port).expect("mosquitto again");
+    running.subscribed(2).await;
+    publish(&url, &batch(100, 200)).await;
+    wait_until("all 200 rows", || running.row_count() >= 200).await;
+    let mut values: Vec<i64> = running
+        .rows()
+        .iter()
+        .map(|r| {
+            let v: f64 = r.split('|').nth(2).expect("v").parse().expect("number");
+            v as i64
+        })
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    assert_eq!(values, (0..200).collect::<Vec<_>>());
+    assert!(running.stats.connects.load(Ordering::Relaxed) >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_started_before_its_broker_connects_when_it_comes_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let running = Running::start(
+        source_spec("late-broker", &url, "late/{sensor}"),
+        vibration_schema(),
+        DeadLetterQueue::default(),
+    );
+    let stats = Arc::clone(&running.stats);
+    wait_until("a failed attempt", || {
+        stats.connect_failures.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    let _broker = Mosquitto::start_on(port).expect("mosquitto");
+    running.subscribed(1).await;
+    publish(&url, &[("late/s1", br#"{"ts":5,"v":5}"#.to_vec())]).await;
+    wait_until("the row", || running.row_count() >= 1).await;
+    assert_eq!(running.rows(), ["s1|1970-01-01T00:00:00.005|5.0|null"]);
+}
+
+#[test]
+fn bad_options_are_reported_when_the_sql_is_checked() {
+    let schema = vibration_schema();
+    let check = |spec: ConnectorSpec| {
+        weir_connectors::validate_source(&spec, &schema)
+            .map(|()| "ok".to_owned())
+            .unwrap_or_else(|e| e.to_string())
+    };
+    let base = ConnectorSpec::new("mqtt").with_option("topic", "p/{sensor}/v");
+    assert_eq!(check(base.clone()), "ok");
+    assert!(check(base.clone().with_option("topic", "p/{ts}")).contains("must be TEXT"));
+    assert!(check(base.clone().with_option("url", "localhost")).contains("no scheme"));
+    assert!(check(base.clone().with_option("clean_session", false)).contains("client_id"));
+    assert!(check(base.clone().with_option("format", "xml")).contains("unknown variant `xml`"));
+    // TLS files live on the gateway: checking the SQL elsewhere does not read them.
+    assert_eq!(
+        check(
+            base.with_option("url", "mqtts://broker:8883")
+                .with_option("ca_file", "/only/on/the/gateway.pem")
+        ),
+        "ok"
+    );
+}
