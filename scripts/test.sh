@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace: doc tests, then unit, golden SQL and engine tests.
+# Runs every test of the workspace: doc tests, then unit, golden SQL, engine, MQTT (embedded
+# broker and Mosquitto) and gateway tests.
 source "$(dirname "$0")/env.sh"
 cd "$(dirname "$0")/.."
+# The MQTT tests run the same cases against Mosquitto, which they start themselves on a free
+# loopback port; only the binary is needed (the package's own service is not used).
+if [ ! -x /usr/sbin/mosquitto ] && ! command -v mosquitto >/dev/null 2>&1; then
+    install_packages mosquitto mosquitto-clients
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi

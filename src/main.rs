@@ -1,7 +1,10 @@
 //! `weir`: the command line. Thin on purpose: clap parses, the crates do the work.
 
 mod bench;
+mod demo;
+mod gateway;
 mod run;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,10 +16,10 @@ use clap::{Parser, Subcommand};
     name = "weir",
     version,
     about = "Edge stream processor for industrial IoT: SQL pipelines over sensor telemetry",
-    long_about = "Weir runs SQL pipelines on a gateway: sources (files, the sensor simulator) \
-                  flow through filters, event-time windows and anomaly detectors as Arrow \
-                  batches, and results go to sinks.\n\n\
-                  Start with: weir run examples/vibration.sql"
+    long_about = "Weir runs SQL pipelines on a gateway: sources (MQTT, files, the sensor \
+                  simulator) flow through filters, event-time windows and anomaly detectors as \
+                  Arrow batches, and results go to sinks (MQTT, files, stdout).\n\n\
+                  Start with: weir demo"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -52,14 +55,57 @@ enum Command {
         weir bench --scenario blocks\n\n\
         Build with --release for meaningful numbers: cargo run --release -- bench")]
     Bench(bench::BenchArgs),
+    /// Run the site process: MQTT broker, pipelines, admin API; hot deploy without restarts.
+    #[command(after_help = "Examples:\n  \
+        weir gateway --pipelines examples/gateway\n  \
+        weir gateway --config weir.toml\n  \
+        weir gateway --broker mqtt://10.0.0.5:1883 --admin 127.0.0.1:9464\n\n\
+        The embedded broker listens on 127.0.0.1:1883 unless configured otherwise; sensors and\n\
+        mosquitto_pub/sub connect to it as to any broker. Manage pipelines while it runs with\n\
+        `weir pipelines` and watch it with `weir top`. SIGTERM or Ctrl-C stops the sources,\n\
+        drains in-flight batches to the sinks and exits 0.")]
+    Gateway(gateway::GatewayArgs),
+    /// Check gateway configuration files.
+    #[command(subcommand)]
+    Config(gateway::ConfigCommand),
+    /// List, add, replace and remove the pipelines of a running gateway.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+        weir pipelines list\n  \
+        weir pipelines add examples/gateway/vibration.sql\n  \
+        weir pipelines replace vibration_rms new_rms.sql\n  \
+        weir pipelines rm vibration_rms --gateway http://10.0.0.7:9464 --token $TOKEN\n\n\
+        Other pipelines keep running, untouched, while one is added, replaced or removed."
+    )]
+    Pipelines(gateway::PipelinesCommand),
+    /// See the whole gateway at work: broker, 100 simulated sensors over MQTT, two pipelines.
+    #[command(after_help = "Examples:\n  \
+        weir demo\n  \
+        weir demo --seconds 30\n  \
+        weir demo --json | head   # result rows as JSON lines\n\n\
+        Starts a gateway with its embedded MQTT broker (127.0.0.1:1883, or a free port), 100\n\
+        sensors publishing 1 kHz vibration in 100-sample blocks with injected faults, and the\n\
+        pipelines of examples/gateway/vibration.sql: 1-second RMS and peak per sensor, and\n\
+        z-score anomaly events. Results are read back from their MQTT topics.")]
+    Demo(demo::DemoArgs),
+    /// A live terminal view of a gateway: pipelines, rates, latency, errors.
+    #[command(after_help = "Examples:\n  \
+        weir top\n  \
+        weir top --gateway http://10.0.0.7:9464 --token $TOKEN\n  \
+        weir top --once   # one plain-text frame, for scripts")]
+    Top(top::TopArgs),
 }
 
 fn main() -> ExitCode {
+    // rumqttd logs every client that drops its connection as an error; the gateway counts
+    // what matters in its own metrics, so the embedded broker is quiet unless asked.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -67,6 +113,13 @@ fn main() -> ExitCode {
         Command::Compile { file, out } => compile(&file, out.as_deref()),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Gateway(args) => gateway::gateway(args),
+        Command::Demo(args) => demo::demo(args),
+        Command::Config(command) => gateway::config(command),
+        Command::Pipelines(command) => gateway::pipelines(command),
+        Command::Top(args) => gateway::runtime()
+            .block_on(top::run(args))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

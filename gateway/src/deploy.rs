@@ -1,0 +1,515 @@
+//! The pipelines a gateway runs, and hot deploy: add, replace and remove pipelines while the
+//! others keep running.
+//!
+//! Every change compiles first and changes nothing when the SQL is wrong. Each pipeline has
+//! its own supervisor, actors and connections, so starting or stopping one never touches
+//! another. Replacing stops the old version only after the new one has been built (so a
+//! version that cannot run leaves the old one running), lets everything in flight reach the
+//! sink, and, when the two versions have the same source and the same stateful operators,
+//! hands the operators' state over so open windows carry on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use weir_connectors::DeadLetterQueue;
+use weir_engine::metrics::LatencySummary;
+use weir_engine::{Engine, PipelineHandle, PipelineState, PlanFactory};
+use weir_proto::plan::PipelinePlan;
+use weir_proto::plan::operator_node::Kind;
+
+use crate::error::{GatewayError, Result};
+
+/// One deployed pipeline.
+struct Deployed {
+    version: u64,
+    sql: String,
+    plan: PipelinePlan,
+    handle: PipelineHandle,
+    dead_letters: DeadLetterQueue,
+    deployed_at: SystemTime,
+    state: StateHandover,
+}
+
+/// What happened to a pipeline's state when it was deployed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "reason", rename_all = "snake_case")]
+pub enum StateHandover {
+    /// A new pipeline: nothing to keep.
+    New,
+    /// The replaced version's operator state was handed over: open windows carry on.
+    Kept,
+    /// The replaced version's state could not be used; the reason says why.
+    Fresh(String),
+}
+
+/// The outcome of one deploy request, per pipeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deployment {
+    pub name: String,
+    pub version: u64,
+    #[serde(flatten)]
+    pub state: StateHandover,
+}
+
+/// A pipeline's status as the admin API and `weir top` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineStatus {
+    pub name: String,
+    pub version: u64,
+    /// `starting`, `running`, `restarting`, `finished`, `failed` or `stopped`.
+    pub state: &'static str,
+    /// Why the pipeline is restarting or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub source: String,
+    pub sink: String,
+    /// Rows the source produced.
+    pub rows_in: u64,
+    /// Rows the sink received.
+    pub rows_out: u64,
+    pub late_rows: u64,
+    pub invalid_rows: u64,
+    pub errors: u64,
+    pub dead_letters: u64,
+    pub restarts: u64,
+    pub source_to_sink: LatencySummary,
+    pub watermark_to_emit: LatencySummary,
+    /// Seconds since the epoch.
+    pub deployed_at: f64,
+    pub state_handover: StateHandover,
+    pub stages: Vec<StageStatus>,
+}
+
+/// Counters of one stage (source, operator or sink).
+#[derive(Debug, Clone, Serialize)]
+pub struct StageStatus {
+    pub name: String,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub late_rows: u64,
+    pub invalid_rows: u64,
+    pub errors: u64,
+    pub mailbox_depth: u64,
+}
+
+/// Every pipeline of the gateway; see the module docs.
+pub struct Deployments {
+    engine: Engine,
+    pipelines: Mutex<BTreeMap<String, Deployed>>,
+    /// Serialises changes; reads only take the map's lock.
+    changes: tokio::sync::Mutex<()>,
+    dead_letters_dir: Option<PathBuf>,
+}
+
+impl Deployments {
+    /// Deployments on `engine`; dead letters go to `<dir>/<pipeline>.jsonl` when a directory
+    /// is given, else they are kept in memory.
+    pub fn new(engine: Engine, dead_letters_dir: Option<PathBuf>) -> Self {
+        Self {
+            engine,
+            pipelines: Mutex::default(),
+            changes: tokio::sync::Mutex::new(()),
+            dead_letters_dir,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Deployed>> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts every pipeline of `sql`. Fails, changing nothing, if the SQL does not compile,
+    /// defines no pipeline, names one that is deployed, or one cannot start. `file` names the
+    /// SQL in error messages.
+    pub async fn add(&self, sql: &str, file: &str) -> Result<Vec<Deployment>> {
+        let plans = compile(sql, file)?;
+        let _changing = self.changes.lock().await;
+        {
+            let pipelines = self.lock();
+            let existing: Vec<&str> = plans
+                .iter()
+                .filter(|p| pipelines.contains_key(&p.name))
+                .map(|p| p.name.as_str())
+                .collect();
+            if !existing.is_empty() {
+                return Err(GatewayError::Conflict(format!(
+                    "pipeline '{}' is already deployed; replace it with `weir pipelines \
+                     replace` (PUT /api/pipelines/NAME)",
+                    existing.join("', '")
+                )));
+            }
+        }
+        let mut started: Vec<(PipelinePlan, PipelineHandle, DeadLetterQueue)> = Vec::new();
+        for plan in plans {
+            match self.start(&plan, None) {
+                Ok((handle, dead_letters)) => started.push((plan, handle, dead_letters)),
+                Err(error) => {
+                    for (_, handle, _) in &started {
+                        handle.stop_and_wait().await;
+                        self.engine.forget(&handle.name);
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        let mut pipelines = self.lock();
+        let now = SystemTime::now();
+        Ok(started
+            .into_iter()
+            .map(|(plan, handle, dead_letters)| {
+                let name = plan.name.clone();
+                pipelines.insert(
+                    name.clone(),
+                    Deployed {
+                        version: 1,
+                        sql: sql.to_owned(),
+                        plan,
+                        handle,
+                        dead_letters,
+                        deployed_at: now,
+                        state: StateHandover::New,
+                    },
+                );
+                Deployment {
+                    name,
+                    version: 1,
+                    state: StateHandover::New,
+                }
+            })
+            .collect())
+    }
+
+    /// Deploys `sql`'s pipeline `name` as a new version of it, or as a new pipeline if none
+    /// has that name. The SQL must define exactly that one pipeline.
+    pub async fn replace(&self, name: &str, sql: &str, file: &str) -> Result<Deployment> {
+        let mut plans = compile(sql, file)?;
+        let name = name.to_ascii_lowercase();
+        if plans.len() != 1 || plans[0].name != name {
+            let defined: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();
+            return Err(GatewayError::Invalid(format!(
+                "to replace pipeline '{name}', the SQL must define exactly that pipeline; it \
+                 defines: {}",
+                if defined.is_empty() {
+                    "none".to_owned()
+                } else {
+                    defined.join(", ")
+                }
+            )));
+        }
+        let plan = plans.remove(0);
+        let _changing = self.changes.lock().await;
+        let old = self.lock().remove(&name);
+        let Some(old) = old else {
+            let (handle, dead_letters) = self.start(&plan, None)?;
+            self.lock().insert(
+                name.clone(),
+                Deployed {
+                    version: 1,
+                    sql: sql.to_owned(),
+                    plan,
+                    handle,
+                    dead_letters,
+                    deployed_at: SystemTime::now(),
+                    state: StateHandover::New,
+                },
+            );
+            return Ok(Deployment {
+                name,
+                version: 1,
+                state: StateHandover::New,
+            });
+        };
+        // Build the new version before stopping the old one: a version that cannot run
+        // leaves the old one running.
+        let factory = match PlanFactory::new(plan.clone(), old.dead_letters.clone()) {
+            Ok(factory) => factory,
+            Err(error) => {
+                self.lock().insert(name, old);
+                return Err(error.into());
+            }
+        };
+        let mut handover = match state_compatibility(&old.plan, &plan) {
+            Ok(()) => StateHandover::Kept,
+            Err(reason) => StateHandover::Fresh(reason),
+        };
+        let running = !old.handle.state.borrow().is_terminal();
+        let state = if handover == StateHandover::Kept && running {
+            let state = old.handle.stop_and_snapshot().await;
+            if state.is_none() {
+                handover = StateHandover::Fresh("the old version's state could not be read".into());
+            }
+            state
+        } else {
+            if handover == StateHandover::Kept {
+                handover = StateHandover::Fresh("the old version was not running".into());
+            }
+            old.handle.stop_and_wait().await;
+            None
+        };
+        self.engine.forget(&name);
+        let handle = match self
+            .engine
+            .start_with_state(name.clone(), Arc::new(factory), state)
+        {
+            Ok(handle) => handle,
+            Err(error) => {
+                tracing::error!(pipeline = %name, %error, "new version did not start");
+                return Err(error.into());
+            }
+        };
+        let version = old.version + 1;
+        tracing::info!(pipeline = %name, version, state = ?handover, "pipeline replaced");
+        self.lock().insert(
+            name.clone(),
+            Deployed {
+                version,
+                sql: sql.to_owned(),
+                plan,
+                handle,
+                dead_letters: old.dead_letters,
+                deployed_at: SystemTime::now(),
+                state: handover.clone(),
+            },
+        );
+        Ok(Deployment {
+            name,
+            version,
+            state: handover,
+        })
+    }
+
+    /// Stops a pipeline, after what is in flight has reached its sink, and forgets it.
+    pub async fn remove(&self, name: &str) -> Result<()> {
+        let name = name.to_ascii_lowercase();
+        let _changing = self.changes.lock().await;
+        let removed = self.lock().remove(&name);
+        let Some(removed) = removed else {
+            return Err(GatewayError::NotFound(name));
+        };
+        removed.handle.stop_and_wait().await;
+        self.engine.forget(&name);
+        tracing::info!(pipeline = %name, "pipeline removed");
+        Ok(())
+    }
+
+    /// Starts the pipelines of every `.sql` file in `dir`, in name order. A file that does not
+    /// compile or start is logged and skipped: one bad file must not keep a site dark.
+    pub async fn load_dir(&self, dir: &Path) -> Result<usize> {
+        let entries = std::fs::read_dir(dir).map_err(|source| GatewayError::Io {
+            what: format!("reading {}", dir.display()),
+            source,
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+            .collect();
+        files.sort();
+        let mut started = 0;
+        for file in files {
+            let label = file.display().to_string();
+            let sql = match std::fs::read_to_string(&file) {
+                Ok(sql) => sql,
+                Err(error) => {
+                    tracing::error!(file = %label, %error, "cannot read pipeline file");
+                    continue;
+                }
+            };
+            match self.add(&sql, &label).await {
+                Ok(deployed) => started += deployed.len(),
+                Err(error) => tracing::error!("{label}: pipelines not started:\n{error}"),
+            }
+        }
+        Ok(started)
+    }
+
+    /// Stops every pipeline, each after what it has in flight reached its sink.
+    pub async fn shutdown(&self) {
+        let _changing = self.changes.lock().await;
+        let handles: Vec<PipelineHandle> = self.lock().values().map(|d| d.handle.clone()).collect();
+        for handle in handles {
+            handle.stop_and_wait().await;
+        }
+        self.engine.shutdown().await;
+    }
+
+    /// Every pipeline's status, by name.
+    pub fn list(&self) -> Vec<PipelineStatus> {
+        self.lock()
+            .iter()
+            .map(|(name, d)| status(name, d))
+            .collect()
+    }
+
+    /// One pipeline's status, SQL and recent dead letters.
+    pub fn get(&self, name: &str) -> Option<PipelineDetail> {
+        let pipelines = self.lock();
+        let deployed = pipelines.get(&name.to_ascii_lowercase())?;
+        Some(PipelineDetail {
+            status: status(name, deployed),
+            sql: deployed.sql.clone(),
+            explain: weir_planner::explain(&deployed.plan),
+            dead_letters_by_reason: deployed.dead_letters.counts_by_reason(),
+            recent_dead_letters: deployed
+                .dead_letters
+                .recent()
+                .into_iter()
+                .rev()
+                .take(20)
+                .map(|l| RecentDeadLetter {
+                    reason: l.reason,
+                    source: l.source,
+                    payload: String::from_utf8_lossy(&l.payload).into_owned(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Dead-letter counts per pipeline and reason, for `/metrics`.
+    pub fn dead_letter_counts(&self) -> Vec<(String, Vec<(String, u64)>)> {
+        self.lock()
+            .iter()
+            .map(|(name, d)| (name.clone(), d.dead_letters.counts_by_reason()))
+            .collect()
+    }
+
+    fn start(
+        &self,
+        plan: &PipelinePlan,
+        state: Option<Vec<Vec<u8>>>,
+    ) -> Result<(PipelineHandle, DeadLetterQueue)> {
+        let dead_letters = match &self.dead_letters_dir {
+            Some(dir) => DeadLetterQueue::to_file(dir.join(format!("{}.jsonl", plan.name)))?,
+            None => DeadLetterQueue::default(),
+        };
+        let factory = PlanFactory::new(plan.clone(), dead_letters.clone())?;
+        let handle = self
+            .engine
+            .start_with_state(plan.name.clone(), Arc::new(factory), state)?;
+        tracing::info!(pipeline = %plan.name, "pipeline started");
+        Ok((handle, dead_letters))
+    }
+}
+
+/// One pipeline in detail, for `GET /api/pipelines/NAME`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineDetail {
+    #[serde(flatten)]
+    pub status: PipelineStatus,
+    pub sql: String,
+    pub explain: String,
+    pub dead_letters_by_reason: Vec<(String, u64)>,
+    pub recent_dead_letters: Vec<RecentDeadLetter>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentDeadLetter {
+    pub reason: String,
+    pub source: String,
+    pub payload: String,
+}
+
+fn compile(sql: &str, file: &str) -> Result<Vec<PipelinePlan>> {
+    let compiled = weir_planner::compile(sql).map_err(|error| GatewayError::Compile {
+        rendered: error.render(file),
+        diagnostics: error.diagnostics,
+    })?;
+    if compiled.pipelines.is_empty() {
+        return Err(GatewayError::Invalid(format!(
+            "{file}: defines no pipeline; add CREATE PIPELINE name AS INSERT INTO sink SELECT ..."
+        )));
+    }
+    Ok(compiled.pipelines)
+}
+
+/// Whether operator state of `old` can be restored into `new`: the same source, and at each
+/// position either two stateless operators or two identical stateful ones. A changed filter
+/// threshold or sink keeps the windows; a changed window or aggregate does not.
+pub fn state_compatibility(
+    old: &PipelinePlan,
+    new: &PipelinePlan,
+) -> std::result::Result<(), String> {
+    let (Some(old_source), Some(new_source)) = (&old.source, &new.source) else {
+        return Err("a version has no source".into());
+    };
+    if old_source.name != new_source.name || old_source.schema != new_source.schema {
+        return Err("the source changed".into());
+    }
+    if old_source.watermark != new_source.watermark {
+        return Err("the watermark rule changed".into());
+    }
+    if old.operators.len() != new.operators.len() {
+        return Err("the operators changed".into());
+    }
+    for (a, b) in old.operators.iter().zip(&new.operators) {
+        let stateful = |kind: &Option<Kind>| {
+            matches!(kind, Some(Kind::WindowAggregate(_) | Kind::Detector(_)))
+        };
+        if (stateful(&a.kind) || stateful(&b.kind)) && a != b {
+            return Err(format!("stateful operator '{}' changed", b.id));
+        }
+    }
+    Ok(())
+}
+
+fn status(name: &str, deployed: &Deployed) -> PipelineStatus {
+    let snapshot = deployed.handle.metrics.snapshot();
+    let (state, error) = match &*deployed.handle.state.borrow() {
+        PipelineState::Starting => ("starting", None),
+        PipelineState::Running => ("running", None),
+        PipelineState::Restarting { error, .. } => ("restarting", Some(error.clone())),
+        PipelineState::Finished => ("finished", None),
+        PipelineState::Failed(error) => ("failed", Some(error.clone())),
+        PipelineState::Stopped => ("stopped", None),
+    };
+    let stages: Vec<StageStatus> = snapshot
+        .stages
+        .iter()
+        .map(|s| StageStatus {
+            name: s.name.clone(),
+            rows_in: s.rows_in,
+            rows_out: s.rows_out,
+            late_rows: s.late_rows,
+            invalid_rows: s.invalid_rows,
+            errors: s.errors,
+            mailbox_depth: s.mailbox_depth,
+        })
+        .collect();
+    let sum = |f: fn(&StageStatus) -> u64| stages.iter().map(f).sum();
+    PipelineStatus {
+        name: name.to_owned(),
+        version: deployed.version,
+        state,
+        error,
+        source: deployed
+            .plan
+            .source
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        sink: deployed
+            .plan
+            .sink
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        rows_in: stages.first().map_or(0, |s| s.rows_out),
+        rows_out: stages.last().map_or(0, |s| s.rows_in),
+        late_rows: sum(|s| s.late_rows),
+        invalid_rows: sum(|s| s.invalid_rows),
+        errors: sum(|s| s.errors),
+        dead_letters: deployed.dead_letters.count(),
+        restarts: snapshot.restarts,
+        source_to_sink: snapshot.source_to_sink,
+        watermark_to_emit: snapshot.watermark_to_emit,
+        deployed_at: deployed
+            .deployed_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        state_handover: deployed.state.clone(),
+        stages,
+    }
+}

@@ -1,0 +1,182 @@
+//! The Weir site process: what `weir gateway` runs on an industrial PC at each site.
+//!
+//! ```text
+//!  sensors ──MQTT──> embedded broker (rumqttd) or the site's broker
+//!                          │
+//!        ┌─────────────────┴──── Deployments: pipelines by name, each its own actors ─┐
+//!        │  mqtt source ─> operators ─> mqtt / file sink      (weir-engine)           │
+//!        └────────────────────────────────────────────────────────────────────────────┘
+//!  admin API (axum, loopback): list, add, replace, remove, /metrics, /health
+//! ```
+//!
+//! What lives here: the layered configuration ([`config`]), hot deploy ([`deploy`]), the
+//! admin API ([`admin`]), Prometheus metrics ([`metrics`]) and the process lifecycle
+//! ([`Gateway`]). What does not: running pipelines (`weir-engine`), connectors and the broker
+//! itself (`weir-connectors`), SQL (`weir-planner`).
+
+pub mod admin;
+pub mod config;
+pub mod deploy;
+pub mod error;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir_connectors::mqtt::EmbeddedBroker;
+use weir_engine::Engine;
+
+pub use crate::config::{BrokerMode, GatewayConfig, Overrides};
+pub use crate::deploy::{Deployment, Deployments, PipelineStatus, StateHandover};
+pub use crate::error::{GatewayError, Result};
+
+/// A running gateway. Create it inside an actix system (the engine's actors live there).
+pub struct Gateway {
+    config: GatewayConfig,
+    deployments: Arc<Deployments>,
+    broker: Option<EmbeddedBroker>,
+    broker_url: Option<String>,
+    admin_address: SocketAddr,
+    admin: JoinHandle<()>,
+    stop_admin: CancellationToken,
+}
+
+impl Gateway {
+    /// Starts the broker (if embedded), the engine, the admin API, then the pipelines of
+    /// `pipelines_dir`. Fails if the broker or the admin API cannot listen.
+    pub async fn start(config: GatewayConfig) -> Result<Self> {
+        let started = Instant::now();
+        let (broker, broker_url, broker_label) = match config.broker.mode {
+            BrokerMode::Embedded => {
+                let broker = EmbeddedBroker::start(&config.broker.embedded)?;
+                let url = broker.url();
+                let label = format!("embedded {}", broker.address());
+                (Some(broker), Some(url), label)
+            }
+            BrokerMode::External => {
+                let url = config.broker.url.clone().unwrap_or_default();
+                (None, Some(url.clone()), format!("external {url}"))
+            }
+            BrokerMode::None => (None, None, "none".to_owned()),
+        };
+        if let Some(url) = &broker_url {
+            weir_connectors::mqtt::set_default_url(url);
+        }
+        if let Some(dir) = &config.dead_letters {
+            std::fs::create_dir_all(dir).map_err(|source| GatewayError::Io {
+                what: format!("creating dead-letter directory {}", dir.display()),
+                source,
+            })?;
+        }
+        let engine = Engine::new(config.engine.options());
+        let deployments = Arc::new(Deployments::new(engine, config.dead_letters.clone()));
+        let listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| GatewayError::Io {
+                what: format!("admin API cannot listen on {}", config.admin.listen),
+                source,
+            })?;
+        let admin_address = listener.local_addr().map_err(|source| GatewayError::Io {
+            what: "admin API address".into(),
+            source,
+        })?;
+        let state = Arc::new(admin::AdminState {
+            deployments: Arc::clone(&deployments),
+            gateway: config.name.clone(),
+            broker: broker_label,
+            started,
+            token: config.admin.effective_token()?,
+        });
+        let stop_admin = CancellationToken::new();
+        let stopping = stop_admin.clone();
+        let admin = tokio::spawn(async move {
+            let served = axum::serve(listener, admin::router(state))
+                .with_graceful_shutdown(stopping.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "admin API stopped");
+            }
+        });
+        tracing::info!(address = %admin_address, "admin API listening");
+        if let Some(dir) = &config.pipelines_dir {
+            let started = deployments.load_dir(dir).await?;
+            tracing::info!(dir = %dir.display(), pipelines = started, "pipelines loaded");
+        }
+        Ok(Self {
+            config,
+            deployments,
+            broker,
+            broker_url,
+            admin_address,
+            admin,
+            stop_admin,
+        })
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    pub fn deployments(&self) -> &Arc<Deployments> {
+        &self.deployments
+    }
+
+    /// Where the admin API listens.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_address
+    }
+
+    /// The broker pipelines use by default, if any.
+    pub fn broker_url(&self) -> Option<&str> {
+        self.broker_url.as_deref()
+    }
+
+    /// The embedded broker, when the gateway runs one.
+    pub fn embedded_broker(&self) -> Option<&EmbeddedBroker> {
+        self.broker.as_ref()
+    }
+
+    /// Stops the pipelines (each after its in-flight batches reached the sink), then the
+    /// admin API. Returns `false` if that took longer than `shutdown_timeout`.
+    pub async fn shutdown(self) -> bool {
+        let drained =
+            tokio::time::timeout(self.config.shutdown_timeout, self.deployments.shutdown())
+                .await
+                .is_ok();
+        if !drained {
+            tracing::warn!(
+                timeout = ?self.config.shutdown_timeout,
+                "pipelines did not drain within the shutdown timeout"
+            );
+        }
+        self.stop_admin.cancel();
+        let _ = self.admin.await;
+        drained
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

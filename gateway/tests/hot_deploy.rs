@@ -1,0 +1,528 @@
+//! A real gateway (embedded broker, admin API over HTTP) changing pipelines while it runs.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use weir_gateway::{Gateway, GatewayConfig, Overrides};
+
+fn run<F: Future<Output = ()>>(test: F) {
+    actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
+    .block_on(test);
+}
+
+fn config(token: Option<&str>) -> GatewayConfig {
+    let mut config = GatewayConfig::load(None, &Overrides::default()).expect("defaults");
+    config.name = "test-gw".into();
+    config.broker.embedded.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.admin.token = token.map(str::to_owned);
+    config.engine.idle_timeout = Duration::from_millis(200);
+    config
+}
+
+/// The admin API over HTTP.
+struct Admin {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Admin {
+    fn new(gateway: &Gateway, token: Option<&str>) -> Self {
+        Self {
+            base: format!("http://{}", gateway.admin_address()),
+            http: reqwest::Client::new(),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.body(body.to_owned());
+        }
+        let response = request.send().await.expect("admin API reachable");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn pipelines(&self) -> BTreeMap<String, Value> {
+        let (status, body) = self
+            .call(reqwest::Method::GET, "/api/pipelines", None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["pipelines"]
+            .as_array()
+            .expect("pipelines")
+            .iter()
+            .map(|p| (p["name"].as_str().expect("name").to_owned(), p.clone()))
+            .collect()
+    }
+}
+
+/// A subscriber collecting every JSON message on `filter`.
+async fn subscribe(
+    url: &str,
+    filter: &str,
+) -> (
+    Arc<Mutex<Vec<(String, Value)>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let address = url.trim_start_matches("mqtt://");
+    let (host, port) = address.rsplit_once(':').expect("host:port");
+    let options = MqttOptions::new(
+        format!("test-sub-{:08x}", rand_id()),
+        host,
+        port.parse().expect("port"),
+    );
+    let (client, mut events) = AsyncClient::new(options, 10);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.expect("connect") {
+            break;
+        }
+    }
+    let messages = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&messages);
+    let task = tokio::spawn(async move {
+        let _client = client;
+        while let Ok(event) = events.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                let row = serde_json::from_slice(&p.payload).expect("JSON result");
+                sink.lock().expect("lock").push((p.topic.clone(), row));
+            }
+        }
+    });
+    (messages, task)
+}
+
+fn rand_id() -> u32 {
+    use std::time::SystemTime;
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+/// A QoS 1 publisher; `send` returns once the broker acknowledged every message.
+struct Publisher {
+    client: AsyncClient,
+    acks: tokio::sync::mpsc::UnboundedReceiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    async fn connect(url: &str) -> Self {
+        let address = url.trim_start_matches("mqtt://");
+        let (host, port) = address.rsplit_once(':').expect("host:port");
+        let options = MqttOptions::new(
+            format!("test-pub-{:08x}", rand_id()),
+            host,
+            port.parse().expect("port"),
+        );
+        let (client, mut events) = AsyncClient::new(options, 1000);
+        let (ack, acks) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::PubAck(_)) = event {
+                    let _ = ack.send(());
+                }
+            }
+        });
+        Self { client, acks, task }
+    }
+
+    async fn send(&mut self, messages: Vec<(String, String)>) {
+        let count = messages.len();
+        for (topic, payload) in messages {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("publish");
+        }
+        for _ in 0..count {
+            tokio::time::timeout(Duration::from_secs(20), self.acks.recv())
+                .await
+                .expect("broker acknowledges")
+                .expect("publisher alive");
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const SEQUENCE_SQL: &str = "
+CREATE SOURCE seq_in (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, seq BIGINT NOT NULL)
+WITH (connector = 'mqtt', topic = 'seq/{sensor}', qos = 1, linger = '2ms');
+CREATE SINK seq_out WITH (connector = 'mqtt', topic = 'out/seq/{sensor}');
+CREATE PIPELINE copy_seq AS INSERT INTO seq_out SELECT sensor, seq FROM seq_in;
+";
+
+fn windowed_sql(threshold: f64, window: &str) -> String {
+    format!(
+        "
+CREATE SOURCE readings (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
+                        WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+WITH (connector = 'mqtt', topic = 'readings/{{sensor}}', qos = 1, linger = '2ms');
+CREATE SINK sums_out WITH (connector = 'mqtt', topic = 'out/sums/{{sensor}}');
+CREATE PIPELINE sums AS INSERT INTO sums_out
+SELECT sensor, window_start, count(*) AS n, sum(v) AS total
+FROM TUMBLE(readings, ts, INTERVAL '{window}')
+GROUP BY sensor, window_start
+HAVING sum(v) > {threshold};
+"
+    )
+}
+
+#[test]
+fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
+    run(async {
+        let gateway = Gateway::start(config(None)).await.expect("gateway");
+        let url = gateway.broker_url().expect("broker").to_owned();
+        let admin = Admin::new(&gateway, None);
+        let (status, body) = admin
+            .call(
+                reqwest::Method::POST,
+                "/api/pipelines?file=seq.sql",
+                Some(SEQUENCE_SQL),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (out, _sub) = subscribe(&url, "out/seq/#").await;
+        let stats = weir_connectors::mqtt::MqttStats::named("seq_in");
+        wait_until("the sequence source to subscribe", || {
+            stats
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        })
+        .await;
+
+        let mut publisher = Publisher::connect(&url).await;
+        let total = 3000u64;
+        let publishing = tokio::spawn(async move {
+            for chunk in 0..30u64 {
+                let messages = (chunk * 100..(chunk + 1) * 100)
+                    .map(|seq| {
+                        (
+                            format!("seq/s{}", seq % 3),
+                            format!(r#"{{"ts":{seq},"seq":{seq}}}"#),
+                        )
+                    })
+                    .collect();
+                publisher.send(messages).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        });
+
+        // Meanwhile: add, replace (compatible), replace (incompatible), remove.
+        let (status, body) = admin
+            .call(
+                reqwest::Method::POST,
+                "/api/pipelines?file=sums.sql",
+                Some(&windowed_sql(0.0, "10 SECONDS")),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = admin
+            .call(
+                reqwest::Method::PUT,
+                "/api/pipelines/sums?file=sums.sql",
+                Some(&windowed_sql(5.0, "10 SECONDS")),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deployed"][0]["state"], "kept", "{body}");
+        assert_eq!(body["deployed"][0]["version"], 2);
+        let (status, body) = admin
+            .call(
+                reqwest::Method::PUT,
+                "/api/pipelines/sums?file=sums.sql",
+                Some(&windowed_sql(5.0, "20 SECONDS")),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deployed"][0]["state"], "fresh", "{body}");
+        assert!(
+            body["deployed"][0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("changed")),
+            "{body}"
+        );
+        let (status, body) = admin
+            .call(reqwest::Method::DELETE, "/api/pipelines/sums", None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, _) = admin
+            .call(reqwest::Method::DELETE, "/api/pipelines/sums", None)
+            .await;
+        assert_eq!(status, 404);
+
+        publishing.await.expect("publisher");
+        wait_until("every sequence number", || {
+            out.lock().expect("lock").len() as u64 >= total
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut seqs: Vec<u64> = out
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(_, row)| row["seq"].as_u64().expect("seq"))
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..total).collect::<Vec<_>>(), "no gap, no duplicate");
+        let pipelines = admin.pipelines().await;
+        assert_eq!(pipelines.keys().collect::<Vec<_>>(), ["copy_seq"]);
+        assert_eq!(pipelines["copy_seq"]["version"], 1);
+        assert_eq!(pipelines["copy_seq"]["restarts"], 0);
+        assert!(gateway.shutdown().await, "drained within the timeout");
+    });
+}
+
+#[test]
+fn a_compatible_replacement_keeps_open_windows() {
+    run(async {
+        let gateway = Gateway::start(config(None)).await.expect("gateway");
+        let url = gateway.broker_url().expect("broker").to_owned();
+        let admin = Admin::new(&gateway, None);
+        let (status, body) = admin
+            .call(
+                reqwest::Method::POST,
+                "/api/pipelines",
+                Some(&windowed_sql(0.0, "10 SECONDS")),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (out, _sub) = subscribe(&url, "out/sums/#").await;
+        let stats = weir_connectors::mqtt::MqttStats::named("readings");
+        let subscribed = |n: u64| {
+            let stats = Arc::clone(&stats);
+            move || {
+                stats
+                    .subscriptions
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    >= n
+            }
+        };
+        wait_until("the source to subscribe", subscribed(1)).await;
+        let mut publisher = Publisher::connect(&url).await;
+        let reading =
+            |ts: i64, v: f64| ("readings/a".to_owned(), format!(r#"{{"ts":{ts},"v":{v}}}"#));
+        // Window [0 s, 10 s): three readings before the replacement...
+        publisher
+            .send(vec![
+                reading(1000, 1.0),
+                reading(2000, 2.0),
+                reading(3000, 3.0),
+            ])
+            .await;
+        let rows_in = |name: &'static str| {
+            let gateway = gateway.deployments().clone();
+            move || {
+                gateway
+                    .list()
+                    .iter()
+                    .find(|p| p.name == name)
+                    .is_some_and(|p| p.stages[1].rows_in >= 3)
+            }
+        };
+        wait_until("the readings to reach the window", rows_in("sums")).await;
+        let (status, body) = admin
+            .call(
+                reqwest::Method::PUT,
+                "/api/pipelines/sums",
+                Some(&windowed_sql(5.0, "10 SECONDS")),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["deployed"][0]["state"], "kept", "{body}");
+        wait_until("the new version to subscribe", subscribed(2)).await;
+        // ...two after, then one in the next window that moves the watermark past 10 s.
+        publisher
+            .send(vec![
+                reading(4000, 4.0),
+                reading(5000, 5.0),
+                reading(12_000, 1.0),
+            ])
+            .await;
+        wait_until("the first window's result", || {
+            !out.lock().expect("lock").is_empty()
+        })
+        .await;
+        let results = out.lock().expect("lock").clone();
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert_eq!(results[0].0, "out/sums/a");
+        assert_eq!(
+            results[0].1["n"], 5,
+            "all five readings, across the replacement"
+        );
+        assert_eq!(results[0].1["total"], 15.0);
+        assert!(gateway.shutdown().await);
+    });
+}
+
+#[test]
+fn bad_sql_is_refused_with_line_and_column_and_running_pipelines_carry_on() {
+    run(async {
+        let gateway = Gateway::start(config(None)).await.expect("gateway");
+        let admin = Admin::new(&gateway, None);
+        let (status, _) = admin
+            .call(reqwest::Method::POST, "/api/pipelines", Some(SEQUENCE_SQL))
+            .await;
+        assert_eq!(status, 201);
+        let bad = "CREATE SOURCE s (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE)\n\
+                   WITH (connector = 'mqtt', topic = 'x/{sensor}');\n\
+                   CREATE SINK o WITH (connector = 'mqtt', topic = 'y');\n\
+                   CREATE PIPELINE p AS INSERT INTO o SELECT sensr FROM s;\n";
+        let (status, body) = admin
+            .call(
+                reqwest::Method::POST,
+                "/api/pipelines?file=bad.sql",
+                Some(bad),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        let error = body["error"].as_str().expect("message");
+        assert!(error.starts_with("bad.sql:4:43: error:"), "{error}");
+        assert!(error.contains("sensor"), "hint names the column: {error}");
+        assert_eq!(body["diagnostics"][0]["line"], 4);
+        assert_eq!(body["diagnostics"][0]["column"], 43);
+
+        let (status, body) = admin
+            .call(reqwest::Method::POST, "/api/pipelines", Some(SEQUENCE_SQL))
+            .await;
+        assert_eq!(status, 409, "adding it twice: {body}");
+        let (status, body) = admin
+            .call(
+                reqwest::Method::PUT,
+                "/api/pipelines/other",
+                Some(SEQUENCE_SQL),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        let (status, body) = admin
+            .call(
+                reqwest::Method::POST,
+                "/api/pipelines",
+                Some("CREATE SINK x WITH (connector = 'null');"),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+
+        let pipelines = admin.pipelines().await;
+        assert_eq!(pipelines.len(), 1);
+        assert_eq!(pipelines["copy_seq"]["state"], "running");
+        assert_eq!(pipelines["copy_seq"]["version"], 1);
+        assert!(gateway.shutdown().await);
+    });
+}
+
+#[test]
+fn metrics_health_and_the_token() {
+    run(async {
+        let gateway = Gateway::start(config(Some("s3cret")))
+            .await
+            .expect("gateway");
+        let anonymous = Admin::new(&gateway, None);
+        let (status, body) = anonymous.call(reqwest::Method::GET, "/health", None).await;
+        assert_eq!(status, 200, "health needs no token");
+        assert_eq!(body["status"], "ok");
+        let (status, body) = anonymous
+            .call(reqwest::Method::GET, "/api/pipelines", None)
+            .await;
+        assert_eq!(status, 401, "{body}");
+        let (status, _) = anonymous.call(reqwest::Method::GET, "/metrics", None).await;
+        assert_eq!(status, 401);
+
+        let admin = Admin::new(&gateway, Some("s3cret"));
+        let (status, _) = admin
+            .call(reqwest::Method::POST, "/api/pipelines", Some(SEQUENCE_SQL))
+            .await;
+        assert_eq!(status, 201);
+        let url = gateway.broker_url().expect("broker").to_owned();
+        let stats = weir_connectors::mqtt::MqttStats::named("seq_in");
+        wait_until("the source to subscribe", || {
+            stats
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        })
+        .await;
+        let mut publisher = Publisher::connect(&url).await;
+        publisher
+            .send(vec![
+                ("seq/a".into(), r#"{"ts":1,"seq":1}"#.into()),
+                ("seq/a".into(), "not json".into()),
+            ])
+            .await;
+        let deployments = gateway.deployments().clone();
+        wait_until("the row and the dead letter", || {
+            deployments
+                .list()
+                .first()
+                .is_some_and(|p| p.rows_out >= 1 && p.dead_letters >= 1)
+        })
+        .await;
+        let (status, Value::String(text)) =
+            admin.call(reqwest::Method::GET, "/metrics", None).await
+        else {
+            panic!("metrics are text")
+        };
+        assert_eq!(status, 200);
+        for expected in [
+            "weir_pipeline_rows_in_total{pipeline=\"copy_seq\"} 1",
+            "weir_pipeline_rows_out_total{pipeline=\"copy_seq\"} 1",
+            "weir_pipeline_running{pipeline=\"copy_seq\"} 1",
+            "weir_dead_letters_total{pipeline=\"copy_seq\",reason=\"invalid json\"} 1",
+            "weir_mqtt_connected{connector=\"seq_in\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(expected), "missing {expected} in:\n{text}");
+        }
+        let (status, body) = admin
+            .call(reqwest::Method::GET, "/api/pipelines/copy_seq", None)
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(body["recent_dead_letters"][0]["reason"], "invalid json");
+        assert!(
+            body["explain"]
+                .as_str()
+                .is_some_and(|e| e.contains("copy_seq")),
+            "{body}"
+        );
+        assert!(gateway.shutdown().await);
+    });
+}
