@@ -621,3 +621,122 @@ fn bad_options_are_reported_when_the_sql_is_checked() {
         "ok"
     );
 }
+
+fn sparkplug_metric(
+    name: Option<&str>,
+    alias: u64,
+    value: f64,
+) -> weir_proto::sparkplug::payload::Metric {
+    use weir_proto::sparkplug::DataType;
+    use weir_proto::sparkplug::payload::{Metric, metric::Value};
+    Metric {
+        name: name.map(str::to_owned),
+        alias: Some(alias),
+        datatype: name.map(|_| DataType::Double as u32),
+        value: Some(Value::DoubleValue(value)),
+        ..Metric::default()
+    }
+}
+
+fn sparkplug_payload(
+    seq: u64,
+    timestamp: u64,
+    metrics: Vec<weir_proto::sparkplug::payload::Metric>,
+) -> Vec<u8> {
+    use prost::Message;
+    weir_proto::sparkplug::Payload {
+        timestamp: Some(timestamp),
+        seq: Some(seq),
+        metrics,
+        ..weir_proto::sparkplug::Payload::default()
+    }
+    .encode_to_vec()
+}
+
+async fn sparkplug_births_and_aliased_data(broker: TestBroker, name: &str) {
+    let url = broker.url();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("node", DataType::Utf8, true),
+        Field::new("device", DataType::Utf8, true),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+        Field::new("value", DataType::Float64, true),
+    ]));
+    let dead_letters = DeadLetterQueue::default();
+    let running = Running::start(
+        source_spec(name, &url, "spBv1.0/plant1/#").with_option("format", "sparkplug"),
+        schema,
+        dead_letters.clone(),
+    );
+    running.subscribed(1).await;
+    publish(
+        &url,
+        &[
+            // Data before any birth: its alias means nothing yet.
+            (
+                "spBv1.0/plant1/NDATA/edge1",
+                sparkplug_payload(5, 1_000, vec![sparkplug_metric(None, 1, 9.0)]),
+            ),
+            (
+                "spBv1.0/plant1/NBIRTH/edge1",
+                sparkplug_payload(
+                    0,
+                    1_000,
+                    vec![sparkplug_metric(Some("temperature"), 1, 21.5)],
+                ),
+            ),
+            (
+                "spBv1.0/plant1/DBIRTH/edge1/pump1",
+                sparkplug_payload(1, 1_000, vec![sparkplug_metric(Some("pressure"), 10, 2.5)]),
+            ),
+            (
+                "spBv1.0/plant1/NDATA/edge1",
+                sparkplug_payload(2, 2_000, vec![sparkplug_metric(None, 1, 22.0)]),
+            ),
+            (
+                "spBv1.0/plant1/DDATA/edge1/pump1",
+                sparkplug_payload(3, 2_000, vec![sparkplug_metric(None, 10, 2.75)]),
+            ),
+            (
+                "spBv1.0/plant1/NDATA/edge1",
+                b"not protobuf at all".to_vec(),
+            ),
+        ],
+    )
+    .await;
+    wait_until("4 rows and 2 letters", || {
+        running.row_count() >= 4 && dead_letters.count() >= 2
+    })
+    .await;
+    assert_eq!(
+        running.rows(),
+        sorted(&[
+            "edge1|null|temperature|1970-01-01T00:00:01|21.5",
+            "edge1|pump1|pressure|1970-01-01T00:00:01|2.5",
+            "edge1|null|temperature|1970-01-01T00:00:02|22.0",
+            "edge1|pump1|pressure|1970-01-01T00:00:02|2.75",
+        ])
+    );
+    let mut reasons = dead_letters.counts_by_reason();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            ("invalid sparkplug payload".to_owned(), 1),
+            (
+                "sparkplug metric alias without a birth certificate".to_owned(),
+                1
+            ),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_sparkplug_births_and_aliased_data() {
+    sparkplug_births_and_aliased_data(embedded(), "sparkplug-embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sparkplug_births_and_aliased_data() {
+    sparkplug_births_and_aliased_data(mosquitto(), "sparkplug-mosquitto").await;
+}

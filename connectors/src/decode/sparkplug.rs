@@ -47,8 +47,11 @@
 //!   column rejects a finite double beyond its range.
 //! - `Boolean` goes to a `BOOLEAN` column, or as 1 / 0 to a numeric one: every NBIRTH carries
 //!   the boolean `Node Control/Rebirth`, and digital I/O is routinely charted as 0 / 1.
-//! - `String`, `Text` and `UUID` go to a `TEXT` column only; into any other column they are
-//!   "wrong type", as are numbers and booleans into a `TEXT` column.
+//! - `String`, `Text` and `UUID` go to a `TEXT` column only. In a node that reports text
+//!   metrics (make, model, firmware) beside numeric ones, a numeric value column skips the
+//!   text metrics (counted in [`skipped_metrics`](SparkplugDecoder::skipped_metrics)) and keeps
+//!   the rest of the message; a `BOOLEAN` column likewise skips numbers. A `TEXT` value column
+//!   takes every scalar, numbers and booleans written as text.
 //! - `is_null`, or no value at all: NULL, or "null for required field" if the column is
 //!   `NOT NULL`.
 //! - `DataSet`, `Template`, `Bytes`, `File`, the array types and extension values have no
@@ -694,7 +697,14 @@ impl Layout {
                 scratch.skipped += 1;
                 continue;
             }
-            let value = value_cell(value_column, reading(metric, datatype), &mut scratch.text)?;
+            let reading = reading(metric, datatype);
+            if !fits(value_column.kind, &reading) {
+                // A node's text metrics (make, model, firmware) next to its numeric ones are
+                // normal; skipping them keeps the numeric rows of the same message.
+                scratch.skipped += 1;
+                continue;
+            }
+            let value = value_cell(value_column, reading, &mut scratch.text)?;
             let time = match self.event_time {
                 Some(c) => time_cell(&columns[c], metric.timestamp.or(payload.timestamp))?,
                 None => Cell::Null,
@@ -809,6 +819,17 @@ fn from_twos_complement(bits: u64, width: u32) -> i64 {
     ((bits << unused) as i64) >> unused
 }
 
+/// Whether `reading` has a place in a column of `kind` at all: text only in text columns,
+/// numbers not in boolean columns.
+fn fits(kind: ColumnKind, reading: &Reading<'_>) -> bool {
+    match reading {
+        Reading::Null => true,
+        Reading::Str(_) => kind == ColumnKind::Utf8,
+        Reading::Bool(_) => true,
+        Reading::Int(_) | Reading::UInt(_) | Reading::Float(_) => kind != ColumnKind::Boolean,
+    }
+}
+
 /// The cell for `reading` in the value column; see the module docs for the mapping.
 fn value_cell(column: &Column, reading: Reading<'_>, text: &mut String) -> DecodeResult<Cell> {
     let wrong_type = |expected| DecodeError::WrongType {
@@ -820,7 +841,12 @@ fn value_cell(column: &Column, reading: Reading<'_>, text: &mut String) -> Decod
         (Reading::Null, _) => Err(DecodeError::NullField(column.name.clone())),
         (Reading::Str(s), ColumnKind::Utf8) => Ok(push_str(text, s)),
         (Reading::Bool(b), ColumnKind::Boolean) => Ok(Cell::Bool(b)),
-        (_, ColumnKind::Utf8) => Err(wrong_type("string")),
+        (Reading::Bool(b), ColumnKind::Utf8) => {
+            Ok(push_str(text, if b { "true" } else { "false" }))
+        }
+        (Reading::Int(v), ColumnKind::Utf8) => Ok(push_str(text, &v.to_string())),
+        (Reading::UInt(v), ColumnKind::Utf8) => Ok(push_str(text, &v.to_string())),
+        (Reading::Float(v), ColumnKind::Utf8) => Ok(push_str(text, &v.to_string())),
         (_, ColumnKind::Boolean) => Err(wrong_type("boolean")),
         (Reading::Str(_), _) => Err(wrong_type("number")),
         (Reading::Int(v), _) => whole_number_cell(column, i128::from(v)),
@@ -1481,11 +1507,10 @@ mod tests {
             ]
         );
 
+        // Text has no place in a numeric column: skipped and counted, not a rejection.
         let string = one(SparkplugType::String, Value::StringValue("run".into()));
-        assert_eq!(
-            reason(doubles.decode_message(&topic, &string)),
-            "wrong type for 'value': expected number"
-        );
+        assert_eq!(doubles.decode_message(&topic, &string), Ok(0));
+        assert_eq!(doubles.skipped_metrics(), 1);
 
         let mut small = decoder_with_value(DataType::Int16, false);
         assert_eq!(
@@ -1545,9 +1570,10 @@ mod tests {
 
         let mut texts = decoder_with_value(DataType::Utf8, true);
         assert_eq!(texts.decode_message(&topic, &string), Ok(1));
+        // A text column takes every scalar, written as text.
         assert_eq!(
-            reason(texts.decode_message(&topic, &one(SparkplugType::Int32, Value::IntValue(1)))),
-            "wrong type for 'value': expected string"
+            texts.decode_message(&topic, &one(SparkplugType::Int32, Value::IntValue(1))),
+            Ok(1)
         );
         let mut flags = decoder_with_value(DataType::Boolean, true);
         assert_eq!(
@@ -1557,13 +1583,14 @@ mod tests {
             ),
             Ok(1)
         );
+        assert_eq!(flags.decode_message(&topic, &string), Ok(0));
+        assert_eq!(flags.skipped_metrics(), 1);
         assert_eq!(
-            reason(flags.decode_message(&topic, &string)),
-            "wrong type for 'value': expected boolean"
-        );
-        assert_eq!(
-            decoded(&mut texts)[3],
-            "| plant | edge1 |        | m      | 2024-01-01T00:00:00 | run   |"
+            decoded(&mut texts)[3..5],
+            [
+                "| plant | edge1 |        | m      | 2024-01-01T00:00:00 | run   |",
+                "| plant | edge1 |        | m      | 2024-01-01T00:00:00 | 1     |",
+            ]
         );
         assert_eq!(
             decoded(&mut flags)[3],
@@ -1617,16 +1644,40 @@ mod tests {
     }
 
     #[test]
-    fn a_birth_rejected_for_its_values_still_defines_the_session() {
+    fn text_metrics_beside_numeric_ones_are_skipped_and_the_rest_kept() {
         let mut decoder = decoder();
         let birth = payload(
             Some(0),
             vec![
                 born(
-                    "state",
+                    "firmware",
                     Some(1),
                     SparkplugType::String,
-                    Value::StringValue("running".into()),
+                    Value::StringValue("4.2.1".into()),
+                ),
+                born(
+                    "temperature",
+                    Some(2),
+                    SparkplugType::Double,
+                    Value::DoubleValue(20.0),
+                ),
+            ],
+        );
+        assert_eq!(decoder.decode_message(&node_topic("NBIRTH"), &birth), Ok(1));
+        assert_eq!(decoder.skipped_metrics(), 1);
+    }
+
+    #[test]
+    fn a_birth_rejected_for_its_values_still_defines_the_session() {
+        let mut decoder = decoder_with_value(DataType::Int16, true);
+        let birth = payload(
+            Some(0),
+            vec![
+                born(
+                    "flow",
+                    Some(1),
+                    SparkplugType::Double,
+                    Value::DoubleValue(1e9),
                 ),
                 born(
                     "temperature",
@@ -1638,10 +1689,7 @@ mod tests {
         );
         assert_eq!(
             decoder.decode_message(&node_topic("NBIRTH"), &birth),
-            Err(DecodeError::WrongType {
-                column: Arc::from("value"),
-                expected: "number"
-            })
+            Err(DecodeError::OutOfRange(Arc::from("value")))
         );
         assert!(decoder.is_empty());
         let data = payload(Some(1), vec![aliased(2, Value::DoubleValue(21.0))]);
