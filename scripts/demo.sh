@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds Weir (release) and runs the vibration example: simulated 1 kHz sensors ->
-# 1-second RMS/peak per sensor on stdout, anomaly events in anomalies.jsonl.
+# Builds Weir (release) and runs `weir demo`: a gateway with its embedded MQTT broker, 100
+# simulated 1 kHz sensors publishing over MQTT, and the pipelines of
+# examples/gateway/vibration.sql (1-second RMS/peak per sensor, anomaly events), shown live.
+# Arguments go to `weir demo`, e.g. --seconds 30 or --json.
 source "$(dirname "$0")/env.sh"
 cd "$(dirname "$0")/.."
 cargo build --release --bin weir
-"$CARGO_TARGET_DIR/release/weir" compile examples/vibration.sql
-exec "$CARGO_TARGET_DIR/release/weir" run examples/vibration.sql "$@"
+exec "$CARGO_TARGET_DIR/release/weir" demo "$@"
