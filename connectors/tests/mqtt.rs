@@ -740,3 +740,201 @@ async fn embedded_broker_sparkplug_births_and_aliased_data() {
 async fn mosquitto_sparkplug_births_and_aliased_data() {
     sparkplug_births_and_aliased_data(mosquitto(), "sparkplug-mosquitto").await;
 }
+
+/// Runs a command and fails the test with its output if it fails.
+fn sh(program: &str, args: &[&str], dir: &std::path::Path) {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1, made with openssl.
+fn make_certificates(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Weir Test CA",
+    ]);
+    sh("openssl", &ca, dir);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    sh("openssl", &csr, dir);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    sh(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+        dir,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_broker_with_a_login_over_tls() {
+    assert!(
+        mosquitto::binary().is_some(),
+        "Mosquitto is not installed: run ./scripts/test.sh, which installs it"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    make_certificates(dir.path());
+    sh(
+        "mosquitto_passwd",
+        &["-c", "-b", "passwords", "gateway", "s3cret"],
+        dir.path(),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    // Mosquitto started as root drops to its own user, which must be able to read these.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let readable = |p: &std::path::Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        readable(dir.path(), 0o755);
+        for file in ["passwords", "server.pem", "server.key"] {
+            readable(&dir.path().join(file), 0o644);
+        }
+    }
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let _broker = Mosquitto::start_with(
+        port,
+        &format!(
+            "allow_anonymous false\npassword_file {}\ncertfile {}\nkeyfile {}\n",
+            path("passwords"),
+            path("server.pem"),
+            path("server.key")
+        ),
+    )
+    .expect("mosquitto with TLS");
+    let url = format!("mqtts://127.0.0.1:{port}");
+    let login = |spec: ConnectorSpec, password: &str| {
+        spec.with_option("url", url.as_str())
+            .with_option("ca_file", path("ca.pem"))
+            .with_option("username", "gateway")
+            .with_option("password", password)
+    };
+
+    // A wrong password is refused, counted, retried; never a subscription.
+    let source = |name: &str| {
+        ConnectorSpec::new("mqtt")
+            .with_name(name)
+            .with_option("topic", "secure/{sensor}")
+            .with_option("linger", "5ms")
+    };
+    let schema = result_batch().schema();
+    let refused = Running::start(
+        login(source("tls-wrong"), "guess"),
+        Arc::clone(&schema),
+        DeadLetterQueue::default(),
+    );
+    let stats = Arc::clone(&refused.stats);
+    wait_until("two refused attempts", || {
+        stats.connect_failures.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(refused.stats.subscriptions.load(Ordering::Relaxed), 0);
+
+    // The right login: the sink publishes over TLS, the source reads over TLS.
+    let running = Running::start(
+        login(source("tls-right"), "s3cret"),
+        schema,
+        DeadLetterQueue::default(),
+    );
+    running.subscribed(1).await;
+    let batch = result_batch();
+    let sink_spec = login(
+        ConnectorSpec::new("mqtt")
+            .with_name("tls-sink")
+            .with_option("topic", "secure/{sensor}")
+            .with_option("timestamps", "epoch_ms"),
+        "s3cret",
+    );
+    let mut sink = weir_connectors::build_sink(&sink_spec, batch.schema()).expect("sink");
+    sink.write_batch(&batch).expect("write");
+    drop(sink);
+    wait_until("3 rows over TLS", || running.row_count() >= 3).await;
+    // NaN has no JSON form: the sink writes null.
+    assert_eq!(
+        running.rows(),
+        sorted(&[
+            "s1|1970-01-01T00:00:01|0.5",
+            "s1|1970-01-01T00:00:02|null",
+            "s2|1970-01-01T00:00:01|null",
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_can_require_a_login() {
+    let config = EmbeddedBrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        users: [("sensor".to_owned(), "pa55".to_owned())].into(),
+        ..EmbeddedBrokerConfig::default()
+    };
+    let broker = EmbeddedBroker::start(&config).expect("embedded broker");
+    let url = broker.url();
+    let anonymous = Running::start(
+        source_spec("anonymous", &url, "login/{sensor}"),
+        vibration_schema(),
+        DeadLetterQueue::default(),
+    );
+    let stats = Arc::clone(&anonymous.stats);
+    wait_until("refused attempts", || {
+        stats.connect_failures.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(anonymous.stats.subscriptions.load(Ordering::Relaxed), 0);
+    let logged_in = Running::start(
+        source_spec("logged-in", &url, "login/{sensor}")
+            .with_option("username", "sensor")
+            .with_option("password", "pa55"),
+        vibration_schema(),
+        DeadLetterQueue::default(),
+    );
+    logged_in.subscribed(1).await;
+}

@@ -45,6 +45,12 @@ impl Mosquitto {
 
     /// Starts Mosquitto on `port` (e.g. again after [`Self::kill`], to simulate a restart).
     pub fn start_on(port: u16) -> Result<Self> {
+        Self::start_with(port, "allow_anonymous true\n")
+    }
+
+    /// Starts Mosquitto on `port` with `listener_config` lines for its listener, e.g.
+    /// `password_file ...` or `certfile ...` / `keyfile ...` for TLS.
+    pub fn start_with(port: u16, listener_config: &str) -> Result<Self> {
         let binary = binary().ok_or_else(|| {
             ConnectorError::config(
                 "mosquitto",
@@ -53,9 +59,9 @@ impl Mosquitto {
         })?;
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let config = tempfile_path::TempConfig::write(&format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             max_queued_messages 0\nmax_inflight_messages 0\nmessage_size_limit 0\n\
-             log_dest none\n"
+            "per_listener_settings true\nlistener {port} 127.0.0.1\n{listener_config}\
+             persistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n\
+             message_size_limit 0\nlog_dest none\n"
         ))?;
         let child = Command::new(binary)
             .arg("-c")
