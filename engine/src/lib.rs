@@ -206,7 +206,7 @@ impl PipelineFactory for PlanFactory {
             source.connector.as_ref(),
             source.watermark.as_ref().map(|w| w.column.clone()),
         )?
-        .with_name(&source.name);
+        .with_name(format!("{}/{}", self.plan.name, source.name));
         let operators = self
             .plan
             .operators
@@ -214,7 +214,10 @@ impl PipelineFactory for PlanFactory {
             .map(|node| weir_operators::build(node, &decoder))
             .collect::<weir_operators::Result<Vec<_>>>()?;
         let sink_schema = Arc::new(decoder.schema(&sink.schema)?.as_arrow().clone());
-        let sink_spec = connector_spec(sink.connector.as_ref(), None)?.with_name(&sink.name);
+        // Named per pipeline: two pipelines reading one source have their own connections,
+        // counters and dead letters.
+        let sink_spec = connector_spec(sink.connector.as_ref(), None)?
+            .with_name(format!("{}/{}", self.plan.name, sink.name));
         Ok(PipelineParts {
             source: weir_connectors::build_source(
                 &source_spec,

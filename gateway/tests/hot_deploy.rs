@@ -221,7 +221,7 @@ fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
             .await;
         assert_eq!(status, 201, "{body}");
         let (out, _sub) = subscribe(&url, "out/seq/#").await;
-        let stats = weir_connectors::mqtt::MqttStats::named("seq_in");
+        let stats = weir_connectors::mqtt::MqttStats::named("copy_seq/seq_in");
         wait_until("the sequence source to subscribe", || {
             stats
                 .subscriptions
@@ -327,7 +327,7 @@ fn a_compatible_replacement_keeps_open_windows() {
             .await;
         assert_eq!(status, 201, "{body}");
         let (out, _sub) = subscribe(&url, "out/sums/#").await;
-        let stats = weir_connectors::mqtt::MqttStats::named("readings");
+        let stats = weir_connectors::mqtt::MqttStats::named("sums/readings");
         let subscribed = |n: u64| {
             let stats = Arc::clone(&stats);
             move || {
@@ -473,7 +473,7 @@ fn metrics_health_and_the_token() {
             .await;
         assert_eq!(status, 201);
         let url = gateway.broker_url().expect("broker").to_owned();
-        let stats = weir_connectors::mqtt::MqttStats::named("seq_in");
+        let stats = weir_connectors::mqtt::MqttStats::named("copy_seq/seq_in");
         wait_until("the source to subscribe", || {
             stats
                 .subscriptions
@@ -507,7 +507,7 @@ fn metrics_health_and_the_token() {
             "weir_pipeline_rows_out_total{pipeline=\"copy_seq\"} 1",
             "weir_pipeline_running{pipeline=\"copy_seq\"} 1",
             "weir_dead_letters_total{pipeline=\"copy_seq\",reason=\"invalid json\"} 1",
-            "weir_mqtt_connected{connector=\"seq_in\"} 1",
+            "weir_mqtt_connected{connector=\"copy_seq/seq_in\"} 1",
             "# EOF",
         ] {
             assert!(text.contains(expected), "missing {expected} in:\n{text}");
