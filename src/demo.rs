@@ -133,7 +133,13 @@ async fn run(config: GatewayConfig, args: DemoArgs) -> anyhow::Result<ExitCode> 
         );
         last = (now, samples, sent, windows);
         let pipelines = gateway.deployments().list();
-        let text = render(&board, &pipelines, rates, started.elapsed(), args.sensors);
+        let mut text = render(&board, &pipelines, rates, started.elapsed(), args.sensors);
+        text.push_str(&format!(
+            "\nbroker {broker_url} · admin http://{admin} · watch: weir top --gateway http://{admin}\n\
+             raw results: mosquitto_sub -p {port} -t 'plant1/+/rms' -t 'plant1/+/alerts' · Ctrl-C stops\n",
+            admin = gateway.admin_address(),
+            port = broker_url.rsplit(':').next().unwrap_or("1883"),
+        ));
         let mut out = std::io::stdout().lock();
         if tty {
             // Clear the screen and draw from the top: a live table, not a scrolling log.
@@ -234,7 +240,8 @@ fn render(
         .map(|p| format!("{} {}", p.name, p.state))
         .collect();
     text.push_str(&format!(
-        "Weir demo · {:.0} s · {sensors} sensors × 1 kHz over MQTT in 100-sample blocks, faults injected\n",
+        "Weir demo · {:.0} s · {sensors} sensors × 1 kHz over MQTT in 100-sample blocks, \
+         with injected spikes, drift, steps and dropouts\n",
         elapsed.as_secs_f64()
     ));
     text.push_str(&format!(

@@ -44,7 +44,7 @@ pub fn render(
     let info = gauge_family(
         &mut registry,
         "gateway_info",
-        "The gateway's name and version.",
+        "The gateway's name and version",
     );
     info.get_or_create(&vec![
         ("gateway", gateway.to_owned()),
@@ -54,58 +54,58 @@ pub fn render(
     let uptime = gauge_family(
         &mut registry,
         "gateway_uptime_seconds",
-        "Seconds since start.",
+        "Seconds since start",
     );
     uptime.get_or_create(&Vec::new()).set(uptime_s);
 
     let up = gauge_family(
         &mut registry,
         "pipeline_running",
-        "1 while the pipeline runs, 0 while it restarts, failed or stopped.",
+        "1 while the pipeline runs, 0 while it restarts, failed or stopped",
     );
-    let version = gauge_family(&mut registry, "pipeline_version", "Deployed version.");
+    let version = gauge_family(&mut registry, "pipeline_version", "Deployed version");
     let rows_in = counter_family(
         &mut registry,
         "pipeline_rows_in",
-        "Rows produced by the source.",
+        "Rows produced by the source",
     );
     let rows_out = counter_family(
         &mut registry,
         "pipeline_rows_out",
-        "Rows written by the sink.",
+        "Rows written by the sink",
     );
     let late = counter_family(
         &mut registry,
         "pipeline_late_rows",
-        "Rows later than the watermark, dropped.",
+        "Rows later than the watermark, dropped",
     );
     let invalid = counter_family(
         &mut registry,
         "pipeline_invalid_rows",
-        "Rows with a NULL or out-of-range event time.",
+        "Rows with a NULL or out-of-range event time",
     );
     let errors = counter_family(
         &mut registry,
         "pipeline_errors",
-        "Rows whose expressions failed to evaluate (dead-lettered).",
+        "Rows whose expressions failed to evaluate (dead-lettered)",
     );
     let restarts = counter_family(
         &mut registry,
         "pipeline_restarts",
-        "Restarts after a failure.",
+        "Restarts after a failure",
     );
     let latency = gauge_family(
         &mut registry,
         "pipeline_latency_seconds",
         "Latency quantiles: source_to_sink (batch produced to result written) and \
-         watermark_to_emit (window closed to result emitted).",
+         watermark_to_emit (window closed to result emitted)",
     );
-    let stage_rows_in = counter_family(&mut registry, "stage_rows_in", "Rows into a stage.");
-    let stage_rows_out = counter_family(&mut registry, "stage_rows_out", "Rows out of a stage.");
+    let stage_rows_in = counter_family(&mut registry, "stage_rows_in", "Rows into a stage");
+    let stage_rows_out = counter_family(&mut registry, "stage_rows_out", "Rows out of a stage");
     let mailbox = gauge_family(
         &mut registry,
         "stage_mailbox_depth",
-        "Messages waiting for a stage (backpressure shows here first).",
+        "Messages waiting for a stage (backpressure shows here first)",
     );
     for p in pipelines {
         let labels = vec![("pipeline", p.name.clone())];
@@ -148,7 +148,7 @@ pub fn render(
     let letters = counter_family(
         &mut registry,
         "dead_letters",
-        "Records rejected with a reason (malformed payloads, failed expressions).",
+        "Records rejected with a reason (malformed payloads, failed expressions)",
     );
     for (pipeline, reasons) in dead_letters {
         for (reason, count) in reasons {
@@ -164,24 +164,24 @@ pub fn render(
     let mqtt_up = gauge_family(
         &mut registry,
         "mqtt_connected",
-        "1 while connected to the broker.",
+        "1 while connected to the broker",
     );
     let mqtt_messages = counter_family(
         &mut registry,
         "mqtt_messages",
-        "Messages received (sources) or published (sinks).",
+        "Messages received (sources) or published (sinks)",
     );
     let mqtt_rejected = counter_family(
         &mut registry,
         "mqtt_rejected",
-        "Records dead-lettered (sources) or messages not published (sinks).",
+        "Records dead-lettered (sources) or messages not published (sinks)",
     );
     let mqtt_failures = counter_family(
         &mut registry,
         "mqtt_connection_failures",
-        "Failed connection attempts and lost connections.",
+        "Failed connection attempts and lost connections",
     );
-    let mqtt_connects = counter_family(&mut registry, "mqtt_connects", "Successful connections.");
+    let mqtt_connects = counter_family(&mut registry, "mqtt_connects", "Successful connections");
     for (client, stats) in MqttStats::all() {
         let labels = vec![("connector", client)];
         mqtt_up

@@ -254,6 +254,8 @@ impl MqttSource {
             .unwrap_or_else(|| format!("weir-{}-{:08x}", sanitize(name), rand::random::<u32>()));
         let options = broker.mqtt_options(&client_id, source.config.clean_session)?;
         source.connection = Some((options, source.config.qos.level()));
+        // Published only for a source that runs, not for one built to check the SQL.
+        source.stats = MqttStats::named(name);
         Ok(source)
     }
 
@@ -312,7 +314,7 @@ impl MqttSource {
             decoder,
             origins,
             dead_letters,
-            stats: MqttStats::named(name),
+            stats: Arc::default(),
             inbox: Arc::default(),
             taken: Messages::default(),
             oldest_pending: None,
