@@ -938,3 +938,55 @@ async fn the_embedded_broker_can_require_a_login() {
     );
     logged_in.subscribed(1).await;
 }
+
+async fn a_persistent_session_receives_what_was_published_while_away(
+    broker: TestBroker,
+    name: &str,
+) {
+    let url = broker.url();
+    let spec = source_spec(name, &url, "held/{sensor}")
+        .with_option("clean_session", false)
+        .with_option("client_id", format!("weir-test-{name}"));
+    let first = Running::start(spec.clone(), vibration_schema(), DeadLetterQueue::default());
+    first.subscribed(1).await;
+    publish(&url, &[("held/s1", br#"{"ts":1,"v":1}"#.to_vec())]).await;
+    wait_until("the first row", || first.row_count() >= 1).await;
+    let stats = Arc::clone(&first.stats);
+    drop(first);
+    wait_until("the source to be gone", || {
+        stats.up.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    // While no one is connected, the broker keeps QoS 1 messages for the session.
+    let away: Vec<(&str, Vec<u8>)> = (2..=50)
+        .map(|i| ("held/s1", format!(r#"{{"ts":{i},"v":{i}}}"#).into_bytes()))
+        .collect();
+    publish(&url, &away).await;
+    let second = Running::start(spec, vibration_schema(), DeadLetterQueue::default());
+    wait_until("the 49 held rows", || second.row_count() >= 49).await;
+    let mut values: Vec<i64> = second
+        .rows()
+        .iter()
+        .map(|r| {
+            r.split('|')
+                .nth(2)
+                .expect("v")
+                .parse::<f64>()
+                .expect("number") as i64
+        })
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    assert_eq!(values, (2..=50).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_persistent_session_receives_what_was_published_while_away() {
+    a_persistent_session_receives_what_was_published_while_away(mosquitto(), "held-mosquitto")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_persistent_session_receives_what_was_published_while_away() {
+    a_persistent_session_receives_what_was_published_while_away(embedded(), "held-embedded").await;
+}

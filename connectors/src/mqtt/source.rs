@@ -466,6 +466,7 @@ pub(crate) fn sanitize(name: &str) -> String {
 struct ClientTask {
     task: JoinHandle<()>,
     client: AsyncClient,
+    stats: Arc<MqttStats>,
 }
 
 impl ClientTask {
@@ -485,9 +486,13 @@ impl ClientTask {
             filter,
             qos,
             inbox,
-            stats,
+            Arc::clone(&stats),
         ));
-        Self { task, client }
+        Self {
+            task,
+            client,
+            stats,
+        }
     }
 }
 
@@ -496,6 +501,7 @@ impl Drop for ClientTask {
         // Say goodbye if the connection is up; the abort below ends the task either way.
         let _ = self.client.try_disconnect();
         self.task.abort();
+        self.stats.up.store(0, Ordering::Relaxed);
     }
 }
 
