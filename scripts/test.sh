@@ -5,9 +5,13 @@ source "$(dirname "$0")/env.sh"
 cd "$(dirname "$0")/.."
 # The MQTT tests run the same cases against Mosquitto, which they start themselves on a free
 # loopback port; only the binary is needed (the package's own service is not used).
-if [ ! -x /usr/sbin/mosquitto ] && ! command -v mosquitto >/dev/null 2>&1; then
-    install_packages mosquitto mosquitto-clients
+# The TLS test makes its certificates with openssl.
+test_packages=()
+if [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; then
+    test_packages+=(mosquitto mosquitto-clients)
 fi
+command -v openssl >/dev/null 2>&1 || test_packages+=(openssl)
+install_packages "${test_packages[@]}"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
