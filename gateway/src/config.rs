@@ -37,8 +37,9 @@ pub struct GatewayConfig {
     pub name: String,
     /// A directory of `.sql` files whose pipelines start with the gateway.
     pub pipelines_dir: Option<PathBuf>,
-    /// Where malformed input is written as JSON lines (with the reason); unset: kept in
-    /// memory only (the most recent ones are shown by the admin API).
+    /// A directory where each pipeline's dead letters (malformed input, with the reason) are
+    /// written as `<pipeline>.jsonl`; unset: the most recent are kept in memory and shown by
+    /// `GET /api/pipelines/NAME`.
     pub dead_letters: Option<PathBuf>,
     /// The site's MQTT broker.
     pub broker: BrokerSection,
