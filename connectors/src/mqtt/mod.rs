@@ -151,6 +151,84 @@ fn registry() -> &'static Mutex<HashMap<String, Arc<MqttStats>>> {
     REGISTRY.get_or_init(Mutex::default)
 }
 
+/// The connection bookkeeping shared by sources and sinks: counters, a reconnect log line
+/// at most every 30 s, and the next retry delay (exponential backoff with jitter, 100 ms up
+/// to 10 s, reset by a successful connect).
+pub(crate) struct Reconnects {
+    /// `source` or `sink`, and its name, for the log.
+    role: &'static str,
+    name: String,
+    stats: Arc<MqttStats>,
+    backoff: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
+    failures: RateLimitedLog,
+    connected: bool,
+}
+
+impl Reconnects {
+    pub(crate) fn new(role: &'static str, name: &str, stats: Arc<MqttStats>) -> Self {
+        use backon::BackoffBuilder;
+        let backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times();
+        Self {
+            role,
+            name: name.to_owned(),
+            stats,
+            delays: backoff.build(),
+            backoff,
+            failures: RateLimitedLog::new(Duration::from_secs(30)),
+            connected: false,
+        }
+    }
+
+    /// The broker accepted the connection.
+    pub(crate) fn connected(&mut self) {
+        use backon::BackoffBuilder;
+        if self.stats.connects.fetch_add(1, Ordering::Relaxed) > 0 {
+            tracing::info!(role = self.role, name = %self.name, "reconnected to the MQTT broker");
+        }
+        self.connected = true;
+        self.stats.up.store(1, Ordering::Relaxed);
+        self.delays = self.backoff.build();
+        self.failures.reset();
+    }
+
+    /// A connection attempt failed or an established connection broke; returns how long to
+    /// wait before the next attempt.
+    pub(crate) fn failed(&mut self, error: &rumqttc::ConnectionError) -> Duration {
+        if self.connected {
+            self.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.connected = false;
+        self.stats.up.store(0, Ordering::Relaxed);
+        self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.failures.allow() {
+            tracing::warn!(
+                role = self.role,
+                name = %self.name,
+                error = %describe(error),
+                suppressed,
+                "MQTT broker unavailable; retrying with backoff"
+            );
+        }
+        self.delays.next().unwrap_or(Duration::from_secs(10))
+    }
+}
+
+/// A connection error as a person would say it.
+pub(crate) fn describe(error: &rumqttc::ConnectionError) -> String {
+    match error {
+        rumqttc::ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection ({code:?}); check username and password")
+        }
+        rumqttc::ConnectionError::Io(io) => format!("network: {io}"),
+        other => other.to_string(),
+    }
+}
+
 /// Lets a repeated warning through once per interval, counting what it held back, so a
 /// broker that stays down is logged every half minute rather than on every retry.
 #[derive(Debug)]
@@ -184,8 +262,8 @@ impl RateLimitedLog {
         }
     }
 
-    /// Occurrences held back since the last logged one.
-    pub(crate) fn suppressed(&self) -> u64 {
+    #[cfg(test)]
+    fn suppressed(&self) -> u64 {
         self.suppressed
     }
 

@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
-use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{Client, ClientError, Event, MqttOptions, Outgoing, Packet, QoS};
 
 use super::config::{BrokerConfig, MqttSinkConfig, PublishMode};
-use super::source::{describe, sanitize};
+use super::source::sanitize;
 use super::topic::TopicTemplate;
-use super::{MqttStats, RateLimitedLog};
+use super::{MqttStats, RateLimitedLog, Reconnects};
 use crate::Sink;
 use crate::error::{ConnectorError, Result};
 use crate::file::{OutputFormat, RowFormatter};
@@ -259,25 +258,10 @@ impl SinkClient {
         let thread = std::thread::Builder::new()
             .name(format!("mqtt-sink-{}", sanitize(&name)))
             .spawn(move || {
-                let backoff = ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(Duration::from_secs(10))
-                    .with_jitter()
-                    .without_max_times();
-                let mut delays = backoff.build();
-                let mut failures = RateLimitedLog::new(Duration::from_secs(30));
-                let mut connected = false;
+                let mut reconnects = Reconnects::new("sink", &name, Arc::clone(&stats));
                 for notification in connection.iter() {
                     match notification {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            if stats.connects.fetch_add(1, Ordering::Relaxed) > 0 {
-                                tracing::info!(sink = %name, "reconnected to the MQTT broker");
-                            }
-                            connected = true;
-                            stats.up.store(1, Ordering::Relaxed);
-                            delays = backoff.build();
-                            failures.reset();
-                        }
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => reconnects.connected(),
                         Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                         Ok(Event::Outgoing(Outgoing::Publish(_))) if !acknowledged => {
                             delivering.fetch_add(1, Ordering::Relaxed);
@@ -290,21 +274,7 @@ impl SinkClient {
                             if stopping.load(Ordering::Relaxed) {
                                 break;
                             }
-                            if connected {
-                                stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                            }
-                            connected = false;
-                            stats.up.store(0, Ordering::Relaxed);
-                            stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                            if let Some(suppressed) = failures.allow() {
-                                tracing::warn!(
-                                    sink = %name,
-                                    error = %describe(&error),
-                                    suppressed,
-                                    "MQTT broker unavailable; retrying with backoff"
-                                );
-                            }
-                            let delay = delays.next().unwrap_or(Duration::from_secs(10));
+                            let delay = reconnects.failed(&error);
                             let until = Instant::now() + delay;
                             while Instant::now() < until && !stopping.load(Ordering::Relaxed) {
                                 std::thread::sleep(Duration::from_millis(20));

@@ -16,18 +16,17 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{Schema, SchemaRef};
-use backon::{BackoffBuilder, ExponentialBuilder};
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::config::{BrokerConfig, MessageFormat, MqttSourceConfig};
 use super::topic::TopicPattern;
-use super::{MqttStats, RateLimitedLog};
+use super::{MqttStats, Reconnects};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::json::array_elements;
 use crate::decode::{CsvDecoder, DecodeError, JsonDecoder, SparkplugDecoder};
@@ -514,28 +513,14 @@ async fn run_client(
     inbox: Arc<Inbox>,
     stats: Arc<MqttStats>,
 ) {
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times();
-    let mut delays = backoff.build();
-    let mut failures = RateLimitedLog::new(Duration::from_secs(30));
-    let mut connected = false;
+    let mut reconnects = Reconnects::new("source", &name, Arc::clone(&stats));
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 inbox.put(&publish.topic, &publish.payload).await;
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
-                stats.connects.fetch_add(1, Ordering::Relaxed);
-                stats.up.store(1, Ordering::Relaxed);
-                delays = backoff.build();
-                if failures.suppressed() > 0 || stats.connects.load(Ordering::Relaxed) > 1 {
-                    tracing::info!(source = %name, "reconnected to the MQTT broker");
-                }
-                failures.reset();
+                reconnects.connected();
                 // A clean session forgets subscriptions; a persistent one keeps them, and
                 // subscribing again is harmless, so subscribe after every connect.
                 // `try_`: this task is what drains the client's request channel.
@@ -561,35 +546,7 @@ async fn run_client(
                 }
             }
             Ok(_) => {}
-            Err(error) => {
-                if connected {
-                    stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                }
-                connected = false;
-                stats.up.store(0, Ordering::Relaxed);
-                stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = failures.allow() {
-                    tracing::warn!(
-                        source = %name,
-                        error = %describe(&error),
-                        suppressed,
-                        "MQTT broker unavailable; retrying with backoff"
-                    );
-                }
-                let delay = delays.next().unwrap_or(Duration::from_secs(10));
-                tokio::time::sleep(delay).await;
-            }
+            Err(error) => tokio::time::sleep(reconnects.failed(&error)).await,
         }
-    }
-}
-
-/// A connection error as a person would say it.
-pub(crate) fn describe(error: &ConnectionError) -> String {
-    match error {
-        ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection ({code:?}); check username and password")
-        }
-        ConnectionError::Io(io) => format!("network: {io}"),
-        other => other.to_string(),
     }
 }
