@@ -291,11 +291,16 @@ fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
         assert_eq!(status, 404);
 
         publishing.await.expect("publisher");
+        // Once the sink has written `total` rows and the subscriber has them all, a duplicate
+        // would show in either count.
+        let deployments = gateway.deployments().clone();
         wait_until("every sequence number", || {
             out.lock().expect("lock").len() as u64 >= total
+                && deployments.list().iter().any(|p| p.rows_out >= total)
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let written = deployments.list()[0].rows_out;
+        assert_eq!(written, total, "the pipeline wrote each message once");
         let mut seqs: Vec<u64> = out
             .lock()
             .expect("lock")
