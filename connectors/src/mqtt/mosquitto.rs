@@ -3,7 +3,8 @@
 //!
 //! Needs the `mosquitto` binary (Debian package `mosquitto`; `./scripts/test.sh` installs
 //! it). The broker listens on loopback only, allows anonymous clients, and is killed when the
-//! handle is dropped.
+//! handle is dropped. It queues QoS 0 messages for absent persistent sessions too
+//! (`queue_qos0_messages`), as a site broker that buffers sensor data would be set up.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -60,7 +61,7 @@ impl Mosquitto {
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let config = tempfile_path::TempConfig::write(&format!(
             "per_listener_settings true\nlistener {port} 127.0.0.1\n{listener_config}\
-             persistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n\
+             persistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nqueue_qos0_messages true\n\
              message_size_limit 0\nlog_dest none\n"
         ))?;
         let child = Command::new(binary)
