@@ -1,16 +1,29 @@
 //! `weir bench`: workload V, S sensors x 1 kHz vibration -> 1-second tumbling RMS and peak per
-//! sensor, in-process: a publisher thread encodes the simulator's signal as JSON payloads, a
-//! payload source decodes them into Arrow, the real planner and engine aggregate, and every
-//! result is checked against a direct computation from the signal model.
+//! sensor.
+//!
+//! - In-process scenarios (`json-rows`, `blocks`): a publisher thread encodes the simulator's
+//!   signal as JSON payloads, a payload source decodes them into Arrow, the real planner and
+//!   engine aggregate, and every result is checked against a direct computation from the
+//!   signal model.
+//! - MQTT scenarios (`mqtt-rows`, `mqtt-blocks-realtime`, `mqtt-backlog`, see [`mqtt`]): the
+//!   same workload through a real broker, with the publisher in a process of its own. Each
+//!   runs per broker in a child process (`weir bench --isolated ...`), so that one broker's
+//!   memory and threads never count against the next measurement.
 
-use std::process::ExitCode;
+mod check;
+mod clients;
+mod mqtt;
+mod procfs;
+mod publisher;
+
+use std::process::{ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int64Type, TimestampNanosecondType};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use weir_connectors::decode::DecodeOptions;
 use weir_connectors::payload::{PayloadSource, Payloads};
 use weir_connectors::simulator::{SignalModel, SimulatorConfig};
@@ -19,23 +32,92 @@ use weir_engine::{
     Engine, EngineOptions, PipelineFactory, PipelineParts, PipelineState, PlanFactory,
 };
 
+use self::mqtt::{BrokerKind, MqttScenario};
+pub use self::publisher::{PublisherArgs, publisher};
+
+/// Which brokers the MQTT scenarios run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BrokerChoice {
+    Embedded,
+    Mosquitto,
+    Both,
+}
+
+impl BrokerChoice {
+    fn brokers(self) -> Vec<BrokerKind> {
+        match self {
+            Self::Embedded => vec![BrokerKind::Embedded],
+            Self::Mosquitto => vec![BrokerKind::Mosquitto],
+            Self::Both => vec![BrokerKind::Embedded, BrokerKind::Mosquitto],
+        }
+    }
+}
+
+/// QoS levels of the backlog scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum QosChoice {
+    #[value(name = "0")]
+    Zero,
+    #[value(name = "1")]
+    One,
+    Both,
+}
+
+impl QosChoice {
+    fn levels(self) -> Vec<u8> {
+        match self {
+            Self::Zero => vec![0],
+            Self::One => vec![1],
+            Self::Both => vec![0, 1],
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Which scenario to run: json-rows, blocks or all.
+    /// Scenarios to run, comma-separated: json-rows, blocks, mqtt-rows, mqtt-blocks-realtime,
+    /// mqtt-backlog, or all.
     #[arg(long, default_value = "all")]
     scenario: String,
-    /// Number of simulated 1 kHz sensors.
+    /// Brokers for the MQTT scenarios: embedded (rumqttd in this process), mosquitto (a
+    /// child process) or both.
+    #[arg(long, value_enum, default_value = "both")]
+    broker: BrokerChoice,
+    /// Number of simulated 1 kHz sensors (json-rows, blocks, mqtt-rows, mqtt-backlog).
     #[arg(long, default_value_t = 100)]
     sensors: u32,
-    /// Seconds of event time to simulate per scenario.
+    /// Seconds of event time to simulate per scenario; for mqtt-blocks-realtime, seconds of
+    /// wall-clock time.
     #[arg(long, default_value_t = 20)]
     seconds: u32,
+    /// Sensors of mqtt-blocks-realtime, each 1 kHz in 100-sample blocks (10 messages/s).
+    #[arg(long, default_value_t = 1000)]
+    realtime_sensors: u32,
+    /// Messages queued for the persistent sessions of mqtt-backlog (rounded up to whole
+    /// 100-sample ticks of all sensors).
+    #[arg(long, default_value_t = 2_000_000)]
+    backlog: u64,
+    /// mqtt-blocks-realtime: segments the embedded broker keeps per subscription filter
+    /// (default: the gateway's, 4).
+    #[arg(long)]
+    embedded_segments: Option<usize>,
+    /// mqtt-blocks-realtime: size of one embedded-broker segment in bytes (default: the
+    /// gateway's, 8 MiB). With the two above, bounds what the broker holds in memory.
+    #[arg(long)]
+    embedded_segment_bytes: Option<usize>,
+    /// QoS levels of mqtt-backlog: 0, 1 or both.
+    #[arg(long, value_enum, default_value = "both")]
+    backlog_qos: QosChoice,
     /// Print one JSON object per scenario instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run exactly one MQTT scenario on one broker (and QoS) in this process.
+    #[arg(long, hide = true)]
+    isolated: bool,
 }
 
-#[derive(Debug, Serialize)]
+/// One scenario's figures; `--json` prints one per line.
+#[derive(Debug, Serialize, Deserialize)]
 struct ScenarioResult {
     scenario: String,
     samples: u64,
@@ -47,6 +129,81 @@ struct ScenarioResult {
     peak_rss_mb: f64,
     windows: usize,
     correct: bool,
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    mqtt: Option<MqttFigures>,
+}
+
+/// What the MQTT scenarios measure besides the common figures.
+#[derive(Debug, Serialize, Deserialize)]
+struct MqttFigures {
+    broker: String,
+    qos: u8,
+    /// Messages the publisher process sent (in the pipeline's phase).
+    published: u64,
+    publish_per_sec: f64,
+    /// Messages the pipeline's `mqtt` source took from the broker.
+    received: u64,
+    /// The pipeline's rate; see `notes` for what it is timed from and to.
+    messages_per_sec: f64,
+    /// The same for the null subscriber, which only counts messages.
+    null_received: Option<u64>,
+    null_messages_per_sec: Option<f64>,
+    /// messages_per_sec / null_messages_per_sec.
+    ratio: Option<f64>,
+    /// This process (pipeline; with the embedded broker, the broker too), % of one core.
+    cpu_percent: Option<f64>,
+    /// Mosquitto's process, % of one core, over the same interval.
+    broker_cpu_percent: Option<f64>,
+    publisher_cpu_percent: Option<f64>,
+    broker_peak_rss_mb: Option<f64>,
+    /// mqtt-blocks-realtime: result arrival on the sink topic after the watermark passed.
+    e2e_p50_ms: Option<f64>,
+    e2e_p99_ms: Option<f64>,
+    e2e_max_ms: Option<f64>,
+    dead_letters: u64,
+    /// What was measured, how, and anything that did not go as it should.
+    notes: Vec<String>,
+}
+
+/// A scenario as selected on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    /// In-process, with the payload format of the simulator.
+    InProcess(&'static str, &'static str),
+    Mqtt(MqttScenario),
+}
+
+fn scenarios(list: &str) -> anyhow::Result<Vec<Scenario>> {
+    const IN_PROCESS: [(&str, &str); 2] = [("json-rows", "json"), ("blocks", "json_blocks")];
+    let all = IN_PROCESS
+        .iter()
+        .map(|&(name, payload)| Scenario::InProcess(name, payload))
+        .chain(MqttScenario::ALL.into_iter().map(Scenario::Mqtt));
+    let mut selected = Vec::new();
+    for name in list.split(',').map(str::trim) {
+        let found: Vec<Scenario> = match name {
+            "all" => all.clone().collect(),
+            _ => all
+                .clone()
+                .filter(|s| match s {
+                    Scenario::InProcess(n, _) => *n == name,
+                    Scenario::Mqtt(m) => m.name() == name,
+                })
+                .collect(),
+        };
+        if found.is_empty() {
+            bail!(
+                "unknown scenario '{name}': use json-rows, blocks, mqtt-rows, \
+                 mqtt-blocks-realtime, mqtt-backlog or all"
+            );
+        }
+        for scenario in found {
+            if !selected.contains(&scenario) {
+                selected.push(scenario);
+            }
+        }
+    }
+    Ok(selected)
 }
 
 fn bench_schema() -> arrow::datatypes::SchemaRef {
@@ -160,14 +317,12 @@ GROUP BY sensor, window_start;
 ";
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let scenarios: Vec<(&str, &str)> = match args.scenario.as_str() {
-        "all" => vec![("json-rows", "json"), ("blocks", "json_blocks")],
-        "json-rows" => vec![("json-rows", "json")],
-        "blocks" => vec![("blocks", "json_blocks")],
-        other => bail!("unknown scenario '{other}': use json-rows, blocks or all"),
-    };
-    if args.sensors == 0 || args.seconds == 0 {
-        bail!("--sensors and --seconds must be positive");
+    let selected = scenarios(&args.scenario)?;
+    if args.sensors == 0 || args.seconds == 0 || args.realtime_sensors == 0 || args.backlog == 0 {
+        bail!("--sensors, --seconds, --realtime-sensors and --backlog must be positive");
+    }
+    if args.isolated {
+        return isolated(&selected, &args);
     }
     if cfg!(debug_assertions) {
         eprintln!(
@@ -175,14 +330,105 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mut results = Vec::new();
-    for (name, payload) in scenarios {
-        let result = run_scenario(name, payload, &args)?;
-        if args.json {
-            println!("{}", serde_json::to_string(&result)?);
+    for scenario in selected {
+        match scenario {
+            Scenario::InProcess(name, payload) => {
+                let result = run_scenario(name, payload, &args)?;
+                if args.json {
+                    println!("{}", serde_json::to_string(&result)?);
+                }
+                results.push(result);
+            }
+            Scenario::Mqtt(mqtt) => {
+                let levels = if mqtt == MqttScenario::Backlog {
+                    args.backlog_qos.levels()
+                } else {
+                    vec![0]
+                };
+                for broker in args.broker.brokers() {
+                    for &qos in &levels {
+                        let result = run_isolated(mqtt, broker, qos, &args)?;
+                        if args.json {
+                            println!("{}", serde_json::to_string(&result)?);
+                        }
+                        results.push(result);
+                    }
+                }
+            }
         }
-        results.push(result);
     }
     if !args.json {
+        print_tables(&results);
+    }
+    Ok(if results.iter().all(|r| r.correct) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `--isolated`: one MQTT scenario, one broker, one QoS, here; the result as one JSON line.
+fn isolated(selected: &[Scenario], args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let (&[Scenario::Mqtt(scenario)], &[broker], &[qos]) = (
+        selected,
+        args.broker.brokers().as_slice(),
+        args.backlog_qos.levels().as_slice(),
+    ) else {
+        bail!("--isolated runs exactly one MQTT scenario on one broker with one QoS");
+    };
+    let result = mqtt::run(scenario, broker, qos, args)?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one MQTT scenario in a child process of this executable and reads back its result.
+fn run_isolated(
+    scenario: MqttScenario,
+    broker: BrokerKind,
+    qos: u8,
+    args: &BenchArgs,
+) -> anyhow::Result<ScenarioResult> {
+    let exe = std::env::current_exe().context("cannot find the weir executable")?;
+    let output = std::process::Command::new(exe)
+        .args([
+            "bench".to_owned(),
+            "--isolated".to_owned(),
+            format!("--scenario={}", scenario.name()),
+            format!("--broker={}", broker.name()),
+            format!("--backlog-qos={qos}"),
+            format!("--sensors={}", args.sensors),
+            format!("--seconds={}", args.seconds),
+            format!("--realtime-sensors={}", args.realtime_sensors),
+            format!("--backlog={}", args.backlog),
+        ])
+        .args(
+            args.embedded_segments
+                .map(|n| format!("--embedded-segments={n}")),
+        )
+        .args(
+            args.embedded_segment_bytes
+                .map(|n| format!("--embedded-segment-bytes={n}")),
+        )
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {} on {}", scenario.name(), broker.name()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    if !output.status.success() || line.is_empty() {
+        bail!(
+            "{} on {} failed ({})",
+            scenario.name(),
+            broker.name(),
+            output.status
+        );
+    }
+    serde_json::from_str(line).with_context(|| format!("unreadable scenario result: {line:?}"))
+}
+
+fn print_tables(results: &[ScenarioResult]) {
+    let (in_process, mqtt): (Vec<_>, Vec<_>) = results.iter().partition(|r| r.mqtt.is_none());
+    if !in_process.is_empty() {
         println!(
             "{:<10} {:>12} {:>8} {:>14} {:>8} {:>8} {:>9} {:>8} {:>8}",
             "scenario",
@@ -195,7 +441,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "windows",
             "correct"
         );
-        for r in &results {
+        for r in &in_process {
             println!(
                 "{:<10} {:>12} {:>8.2} {:>14.0} {:>8.3} {:>8.3} {:>9.1} {:>8} {:>8}",
                 r.scenario,
@@ -210,11 +456,60 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(if results.iter().all(|r| r.correct) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    if mqtt.is_empty() {
+        return;
+    }
+    if !in_process.is_empty() {
+        println!();
+    }
+    let or_dash = |value: Option<f64>, decimals: usize| {
+        value.map_or("-".to_owned(), |v| format!("{v:.decimals$}"))
+    };
+    println!(
+        "{:<20} {:<9} {:>3} {:>17} {:>10} {:>10} {:>6} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7}",
+        "scenario",
+        "broker",
+        "qos",
+        "received/sent",
+        "msg/s",
+        "null/s",
+        "ratio",
+        "cpu%",
+        "brk cpu",
+        "peak MB",
+        "brk MB",
+        "p99 wm",
+        "p99 e2e",
+        "correct"
+    );
+    for r in &mqtt {
+        let Some(m) = &r.mqtt else { continue };
+        println!(
+            "{:<20} {:<9} {:>3} {:>17} {:>10.0} {:>10} {:>6} {:>6} {:>7} {:>7.1} {:>7} {:>8.3} {:>8} {:>7}",
+            r.scenario,
+            m.broker,
+            m.qos,
+            format!("{}/{}", m.received, m.published),
+            m.messages_per_sec,
+            or_dash(m.null_messages_per_sec, 0),
+            or_dash(m.ratio, 2),
+            or_dash(m.cpu_percent, 1),
+            or_dash(m.broker_cpu_percent, 1),
+            r.peak_rss_mb,
+            or_dash(m.broker_peak_rss_mb, 1),
+            r.p99_ms,
+            or_dash(m.e2e_p99_ms, 1),
+            r.correct
+        );
+    }
+    println!();
+    for r in &mqtt {
+        let Some(m) = &r.mqtt else { continue };
+        println!("{} on {} (QoS {}):", r.scenario, m.broker, m.qos);
+        for note in &m.notes {
+            println!("  - {note}");
+        }
+    }
 }
 
 /// The plan's parts with the simulator swapped for a source fed by the publisher thread, and
@@ -291,7 +586,7 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
         results: Arc::clone(&results),
     };
 
-    reset_peak_rss();
+    procfs::reset_peak_rss();
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -331,7 +626,8 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
         samples_per_sec: samples as f64 / seconds,
         p50_ms: snapshot.watermark_to_emit.p50_ms,
         p99_ms: snapshot.watermark_to_emit.p99_ms,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: procfs::peak_rss_mb(None).unwrap_or(0.0),
+        mqtt: None,
         windows,
         correct,
     })
@@ -397,22 +693,4 @@ fn check(batches: &[RecordBatch], args: &BenchArgs) -> anyhow::Result<(usize, bo
         }
     }
     Ok((seen.len(), correct))
-}
-
-/// Resets the kernel's peak-RSS counter so each scenario reports its own peak.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }

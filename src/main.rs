@@ -52,9 +52,20 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         weir bench\n  \
         weir bench --sensors 100 --seconds 60 --json\n  \
-        weir bench --scenario blocks\n\n\
+        weir bench --scenario blocks\n  \
+        weir bench --scenario mqtt-rows --broker both\n  \
+        weir bench --scenario mqtt-blocks-realtime --realtime-sensors 1000 --seconds 30\n  \
+        weir bench --scenario mqtt-backlog --backlog 200000 --backlog-qos 1 --broker mosquitto\n\n\
+        The MQTT scenarios publish from a separate `weir` process through the embedded broker\n\
+        (rumqttd, inside the measured process) and/or Mosquitto (a child process), and run each\n\
+        scenario and broker in a fresh process. mqtt-rows and mqtt-backlog compare the pipeline\n\
+        with a subscriber that only counts messages; mqtt-blocks-realtime reports CPU (% of one\n\
+        core), peak RSS and the p99 from the watermark passing a window's end to its result\n\
+        arriving on the sink topic. Mosquitto must be installed (apt-get install mosquitto).\n\n\
         Build with --release for meaningful numbers: cargo run --release -- bench")]
     Bench(bench::BenchArgs),
+    #[command(hide = true)]
+    BenchPublisher(bench::PublisherArgs),
     /// Run the site process: MQTT broker, pipelines, admin API; hot deploy without restarts.
     #[command(after_help = "Examples:\n  \
         weir gateway --pipelines examples/gateway\n  \
@@ -113,6 +124,7 @@ fn main() -> ExitCode {
         Command::Compile { file, out } => compile(&file, out.as_deref()),
         Command::Run(args) => run::run(args),
         Command::Bench(args) => bench::bench(args),
+        Command::BenchPublisher(args) => bench::publisher(args),
         Command::Gateway(args) => gateway::gateway(args),
         Command::Demo(args) => demo::demo(args),
         Command::Config(command) => gateway::config(command),
