@@ -25,13 +25,15 @@ pub enum Session {
 }
 
 /// rumqttc options as the `mqtt` source builds them, so the baseline connects the same way.
+/// `role` names a clean session's client.
 fn client(
     url: &str,
     session: &Session,
+    role: &str,
     capacity: usize,
 ) -> anyhow::Result<(AsyncClient, EventLoop)> {
     let (client_id, clean) = match session {
-        Session::Clean => (format!("weir-bench-null-{:08x}", rand_suffix()), true),
+        Session::Clean => (format!("weir-bench-{role}-{:08x}", rand_suffix()), true),
         Session::Persistent(id) => (id.clone(), false),
     };
     let broker = BrokerConfig {
@@ -58,7 +60,12 @@ pub async fn prepare_session(
     filter: &str,
     qos: QoS,
 ) -> anyhow::Result<()> {
-    let (client, mut events) = client(url, &Session::Persistent(client_id.to_owned()), 16)?;
+    let (client, mut events) = client(
+        url,
+        &Session::Persistent(client_id.to_owned()),
+        "session",
+        16,
+    )?;
     let run = async {
         loop {
             match events.poll().await {
@@ -120,7 +127,7 @@ pub struct Drained {
 impl NullSubscriber {
     /// Connects and subscribes to `filter`; returns at once, see [`Self::subscribed`].
     pub fn start(url: &str, session: &Session, filter: &str, qos: QoS) -> anyhow::Result<Self> {
-        let (client, events) = client(url, session, 64)?;
+        let (client, events) = client(url, session, "null", 64)?;
         let counters = Arc::new(Counters::default());
         let base = Instant::now();
         let task = tokio::spawn(count_messages(
@@ -249,7 +256,7 @@ pub struct ResultReader {
 
 impl ResultReader {
     pub async fn start(url: &str, filter: &str) -> anyhow::Result<Self> {
-        let (client, mut events) = client(url, &Session::Clean, 64)?;
+        let (client, mut events) = client(url, &Session::Clean, "results", 64)?;
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let unreadable = Arc::new(AtomicU64::new(0));
         let ready = Arc::new(AtomicBool::new(false));

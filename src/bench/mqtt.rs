@@ -741,8 +741,8 @@ async fn backlog(broker: &Broker, args: &BenchArgs, qos: u8) -> anyhow::Result<S
     }
     if broker.kind == BrokerKind::Mosquitto && qos == 0 && drained.received < published {
         notes.push(
-            "Mosquitto does not queue QoS 0 messages for offline sessions unless configured \
-             with queue_qos0_messages true (Mosquitto::start does not)"
+            "Mosquitto queues QoS 0 messages for offline sessions only with \
+             queue_qos0_messages true"
                 .into(),
         );
     }
