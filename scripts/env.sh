@@ -18,4 +18,7 @@ install_packages() {
 need_packages=()
 command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
+# RocksDB: bindgen needs libclang, the C++ build needs g++.
+command -v g++ >/dev/null 2>&1 || need_packages+=(g++)
+compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || need_packages+=(libclang-dev)
 install_packages "${need_packages[@]}"

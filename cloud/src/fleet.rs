@@ -1,0 +1,1586 @@
+//! The fleet: gateways, tokens, pipeline versions and deployments, and the live sessions of
+//! connected gateways.
+//!
+//! All state lives in memory behind one lock and is written through to the [`Store`] before
+//! a change is visible: every change and its audit entry go into one atomic batch. A
+//! gateway's desired state is computed from the deployments whose selectors match its
+//! labels; whenever that set changes (a deploy, a rollback, a relabel, a reconnect) the new
+//! full set is handed to the gateway's session, which sends only the latest one.
+//!
+//! The lock is a `std` mutex held for in-memory work only, never across an `.await`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use weir_proto::cloud::{
+    DesiredState, EnrollResponse, PlanEnvelope, PlanResult, RunningPipeline, SignedPlan,
+    StatusReport, Welcome,
+};
+
+use crate::error::{CloudError, Result};
+use crate::model::{
+    ApiToken, AuditEntry, DeploymentRecord, Enrollment, GatewayRecord, PipelineVersion, Role,
+    Rollout, new_secret, now_ms, secret_hash,
+};
+use crate::selector::{Labels, Selector};
+use crate::signing::PlanSigner;
+use crate::store::{Store, Table, Write};
+
+/// Who is calling the API, as their token says.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// Fails unless the caller's role is at least `needed`.
+    pub fn require(&self, needed: Role, what: &str) -> Result<()> {
+        if self.role >= needed {
+            Ok(())
+        } else {
+            Err(CloudError::Forbidden(format!(
+                "{what} needs the {needed} role; token '{}' has the {} role",
+                self.name, self.role
+            )))
+        }
+    }
+
+    fn actor(&self) -> String {
+        format!("token:{}", self.name)
+    }
+}
+
+/// A deploy request: the SQL file, where it goes and how it ranks.
+#[derive(Debug, Clone)]
+pub struct DeployRequest {
+    /// The deployment's name; defaults to the first pipeline's name.
+    pub name: Option<String>,
+    pub sql: String,
+    /// The file name, for error messages.
+    pub file: String,
+    pub selector: String,
+    pub priority: i32,
+    /// Stage the rollout: this many matching gateways first (0: everyone at once).
+    pub canary: u32,
+    /// How long every canary must run the new versions healthily before the rest follow.
+    pub bake: Duration,
+    /// More errors than this on a canary's pipeline fails the rollout.
+    pub max_errors: u64,
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployOutcome {
+    pub deployment: String,
+    /// Pipeline -> version; versions that did not change keep their number.
+    pub pipelines: BTreeMap<String, u64>,
+    /// Pipelines that got a new version with this deploy.
+    pub changed: Vec<String>,
+    /// Gateways the selector matches now.
+    pub targets: Vec<String>,
+    /// The gateways that get the new versions first, in a staged rollout.
+    pub canaries: Vec<String>,
+}
+
+/// A connected gateway's stream, as the fleet sees it.
+struct Session {
+    connection: u64,
+    desired: watch::Sender<Option<DesiredState>>,
+    /// Pipeline -> version last sent.
+    sent: BTreeMap<String, u64>,
+    revision: u64,
+    connected_at_ms: u64,
+    report: Option<StatusReport>,
+    /// Pipeline -> the gateway's answer to the version last sent.
+    results: BTreeMap<String, PlanResult>,
+}
+
+#[derive(Default)]
+struct State {
+    gateways: BTreeMap<String, GatewayRecord>,
+    credentials: HashMap<String, String>,
+    enrollments: HashMap<String, Enrollment>,
+    tokens: HashMap<String, ApiToken>,
+    versions: BTreeMap<(String, u64), PipelineVersion>,
+    deployments: BTreeMap<String, DeploymentRecord>,
+    selectors: HashMap<String, Selector>,
+    sessions: HashMap<String, Session>,
+    last_seen_ms: HashMap<String, u64>,
+    audit_seq: u64,
+    next_connection: u64,
+}
+
+impl State {
+    fn gateway_by_name(&self, name: &str) -> Result<&GatewayRecord> {
+        self.gateways
+            .values()
+            .find(|g| g.name == name)
+            .ok_or_else(|| CloudError::NotFound(format!("no gateway named '{name}'")))
+    }
+
+    fn audit(&mut self, actor: &str, action: &str, detail: String) -> (AuditEntry, Write) {
+        self.audit_seq += 1;
+        let entry = AuditEntry {
+            seq: self.audit_seq,
+            at_ms: now_ms(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            detail,
+        };
+        let write = put(Table::Audit, self.audit_seq.to_be_bytes().to_vec(), &entry);
+        (entry, write)
+    }
+
+    /// Pipeline -> (version, deployment) for a gateway with `labels`: the union of the
+    /// matching deployments, a name claimed twice going to the higher priority, then the newer.
+    /// During a staged rollout, canaries get the new versions and the others the stable ones.
+    fn desired_for(&self, gateway_id: &str, labels: &Labels) -> BTreeMap<String, (u64, String)> {
+        let mut chosen: BTreeMap<String, (u64, &DeploymentRecord)> = BTreeMap::new();
+        for deployment in self.deployments.values() {
+            let matches = self
+                .selectors
+                .get(&deployment.name)
+                .is_some_and(|s| s.matches(labels));
+            if !matches {
+                continue;
+            }
+            let versions = match &deployment.rollout {
+                Some(rollout) if !rollout.canaries.iter().any(|c| c == gateway_id) => {
+                    &rollout.stable
+                }
+                _ => &deployment.pipelines,
+            };
+            for (pipeline, &version) in versions {
+                let wins = chosen.get(pipeline).is_none_or(|(_, held)| {
+                    (deployment.priority, deployment.updated_at_ms)
+                        > (held.priority, held.updated_at_ms)
+                });
+                if wins {
+                    chosen.insert(pipeline.clone(), (version, deployment));
+                }
+            }
+        }
+        chosen
+            .into_iter()
+            .map(|(pipeline, (version, d))| (pipeline, (version, d.name.clone())))
+            .collect()
+    }
+
+    fn max_version(&self, pipeline: &str) -> u64 {
+        self.versions
+            .range((pipeline.to_owned(), 0)..=(pipeline.to_owned(), u64::MAX))
+            .next_back()
+            .map_or(0, |((_, v), _)| *v)
+    }
+}
+
+fn put<T: Serialize>(table: Table, key: Vec<u8>, value: &T) -> Write {
+    // Our records always serialise: plain data with string keys.
+    Write::Put(table, key, serde_json::to_vec(value).unwrap_or_default())
+}
+
+fn version_key(pipeline: &str, version: u64) -> Vec<u8> {
+    format!("{pipeline}/{version:020}").into_bytes()
+}
+
+/// Gateway names and deployment names: what a person types in the CLI.
+fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(CloudError::Invalid(format!(
+            "{kind} name '{name}' must be 1-63 characters of A-Z, a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// The whole fleet; see the module docs.
+pub struct Fleet {
+    store: Arc<dyn Store>,
+    signer: PlanSigner,
+    state: Mutex<State>,
+    heartbeat_interval: Duration,
+    revisions: AtomicU64,
+}
+
+impl Fleet {
+    /// Loads every record from `store`.
+    pub fn load(
+        store: Arc<dyn Store>,
+        signer: PlanSigner,
+        heartbeat_interval: Duration,
+    ) -> Result<Self> {
+        let mut state = State::default();
+        fn decode<T: serde::de::DeserializeOwned>(table: Table, value: &[u8]) -> Result<T> {
+            serde_json::from_slice(value).map_err(|error| {
+                CloudError::Storage(format!("a {table:?} record cannot be read: {error}"))
+            })
+        }
+        fn text(key: Vec<u8>) -> String {
+            String::from_utf8_lossy(&key).into_owned()
+        }
+        for (key, value) in store.scan(Table::Gateways)? {
+            let gateway: GatewayRecord = decode(Table::Gateways, &value)?;
+            if let Some(hash) = &gateway.credential_hash {
+                state.credentials.insert(hash.clone(), gateway.id.clone());
+            }
+            state.gateways.insert(text(key), gateway);
+        }
+        for (key, value) in store.scan(Table::Enrollments)? {
+            state
+                .enrollments
+                .insert(text(key), decode(Table::Enrollments, &value)?);
+        }
+        for (key, value) in store.scan(Table::Tokens)? {
+            state
+                .tokens
+                .insert(text(key), decode(Table::Tokens, &value)?);
+        }
+        for (_, value) in store.scan(Table::Versions)? {
+            let version: PipelineVersion = decode(Table::Versions, &value)?;
+            state
+                .versions
+                .insert((version.pipeline.clone(), version.version), version);
+        }
+        for (_, value) in store.scan(Table::Deployments)? {
+            let deployment: DeploymentRecord = decode(Table::Deployments, &value)?;
+            let selector = Selector::parse(&deployment.selector)?;
+            state.selectors.insert(deployment.name.clone(), selector);
+            state
+                .deployments
+                .insert(deployment.name.clone(), deployment);
+        }
+        state.audit_seq = store
+            .scan(Table::Audit)?
+            .last()
+            .and_then(|(key, _)| key.as_slice().try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(Self {
+            store,
+            signer,
+            state: Mutex::new(state),
+            heartbeat_interval,
+            // Revisions only need to grow within a connection; starting from the clock keeps
+            // them growing across cloud restarts too, which makes logs easier to follow.
+            revisions: AtomicU64::new(now_ms()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
+
+    pub fn public_key(&self) -> Vec<u8> {
+        self.signer.public_key()
+    }
+
+    /// Creates the first admin token when the store has none; returns it once.
+    pub fn bootstrap_admin(&self) -> Result<Option<String>> {
+        let mut state = self.lock();
+        if !state.tokens.is_empty() {
+            return Ok(None);
+        }
+        let token = new_secret("wt_")?;
+        let record = ApiToken {
+            name: "admin".into(),
+            role: Role::Admin,
+            created_at_ms: now_ms(),
+        };
+        let hash = secret_hash(&token);
+        let (_, audit) = state.audit("cloud", "token.create", "admin (admin), first start".into());
+        self.store.write(vec![
+            put(Table::Tokens, hash.clone().into_bytes(), &record),
+            audit,
+        ])?;
+        state.tokens.insert(hash, record);
+        Ok(Some(token))
+    }
+
+    /// The caller an API token belongs to.
+    pub fn authenticate(&self, token: &str) -> Result<Caller> {
+        let state = self.lock();
+        state
+            .tokens
+            .get(&secret_hash(token))
+            .map(|t| Caller {
+                name: t.name.clone(),
+                role: t.role,
+            })
+            .ok_or_else(|| CloudError::Unauthenticated("the API token is not valid".into()))
+    }
+
+    /// Creates an API token with `role`; returns the token, shown once.
+    pub fn add_token(&self, caller: &Caller, name: &str, role: Role) -> Result<String> {
+        caller.require(Role::Admin, "creating tokens")?;
+        validate_name("token", name)?;
+        let mut state = self.lock();
+        if state.tokens.values().any(|t| t.name == name) {
+            return Err(CloudError::Conflict(format!(
+                "a token named '{name}' exists"
+            )));
+        }
+        let token = new_secret("wt_")?;
+        let hash = secret_hash(&token);
+        let record = ApiToken {
+            name: name.to_owned(),
+            role,
+            created_at_ms: now_ms(),
+        };
+        let (_, audit) = state.audit(&caller.actor(), "token.create", format!("{name} ({role})"));
+        self.store.write(vec![
+            put(Table::Tokens, hash.clone().into_bytes(), &record),
+            audit,
+        ])?;
+        state.tokens.insert(hash, record);
+        Ok(token)
+    }
+
+    /// Registers a gateway and returns it with a one-time enrollment token.
+    pub fn add_gateway(
+        &self,
+        caller: &Caller,
+        name: &str,
+        labels: Labels,
+    ) -> Result<(GatewayRecord, String)> {
+        caller.require(Role::Admin, "adding gateways")?;
+        validate_name("gateway", name)?;
+        let mut state = self.lock();
+        if state.gateways.values().any(|g| g.name == name) {
+            return Err(CloudError::Conflict(format!(
+                "a gateway named '{name}' exists; `weir cloud gateways enroll {name}` issues a new token for it"
+            )));
+        }
+        let record = GatewayRecord {
+            id: new_secret("gw_")?.chars().take(15).collect(),
+            name: name.to_owned(),
+            labels,
+            credential_hash: None,
+            created_at_ms: now_ms(),
+            enrolled_at_ms: None,
+            hostname: None,
+            revoked: false,
+            last_seen_ms: None,
+        };
+        let token = new_secret("we_")?;
+        let enrollment = Enrollment {
+            gateway_id: record.id.clone(),
+            created_at_ms: now_ms(),
+            used_at_ms: None,
+        };
+        let hash = secret_hash(&token);
+        let (_, audit) = state.audit(
+            &caller.actor(),
+            "gateway.add",
+            format!("{name} {}", labels_text(&record.labels)),
+        );
+        self.store.write(vec![
+            put(Table::Gateways, record.id.clone().into_bytes(), &record),
+            put(Table::Enrollments, hash.clone().into_bytes(), &enrollment),
+            audit,
+        ])?;
+        state.enrollments.insert(hash, enrollment);
+        state.gateways.insert(record.id.clone(), record.clone());
+        Ok((record, token))
+    }
+
+    /// Issues a new one-time enrollment token for a known gateway, e.g. after a disk was lost.
+    /// Its current credential keeps working until the gateway enrolls again.
+    pub fn new_enrollment(&self, caller: &Caller, name: &str) -> Result<String> {
+        caller.require(Role::Admin, "issuing enrollment tokens")?;
+        let mut state = self.lock();
+        let gateway = state.gateway_by_name(name)?.clone();
+        if gateway.revoked {
+            return Err(CloudError::Conflict(format!("gateway '{name}' is revoked")));
+        }
+        let token = new_secret("we_")?;
+        let hash = secret_hash(&token);
+        let enrollment = Enrollment {
+            gateway_id: gateway.id.clone(),
+            created_at_ms: now_ms(),
+            used_at_ms: None,
+        };
+        let (_, audit) = state.audit(&caller.actor(), "gateway.enrollment", name.to_owned());
+        self.store.write(vec![
+            put(Table::Enrollments, hash.clone().into_bytes(), &enrollment),
+            audit,
+        ])?;
+        state.enrollments.insert(hash, enrollment);
+        Ok(token)
+    }
+
+    /// Exchanges a one-time token for the gateway's credential. Unknown, used and revoked
+    /// tokens get the same answer, so the error tells a caller nothing about the fleet.
+    pub fn enroll(&self, token: &str, hostname: &str) -> Result<EnrollResponse> {
+        let rejected = || CloudError::Unauthenticated("the enrollment token is not valid".into());
+        let mut state = self.lock();
+        let hash = secret_hash(token);
+        let Some(enrollment) = state.enrollments.get(&hash).cloned() else {
+            tracing::warn!(hostname, "enrollment refused: unknown token");
+            return Err(rejected());
+        };
+        if enrollment.used_at_ms.is_some() {
+            tracing::warn!(hostname, gateway = %enrollment.gateway_id, "enrollment refused: token already used");
+            let (_, audit) = state.audit(
+                &format!("host:{hostname}"),
+                "gateway.enroll.refused",
+                format!("reused token of {}", enrollment.gateway_id),
+            );
+            self.store.write(vec![audit])?;
+            return Err(rejected());
+        }
+        let Some(mut gateway) = state.gateways.get(&enrollment.gateway_id).cloned() else {
+            return Err(rejected());
+        };
+        if gateway.revoked {
+            tracing::warn!(hostname, gateway = %gateway.name, "enrollment refused: gateway revoked");
+            return Err(rejected());
+        }
+        let credential = format!("{}.{}", gateway.id, new_secret("")?);
+        let credential_hash = secret_hash(&credential);
+        if let Some(old) = gateway.credential_hash.replace(credential_hash.clone()) {
+            state.credentials.remove(&old);
+        }
+        gateway.enrolled_at_ms = Some(now_ms());
+        gateway.hostname = Some(hostname.to_owned());
+        let used = Enrollment {
+            used_at_ms: Some(now_ms()),
+            ..enrollment
+        };
+        let (_, audit) = state.audit(
+            &format!("gateway:{}", gateway.name),
+            "gateway.enroll",
+            format!("from host {hostname}"),
+        );
+        self.store.write(vec![
+            put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
+            put(Table::Enrollments, hash.clone().into_bytes(), &used),
+            audit,
+        ])?;
+        state.enrollments.insert(hash, used);
+        state
+            .credentials
+            .insert(credential_hash, gateway.id.clone());
+        state.gateways.insert(gateway.id.clone(), gateway.clone());
+        tracing::info!(gateway = %gateway.name, hostname, "gateway enrolled");
+        Ok(EnrollResponse {
+            gateway_id: gateway.id,
+            name: gateway.name,
+            credential,
+            plan_public_key: self.signer.public_key(),
+            labels: gateway.labels.into_iter().collect(),
+        })
+    }
+
+    /// The gateway a credential belongs to.
+    pub fn authenticate_gateway(&self, credential: &str) -> Result<GatewayRecord> {
+        let state = self.lock();
+        state
+            .credentials
+            .get(&secret_hash(credential))
+            .and_then(|id| state.gateways.get(id))
+            .filter(|g| !g.revoked)
+            .cloned()
+            .ok_or_else(|| {
+                CloudError::Unauthenticated(
+                    "the gateway credential is not valid; enroll again with a new token".into(),
+                )
+            })
+    }
+
+    /// Sets and removes labels of a gateway; its desired state follows at once.
+    pub fn relabel(
+        &self,
+        caller: &Caller,
+        name: &str,
+        set: Labels,
+        remove: &[String],
+    ) -> Result<GatewayRecord> {
+        caller.require(Role::Admin, "labelling gateways")?;
+        let mut state = self.lock();
+        let mut gateway = state.gateway_by_name(name)?.clone();
+        for key in remove {
+            gateway.labels.remove(key);
+        }
+        gateway.labels.extend(set);
+        let (_, audit) = state.audit(
+            &caller.actor(),
+            "gateway.label",
+            format!("{name} {}", labels_text(&gateway.labels)),
+        );
+        self.store.write(vec![
+            put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
+            audit,
+        ])?;
+        state.gateways.insert(gateway.id.clone(), gateway.clone());
+        self.reconcile(&mut state, &gateway.id);
+        Ok(gateway)
+    }
+
+    /// Revokes a gateway: its credential stops working and its stream is closed.
+    pub fn revoke(&self, caller: &Caller, name: &str) -> Result<()> {
+        caller.require(Role::Admin, "revoking gateways")?;
+        let mut state = self.lock();
+        let mut gateway = state.gateway_by_name(name)?.clone();
+        gateway.revoked = true;
+        if let Some(hash) = gateway.credential_hash.take() {
+            state.credentials.remove(&hash);
+        }
+        let (_, audit) = state.audit(&caller.actor(), "gateway.revoke", name.to_owned());
+        self.store.write(vec![
+            put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
+            audit,
+        ])?;
+        state.sessions.remove(&gateway.id);
+        state.gateways.insert(gateway.id.clone(), gateway);
+        Ok(())
+    }
+
+    /// Compiles `request.sql`, stores a new signed version of every pipeline whose SQL
+    /// changed, creates or updates the deployment, and sends the result to every gateway it
+    /// concerns.
+    pub fn deploy(&self, caller: &Caller, request: DeployRequest) -> Result<DeployOutcome> {
+        caller.require(Role::Deployer, "deploying")?;
+        let selector = Selector::parse(&request.selector)?;
+        let compiled =
+            weir_planner::compile(&request.sql).map_err(|error| CloudError::Compile {
+                rendered: error.render(&request.file),
+                diagnostics: error.diagnostics,
+            })?;
+        if compiled.pipelines.is_empty() {
+            return Err(CloudError::Invalid(format!(
+                "{}: defines no pipeline; add CREATE PIPELINE name AS INSERT INTO sink SELECT ...",
+                request.file
+            )));
+        }
+        let name = request
+            .name
+            .clone()
+            .unwrap_or_else(|| compiled.pipelines[0].name.clone());
+        validate_name("deployment", &name)?;
+        let mut state = self.lock();
+        let previous = state.deployments.get(&name).cloned();
+        let now = now_ms();
+        let mut writes = Vec::new();
+        let mut pipelines = BTreeMap::new();
+        let mut changed = Vec::new();
+        let mut new_versions = Vec::new();
+        for plan in compiled.pipelines {
+            let current = previous
+                .as_ref()
+                .and_then(|d| d.pipelines.get(&plan.name))
+                .and_then(|v| state.versions.get(&(plan.name.clone(), *v)));
+            if let Some(current) = current.filter(|c| c.sql == request.sql) {
+                pipelines.insert(plan.name.clone(), current.version);
+                continue;
+            }
+            let version = state.max_version(&plan.name) + 1;
+            let envelope = PlanEnvelope {
+                pipeline: plan.name.clone(),
+                version,
+                deployment: name.clone(),
+                sql: request.sql.clone(),
+                signed_at_ms: now,
+                plan: Some(plan.clone()),
+            };
+            let signed = self.signer.sign(&envelope);
+            let record = PipelineVersion {
+                pipeline: plan.name.clone(),
+                version,
+                deployment: name.clone(),
+                sql: request.sql.clone(),
+                payload: signed.payload,
+                signature: signed.signature,
+                created_at_ms: now,
+                created_by: caller.actor(),
+            };
+            writes.push(put(
+                Table::Versions,
+                version_key(&plan.name, version),
+                &record,
+            ));
+            pipelines.insert(plan.name.clone(), version);
+            changed.push(plan.name.clone());
+            new_versions.push(record);
+        }
+        let mut history = previous
+            .as_ref()
+            .map(|d| d.history.clone())
+            .unwrap_or_default();
+        // A rollout still baking never reached everyone: what everyone runs is its stable set.
+        let everywhere = previous.as_ref().map(|d| {
+            d.rollout
+                .as_ref()
+                .map_or(&d.pipelines, |r| &r.stable)
+                .clone()
+        });
+        if let Some(everywhere) = &everywhere
+            && *everywhere != pipelines
+            && history.last() != Some(everywhere)
+            && !everywhere.is_empty()
+        {
+            history.push(everywhere.clone());
+        }
+        let targets: Vec<&GatewayRecord> = state
+            .gateways
+            .values()
+            .filter(|g| !g.revoked && selector.matches(&g.labels))
+            .collect();
+        let staged = request.canary > 0 && !changed.is_empty();
+        let rollout = staged.then(|| {
+            // Online gateways make better canaries: they report back at once.
+            let mut candidates: Vec<&GatewayRecord> = targets.clone();
+            candidates.sort_by_key(|g| (!state.sessions.contains_key(&g.id), g.name.clone()));
+            Rollout {
+                canaries: candidates
+                    .iter()
+                    .take(request.canary as usize)
+                    .map(|g| g.id.clone())
+                    .collect(),
+                stable: everywhere.clone().unwrap_or_default(),
+                started_at_ms: now,
+                bake_ms: request.bake.as_millis() as u64,
+                max_errors: request.max_errors,
+                healthy_since_ms: BTreeMap::new(),
+            }
+        });
+        let canaries: Vec<String> = rollout.as_ref().map_or_else(Vec::new, |r| {
+            r.canaries
+                .iter()
+                .filter_map(|id| state.gateways.get(id).map(|g| g.name.clone()))
+                .collect()
+        });
+        let targets: Vec<String> = targets.iter().map(|g| g.name.clone()).collect();
+        let record = DeploymentRecord {
+            name: name.clone(),
+            selector: selector.to_string(),
+            priority: request.priority,
+            pipelines: pipelines.clone(),
+            history,
+            created_at_ms: previous.as_ref().map_or(now, |d| d.created_at_ms),
+            updated_at_ms: now,
+            updated_by: caller.actor(),
+            rollout,
+            failure: None,
+        };
+        let (_, audit) = state.audit(
+            &caller.actor(),
+            "deploy",
+            format!(
+                "{name} selector '{}' priority {} pipelines {}{}",
+                record.selector,
+                record.priority,
+                versions_text(&pipelines),
+                if canaries.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " canaries {} bake {} ms",
+                        canaries.join(","),
+                        request.bake.as_millis()
+                    )
+                }
+            ),
+        );
+        writes.push(put(Table::Deployments, name.clone().into_bytes(), &record));
+        writes.push(audit);
+        self.store.write(writes)?;
+        for version in new_versions {
+            state
+                .versions
+                .insert((version.pipeline.clone(), version.version), version);
+        }
+        state.selectors.insert(name.clone(), selector.clone());
+        state.deployments.insert(name.clone(), record);
+        self.reconcile_all(&mut state);
+        tracing::info!(deployment = %name, pipelines = %versions_text(&pipelines), "deployed");
+        Ok(DeployOutcome {
+            deployment: name,
+            pipelines,
+            changed,
+            targets,
+            canaries,
+        })
+    }
+
+    /// Returns a deployment to its previous set of versions, as new versions (a gateway
+    /// never goes back to a lower version number, so a rollback re-signs the old plans).
+    pub fn rollback(&self, caller: &Caller, name: &str) -> Result<DeployOutcome> {
+        caller.require(Role::Deployer, "rolling back")?;
+        let mut state = self.lock();
+        let Some(mut deployment) = state.deployments.get(name).cloned() else {
+            return Err(CloudError::NotFound(format!(
+                "no deployment named '{name}'"
+            )));
+        };
+        let Some(target) = deployment.history.pop() else {
+            return Err(CloudError::Conflict(format!(
+                "deployment '{name}' has no earlier version to roll back to"
+            )));
+        };
+        let (pipelines, mut writes, new_versions) =
+            self.resign(&state, &target, &caller.actor())?;
+        deployment.pipelines = pipelines.clone();
+        deployment.rollout = None;
+        deployment.updated_at_ms = now_ms();
+        deployment.updated_by = caller.actor();
+        let (_, audit) = state.audit(
+            &caller.actor(),
+            "rollback",
+            format!(
+                "{name} to {} as {}",
+                versions_text(&target),
+                versions_text(&pipelines)
+            ),
+        );
+        writes.push(put(
+            Table::Deployments,
+            name.as_bytes().to_vec(),
+            &deployment,
+        ));
+        writes.push(audit);
+        self.store.write(writes)?;
+        for version in new_versions {
+            state
+                .versions
+                .insert((version.pipeline.clone(), version.version), version);
+        }
+        let selector = state.selectors.get(name).cloned().unwrap_or_default();
+        state.deployments.insert(name.to_owned(), deployment);
+        let targets = state
+            .gateways
+            .values()
+            .filter(|g| !g.revoked && selector.matches(&g.labels))
+            .map(|g| g.name.clone())
+            .collect();
+        self.reconcile_all(&mut state);
+        Ok(DeployOutcome {
+            deployment: name.to_owned(),
+            changed: pipelines.keys().cloned().collect(),
+            pipelines,
+            targets,
+            canaries: Vec::new(),
+        })
+    }
+
+    /// New versions carrying the plans of `set`, signed now: how the fleet goes back without
+    /// a version number ever going down.
+    fn resign(
+        &self,
+        state: &State,
+        set: &BTreeMap<String, u64>,
+        actor: &str,
+    ) -> Result<(BTreeMap<String, u64>, Vec<Write>, Vec<PipelineVersion>)> {
+        let now = now_ms();
+        let mut pipelines = BTreeMap::new();
+        let mut writes = Vec::new();
+        let mut records = Vec::new();
+        for (pipeline, old_version) in set {
+            let Some(old) = state
+                .versions
+                .get(&(pipeline.clone(), *old_version))
+                .cloned()
+            else {
+                return Err(CloudError::Storage(format!(
+                    "version {old_version} of pipeline '{pipeline}' is missing"
+                )));
+            };
+            let envelope = decode_envelope(&old.payload)?;
+            let version = state.max_version(pipeline) + 1;
+            let signed = self.signer.sign(&PlanEnvelope {
+                version,
+                signed_at_ms: now,
+                ..envelope
+            });
+            let record = PipelineVersion {
+                version,
+                payload: signed.payload,
+                signature: signed.signature,
+                created_at_ms: now,
+                created_by: actor.to_owned(),
+                ..old
+            };
+            writes.push(put(
+                Table::Versions,
+                version_key(pipeline, version),
+                &record,
+            ));
+            pipelines.insert(pipeline.clone(), version);
+            records.push(record);
+        }
+        Ok((pipelines, writes, records))
+    }
+
+    /// Advances every staged rollout: promotes it once each canary ran the new versions
+    /// healthily for the bake time, or rolls the canaries back when one fails. Called about
+    /// once a second by the cloud.
+    pub fn check_rollouts(&self) -> Result<()> {
+        let mut state = self.lock();
+        let now = now_ms();
+        let names: Vec<String> = state
+            .deployments
+            .values()
+            .filter(|d| d.rollout.is_some())
+            .map(|d| d.name.clone())
+            .collect();
+        for name in names {
+            let Some(mut deployment) = state.deployments.get(&name).cloned() else {
+                continue;
+            };
+            let Some(rollout) = deployment.rollout.as_mut() else {
+                continue;
+            };
+            let mut failure = None;
+            for canary in &rollout.canaries {
+                let gateway = state
+                    .gateways
+                    .get(canary)
+                    .map_or(canary.clone(), |g| g.name.clone());
+                match canary_health(
+                    state.sessions.get(canary),
+                    &deployment.pipelines,
+                    rollout.max_errors,
+                ) {
+                    CanaryHealth::Healthy => {
+                        rollout
+                            .healthy_since_ms
+                            .entry(canary.clone())
+                            .or_insert(now);
+                    }
+                    CanaryHealth::Pending => {
+                        rollout.healthy_since_ms.remove(canary);
+                    }
+                    CanaryHealth::Failed(why) => {
+                        failure = Some(format!("canary {gateway}: {why}"));
+                        break;
+                    }
+                }
+            }
+            // A canary that never comes up healthy fails the rollout rather than hold it forever.
+            let patience = rollout.bake_ms.saturating_mul(2).saturating_add(60_000);
+            if failure.is_none() && now.saturating_sub(rollout.started_at_ms) > patience {
+                failure = Some(format!(
+                    "the canaries did not run the new versions healthily within {} s",
+                    patience / 1000
+                ));
+            }
+            let baked = rollout.canaries.iter().all(|c| {
+                rollout
+                    .healthy_since_ms
+                    .get(c)
+                    .is_some_and(|since| now.saturating_sub(*since) >= rollout.bake_ms)
+            });
+            let mut writes = Vec::new();
+            let mut new_versions = Vec::new();
+            if let Some(reason) = failure {
+                let stable = rollout.stable.clone();
+                let (pipelines, resigned, records) = self.resign(&state, &stable, "cloud")?;
+                tracing::warn!(deployment = %name, %reason, "staged rollout failed; rolling the canaries back");
+                writes.extend(resigned);
+                new_versions = records;
+                if deployment.history.last() == Some(&stable) {
+                    deployment.history.pop();
+                }
+                deployment.pipelines = pipelines;
+                deployment.rollout = None;
+                deployment.failure = Some(reason.clone());
+                let (_, audit) = state.audit("cloud", "rollout.fail", format!("{name}: {reason}"));
+                writes.push(audit);
+            } else if baked {
+                deployment.rollout = None;
+                deployment.failure = None;
+                tracing::info!(deployment = %name, "canaries healthy; rolling out to every gateway");
+                let (_, audit) = state.audit(
+                    "cloud",
+                    "rollout.promote",
+                    format!("{name}: {}", versions_text(&deployment.pipelines)),
+                );
+                writes.push(audit);
+            } else {
+                // Still baking: keep the health timestamps in memory only.
+                state.deployments.insert(name.clone(), deployment);
+                continue;
+            }
+            writes.push(put(
+                Table::Deployments,
+                name.clone().into_bytes(),
+                &deployment,
+            ));
+            self.store.write(writes)?;
+            for version in new_versions {
+                state
+                    .versions
+                    .insert((version.pipeline.clone(), version.version), version);
+            }
+            state.deployments.insert(name.clone(), deployment);
+            self.reconcile_all(&mut state);
+        }
+        Ok(())
+    }
+
+    fn reconcile_all(&self, state: &mut State) {
+        let ids: Vec<String> = state.sessions.keys().cloned().collect();
+        for id in ids {
+            self.reconcile(state, &id);
+        }
+    }
+
+    /// Sends a connected gateway its desired state if it differs from what it was sent.
+    fn reconcile(&self, state: &mut State, gateway_id: &str) {
+        let Some(labels) = state.gateways.get(gateway_id).map(|g| g.labels.clone()) else {
+            return;
+        };
+        let desired = state.desired_for(gateway_id, &labels);
+        let versions: BTreeMap<String, u64> =
+            desired.iter().map(|(p, (v, _))| (p.clone(), *v)).collect();
+        let plans: Vec<SignedPlan> = desired
+            .iter()
+            .filter_map(|(pipeline, (version, _))| {
+                state
+                    .versions
+                    .get(&(pipeline.clone(), *version))
+                    .map(|v| SignedPlan {
+                        payload: v.payload.clone(),
+                        signature: v.signature.clone(),
+                    })
+            })
+            .collect();
+        let Some(session) = state.sessions.get_mut(gateway_id) else {
+            return;
+        };
+        if session.revision != 0 && session.sent == versions {
+            return;
+        }
+        let revision = self.revisions.fetch_add(1, Ordering::Relaxed) + 1;
+        session.revision = revision;
+        session.sent = versions;
+        session.results.clear();
+        session
+            .desired
+            .send_replace(Some(DesiredState { revision, plans }));
+    }
+
+    /// Registers a gateway's new stream; returns its connection id, the welcome message and
+    /// the receiver of its desired state. A stream the gateway already had is replaced.
+    pub fn connect(
+        &self,
+        gateway: &GatewayRecord,
+        running: Vec<RunningPipeline>,
+    ) -> (u64, Welcome, watch::Receiver<Option<DesiredState>>) {
+        let mut state = self.lock();
+        state.next_connection += 1;
+        let connection = state.next_connection;
+        let (desired, receiver) = watch::channel(None);
+        let running: Vec<String> = running
+            .iter()
+            .map(|p| format!("{}@{}", p.name, p.version))
+            .collect();
+        tracing::debug!(gateway = %gateway.name, running = %running.join(","), "hello");
+        state.sessions.insert(
+            gateway.id.clone(),
+            Session {
+                connection,
+                desired,
+                sent: BTreeMap::new(),
+                revision: 0,
+                connected_at_ms: now_ms(),
+                report: None,
+                results: BTreeMap::new(),
+            },
+        );
+        state.last_seen_ms.insert(gateway.id.clone(), now_ms());
+        self.reconcile(&mut state, &gateway.id);
+        let welcome = Welcome {
+            gateway_id: gateway.id.clone(),
+            name: gateway.name.clone(),
+            labels: gateway.labels.clone().into_iter().collect(),
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
+        };
+        (connection, welcome, receiver)
+    }
+
+    /// Notes a message from a gateway's stream; `false` if the stream was replaced or revoked.
+    pub fn seen(&self, gateway_id: &str, connection: u64, update: SessionUpdate) -> bool {
+        let mut state = self.lock();
+        let Some(session) = state.sessions.get_mut(gateway_id) else {
+            return false;
+        };
+        if session.connection != connection {
+            return false;
+        }
+        match update {
+            SessionUpdate::Heartbeat => {}
+            SessionUpdate::Status(report) => session.report = Some(report),
+            SessionUpdate::Ack(ack) => {
+                if ack.revision == session.revision {
+                    for result in ack.results {
+                        if !result.accepted {
+                            tracing::warn!(
+                                gateway = gateway_id,
+                                pipeline = %result.pipeline,
+                                version = result.version,
+                                reason = %result.reason,
+                                "gateway rejected a plan"
+                            );
+                        }
+                        session.results.insert(result.pipeline.clone(), result);
+                    }
+                }
+            }
+        }
+        state.last_seen_ms.insert(gateway_id.to_owned(), now_ms());
+        true
+    }
+
+    /// Ends a gateway's stream, unless a newer one replaced it meanwhile.
+    pub fn disconnect(&self, gateway_id: &str, connection: u64, why: &str) {
+        let mut state = self.lock();
+        if state
+            .sessions
+            .get(gateway_id)
+            .is_some_and(|s| s.connection == connection)
+        {
+            state.sessions.remove(gateway_id);
+            let name = state
+                .gateways
+                .get(gateway_id)
+                .map_or(gateway_id.to_owned(), |g| g.name.clone());
+            tracing::info!(gateway = %name, why, "gateway disconnected");
+        }
+    }
+
+    /// Every gateway with what it should run and what it reports.
+    pub fn status(&self) -> Vec<GatewayView> {
+        let state = self.lock();
+        state
+            .gateways
+            .values()
+            .map(|gateway| {
+                let session = state.sessions.get(&gateway.id);
+                let desired = if gateway.revoked {
+                    BTreeMap::new()
+                } else {
+                    state.desired_for(&gateway.id, &gateway.labels)
+                };
+                let reported: BTreeMap<&str, &weir_proto::cloud::PipelineStatus> = session
+                    .and_then(|s| s.report.as_ref())
+                    .map(|r| r.pipelines.iter().map(|p| (p.name.as_str(), p)).collect())
+                    .unwrap_or_default();
+                let mut names: Vec<&str> = desired.keys().map(String::as_str).collect();
+                names.extend(reported.keys().filter(|n| !desired.contains_key(**n)));
+                names.sort_unstable();
+                names.dedup();
+                let pipelines = names
+                    .into_iter()
+                    .map(|name| {
+                        let wanted = desired.get(name);
+                        let report = reported.get(name);
+                        let result = session.and_then(|s| s.results.get(name));
+                        let reported_version = report.map(|r| r.version).filter(|v| *v > 0);
+                        PipelineView {
+                            name: name.to_owned(),
+                            deployment: wanted.map(|(_, d)| d.clone()),
+                            desired_version: wanted.map(|(v, _)| *v),
+                            reported_version,
+                            state: report.map(|r| r.state.clone()),
+                            error: report.map(|r| r.error.clone()).filter(|e| !e.is_empty()),
+                            rejected: result.filter(|r| !r.accepted).map(|r| r.reason.clone()),
+                            rows_in: report.map_or(0, |r| r.rows_in),
+                            rows_out: report.map_or(0, |r| r.rows_out),
+                            errors: report.map_or(0, |r| r.errors),
+                            restarts: report.map_or(0, |r| r.restarts),
+                            p50_ms: report.map(|r| r.p50_ms),
+                            p99_ms: report.map(|r| r.p99_ms),
+                            in_sync: session.is_some()
+                                && wanted.map(|(v, _)| *v) == reported_version
+                                && report
+                                    .is_some_and(|r| r.state == "running" || r.state == "finished"),
+                        }
+                    })
+                    .collect();
+                GatewayView {
+                    name: gateway.name.clone(),
+                    id: gateway.id.clone(),
+                    labels: gateway.labels.clone(),
+                    enrolled: gateway.credential_hash.is_some(),
+                    revoked: gateway.revoked,
+                    online: session.is_some(),
+                    connected_since_ms: session.map(|s| s.connected_at_ms),
+                    last_seen_ms: state.last_seen_ms.get(&gateway.id).copied(),
+                    uptime_s: session.and_then(|s| s.report.as_ref()).map(|r| r.uptime_s),
+                    pipelines,
+                }
+            })
+            .collect()
+    }
+
+    /// Ends every gateway stream (the cloud is stopping).
+    pub fn close_sessions(&self) {
+        self.lock().sessions.clear();
+    }
+
+    pub fn deployments(&self) -> Vec<DeploymentView> {
+        let state = self.lock();
+        state
+            .deployments
+            .values()
+            .map(|d| {
+                let selector = state.selectors.get(&d.name).cloned().unwrap_or_default();
+                DeploymentView {
+                    name: d.name.clone(),
+                    selector: d.selector.clone(),
+                    priority: d.priority,
+                    pipelines: d.pipelines.clone(),
+                    rollback_to: d.history.last().cloned(),
+                    targets: state
+                        .gateways
+                        .values()
+                        .filter(|g| !g.revoked && selector.matches(&g.labels))
+                        .map(|g| g.name.clone())
+                        .collect(),
+                    updated_at_ms: d.updated_at_ms,
+                    updated_by: d.updated_by.clone(),
+                    rollout: d.rollout.as_ref().map(|r| RolloutView {
+                        canaries: r
+                            .canaries
+                            .iter()
+                            .filter_map(|id| state.gateways.get(id).map(|g| g.name.clone()))
+                            .collect(),
+                        stable: r.stable.clone(),
+                        bake_s: r.bake_ms / 1000,
+                        baked_s: r
+                            .healthy_since_ms
+                            .values()
+                            .min()
+                            .filter(|_| r.healthy_since_ms.len() == r.canaries.len())
+                            .map_or(0, |since| now_ms().saturating_sub(*since) / 1000),
+                    }),
+                    failure: d.failure.clone(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn versions(&self, pipeline: Option<&str>) -> Vec<VersionView> {
+        let state = self.lock();
+        state
+            .versions
+            .values()
+            .filter(|v| pipeline.is_none_or(|p| v.pipeline == p))
+            .map(|v| VersionView {
+                pipeline: v.pipeline.clone(),
+                version: v.version,
+                deployment: v.deployment.clone(),
+                sql: v.sql.clone(),
+                created_at_ms: v.created_at_ms,
+                created_by: v.created_by.clone(),
+            })
+            .collect()
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit_log(&self, caller: &Caller) -> Result<Vec<AuditEntry>> {
+        caller.require(Role::Admin, "reading the audit log")?;
+        self.store
+            .scan(Table::Audit)?
+            .into_iter()
+            .map(|(_, value)| {
+                serde_json::from_slice(&value).map_err(|error| {
+                    CloudError::Storage(format!("an audit entry cannot be read: {error}"))
+                })
+            })
+            .collect()
+    }
+
+    /// How many gateway streams are open.
+    pub fn online(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Writes when each gateway was last seen, so a restarted cloud still shows it.
+    pub fn persist_last_seen(&self) -> Result<()> {
+        let state = self.lock();
+        let writes: Vec<Write> = state
+            .gateways
+            .values()
+            .filter_map(|g| {
+                let seen = state.last_seen_ms.get(&g.id).copied()?;
+                let mut record = g.clone();
+                record.last_seen_ms = Some(seen);
+                Some(put(Table::Gateways, g.id.clone().into_bytes(), &record))
+            })
+            .collect();
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.store.write(writes)
+    }
+
+    /// Seeds the in-memory last-seen times from the store.
+    pub fn restore_last_seen(&self) {
+        let mut state = self.lock();
+        let seen: Vec<(String, u64)> = state
+            .gateways
+            .values()
+            .filter_map(|g| g.last_seen_ms.map(|t| (g.id.clone(), t)))
+            .collect();
+        state.last_seen_ms.extend(seen);
+    }
+}
+
+enum CanaryHealth {
+    Healthy,
+    /// Not (yet) running every new version: offline, starting, or not reported.
+    Pending,
+    Failed(String),
+}
+
+/// How a canary is doing with `versions`, from its last acknowledgement and status report.
+fn canary_health(
+    session: Option<&Session>,
+    versions: &BTreeMap<String, u64>,
+    max_errors: u64,
+) -> CanaryHealth {
+    let Some(session) = session else {
+        return CanaryHealth::Pending;
+    };
+    for (pipeline, version) in versions {
+        if let Some(result) = session.results.get(pipeline)
+            && result.version == *version
+            && !result.accepted
+        {
+            return CanaryHealth::Failed(format!(
+                "refused {pipeline} v{version}: {}",
+                result.reason
+            ));
+        }
+    }
+    let Some(report) = &session.report else {
+        return CanaryHealth::Pending;
+    };
+    let mut healthy = true;
+    for (pipeline, version) in versions {
+        let Some(status) = report
+            .pipelines
+            .iter()
+            .find(|p| &p.name == pipeline && p.version == *version)
+        else {
+            healthy = false;
+            continue;
+        };
+        let error = if status.error.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", status.error)
+        };
+        if status.state == "failed" || status.state == "restarting" || status.restarts > 0 {
+            return CanaryHealth::Failed(format!(
+                "{pipeline} v{version} is {} after {} restart(s){error}",
+                status.state, status.restarts
+            ));
+        }
+        if status.errors > max_errors {
+            return CanaryHealth::Failed(format!(
+                "{pipeline} v{version} counted {} errors (more than {max_errors})",
+                status.errors
+            ));
+        }
+        healthy &= status.state == "running" || status.state == "finished";
+    }
+    if healthy {
+        CanaryHealth::Healthy
+    } else {
+        CanaryHealth::Pending
+    }
+}
+
+/// What a gateway's stream said.
+pub enum SessionUpdate {
+    Heartbeat,
+    Status(StatusReport),
+    Ack(weir_proto::cloud::PlanAck),
+}
+
+fn decode_envelope(payload: &[u8]) -> Result<PlanEnvelope> {
+    use prost::Message as _;
+    PlanEnvelope::decode(payload)
+        .map_err(|error| CloudError::Storage(format!("a stored plan cannot be decoded: {error}")))
+}
+
+fn labels_text(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn versions_text(versions: &BTreeMap<String, u64>) -> String {
+    versions
+        .iter()
+        .map(|(p, v)| format!("{p}@{v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A gateway in `weir status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct GatewayView {
+    pub name: String,
+    pub id: String,
+    pub labels: Labels,
+    pub enrolled: bool,
+    pub revoked: bool,
+    pub online: bool,
+    pub connected_since_ms: Option<u64>,
+    pub last_seen_ms: Option<u64>,
+    pub uptime_s: Option<u64>,
+    pub pipelines: Vec<PipelineView>,
+}
+
+/// One pipeline of a gateway: desired against reported.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PipelineView {
+    pub name: String,
+    pub deployment: Option<String>,
+    pub desired_version: Option<u64>,
+    pub reported_version: Option<u64>,
+    pub state: Option<String>,
+    pub error: Option<String>,
+    /// Why the gateway refused the version it was sent.
+    pub rejected: Option<String>,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub errors: u64,
+    pub restarts: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Online, running the desired version.
+    pub in_sync: bool,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DeploymentView {
+    pub name: String,
+    pub selector: String,
+    pub priority: i32,
+    pub pipelines: BTreeMap<String, u64>,
+    /// What `weir rollback` would return to.
+    pub rollback_to: Option<BTreeMap<String, u64>>,
+    pub targets: Vec<String>,
+    pub updated_at_ms: u64,
+    pub updated_by: String,
+    /// A staged rollout in progress.
+    pub rollout: Option<RolloutView>,
+    /// Why the last staged rollout was rolled back.
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RolloutView {
+    pub canaries: Vec<String>,
+    /// What the other gateways run until the canaries have baked.
+    pub stable: BTreeMap<String, u64>,
+    pub bake_s: u64,
+    /// How long every canary has been healthy so far.
+    pub baked_s: u64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct VersionView {
+    pub pipeline: String,
+    pub version: u64,
+    pub deployment: String,
+    pub sql: String,
+    pub created_at_ms: u64,
+    pub created_by: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selector::parse_labels;
+    use crate::store::RocksStore;
+
+    const SQL_A: &str = "
+        CREATE SOURCE vib (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE)
+        WITH (connector = 'simulator', sensors = 1, rate_hz = 10);
+        CREATE SINK out WITH (connector = 'null');
+        CREATE PIPELINE copy AS INSERT INTO out SELECT sensor, ts, v FROM vib;";
+
+    fn fleet(dir: &std::path::Path) -> Fleet {
+        let store = RocksStore::open(&dir.join("store")).expect("store");
+        let signer = PlanSigner::load_or_create(&dir.join("key")).expect("key");
+        Fleet::load(Arc::new(store), signer, Duration::from_secs(5)).expect("load")
+    }
+
+    fn caller(role: Role) -> Caller {
+        Caller {
+            name: format!("{role}-token"),
+            role,
+        }
+    }
+
+    fn request(name: &str, sql: &str, selector: &str, priority: i32) -> DeployRequest {
+        DeployRequest {
+            name: Some(name.into()),
+            sql: sql.into(),
+            file: format!("{name}.sql"),
+            selector: selector.into(),
+            priority,
+            canary: 0,
+            bake: Duration::ZERO,
+            max_errors: 0,
+        }
+    }
+
+    fn desired(fleet: &Fleet, labels: &[&str]) -> BTreeMap<String, (u64, String)> {
+        let labels = parse_labels(labels.iter().copied()).expect("labels");
+        fleet.lock().desired_for("someone", &labels)
+    }
+
+    #[test]
+    fn a_pipeline_claimed_twice_goes_to_the_higher_priority_then_the_newer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = fleet(dir.path());
+        let deployer = caller(Role::Deployer);
+        fleet
+            .deploy(&deployer, request("site-wide", SQL_A, "site=plant1", 5))
+            .expect("deploy");
+        let other = SQL_A.replace("FROM vib;", "FROM vib WHERE v > 0;");
+        fleet
+            .deploy(&deployer, request("line3", &other, "line=3", 1))
+            .expect("deploy");
+        assert_eq!(
+            desired(&fleet, &["site=plant1", "line=3"])["copy"],
+            (1, "site-wide".to_owned()),
+            "priority 5 beats priority 1 although it is older"
+        );
+        assert_eq!(
+            desired(&fleet, &["line=3"])["copy"],
+            (2, "line3".to_owned())
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        fleet
+            .deploy(&deployer, request("line3", &other, "line=3", 5))
+            .expect("redeploy");
+        assert_eq!(
+            desired(&fleet, &["site=plant1", "line=3"])["copy"],
+            (2, "line3".to_owned()),
+            "equal priority: the newer deployment wins"
+        );
+        assert!(desired(&fleet, &["site=plant2"]).is_empty());
+    }
+
+    #[test]
+    fn redeploying_the_same_sql_makes_no_new_version_and_rollback_resigns_the_old_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = fleet(dir.path());
+        let deployer = caller(Role::Deployer);
+        let first = fleet
+            .deploy(&deployer, request("d", SQL_A, "", 0))
+            .expect("deploy");
+        assert_eq!((first.pipelines["copy"], first.changed.len()), (1, 1));
+        let again = fleet
+            .deploy(&deployer, request("d", SQL_A, "", 0))
+            .expect("deploy");
+        assert_eq!((again.pipelines["copy"], again.changed.len()), (1, 0));
+        let changed = SQL_A.replace("FROM vib;", "FROM vib WHERE v > 0;");
+        let second = fleet
+            .deploy(&deployer, request("d", &changed, "", 0))
+            .expect("deploy");
+        assert_eq!(second.pipelines["copy"], 2);
+        let back = fleet.rollback(&deployer, "d").expect("rollback");
+        assert_eq!(
+            back.pipelines["copy"], 3,
+            "a rollback is a new, higher version"
+        );
+        let state = fleet.lock();
+        let v1 = &state.versions[&("copy".to_owned(), 1)];
+        let v3 = &state.versions[&("copy".to_owned(), 3)];
+        let plan = |payload: &[u8]| decode_envelope(payload).expect("envelope").plan;
+        assert_eq!(plan(&v3.payload), plan(&v1.payload), "v3 carries v1's plan");
+        drop(state);
+        let error = fleet.rollback(&deployer, "d").expect_err("no more history");
+        assert!(error.to_string().contains("no earlier version"), "{error}");
+    }
+
+    #[test]
+    fn roles_are_enforced_and_bad_sql_names_the_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = fleet(dir.path());
+        let error = fleet
+            .deploy(&caller(Role::Viewer), request("d", SQL_A, "", 0))
+            .expect_err("viewer");
+        assert!(matches!(error, CloudError::Forbidden(_)), "{error}");
+        let error = fleet
+            .add_gateway(&caller(Role::Deployer), "gw", Labels::new())
+            .expect_err("deployer");
+        assert!(
+            error.to_string().contains("needs the admin role"),
+            "{error}"
+        );
+        let bad = SQL_A.replace("SELECT sensor, ts, v", "SELECT sensr, ts, v");
+        let Err(CloudError::Compile { rendered, .. }) =
+            fleet.deploy(&caller(Role::Deployer), request("d", &bad, "", 0))
+        else {
+            panic!("bad SQL must not deploy");
+        };
+        assert!(rendered.starts_with("d.sql:5:"), "{rendered}");
+        assert!(fleet.deployments().is_empty(), "nothing was stored");
+    }
+
+    #[test]
+    fn everything_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token;
+        {
+            let fleet = fleet(dir.path());
+            token = fleet
+                .bootstrap_admin()
+                .expect("bootstrap")
+                .expect("first start");
+            let admin = fleet.authenticate(&token).expect("admin");
+            let labels = parse_labels(["site=plant1"]).expect("labels");
+            let (_, enrollment) = fleet.add_gateway(&admin, "gw", labels).expect("add");
+            fleet.enroll(&enrollment, "host").expect("enroll");
+            fleet
+                .deploy(&admin, request("d", SQL_A, "site=plant1", 0))
+                .expect("deploy");
+        }
+        let fleet = fleet(dir.path());
+        assert!(
+            fleet.bootstrap_admin().expect("bootstrap").is_none(),
+            "one admin token"
+        );
+        let admin = fleet.authenticate(&token).expect("the token still works");
+        let gateways = fleet.status();
+        assert_eq!(gateways.len(), 1);
+        assert!(gateways[0].enrolled);
+        assert_eq!(gateways[0].pipelines[0].desired_version, Some(1));
+        let actions: Vec<String> = fleet
+            .audit_log(&admin)
+            .expect("audit")
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(
+            actions,
+            ["token.create", "gateway.add", "gateway.enroll", "deploy"]
+        );
+    }
+}
