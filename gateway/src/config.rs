@@ -13,6 +13,9 @@
 //! [admin]
 //! listen = "127.0.0.1:9464"
 //! token_env = "WEIR_ADMIN_TOKEN" # required when listen is not a loopback address
+//!
+//! [cloud]
+//! url = "http://cloud.example:8470"  # the gateway dials out; no inbound port is needed
 //! ```
 //!
 //! Unknown keys are errors, reported with the key's path and where it came from (the file or
@@ -41,12 +44,17 @@ pub struct GatewayConfig {
     /// written as `<pipeline>.jsonl`; unset: the most recent are kept in memory and shown by
     /// `GET /api/pipelines/NAME`.
     pub dead_letters: Option<PathBuf>,
+    /// Where the gateway keeps what must survive a restart: its cloud credential and the
+    /// last plans the cloud sent.
+    pub data_dir: PathBuf,
     /// The site's MQTT broker.
     pub broker: BrokerSection,
     /// The local admin API.
     pub admin: AdminSection,
     /// The pipeline runtime.
     pub engine: EngineSection,
+    /// The Weir cloud this gateway takes its pipelines from.
+    pub cloud: CloudSection,
     /// Longest a shutdown (SIGTERM, Ctrl-C) waits for in-flight batches to reach the sinks.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -58,9 +66,11 @@ impl Default for GatewayConfig {
             name: default_name(),
             pipelines_dir: None,
             dead_letters: None,
+            data_dir: PathBuf::from("weir-gateway"),
             broker: BrokerSection::default(),
             admin: AdminSection::default(),
             engine: EngineSection::default(),
+            cloud: CloudSection::default(),
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -97,6 +107,27 @@ impl Default for BrokerSection {
             mode: BrokerMode::Embedded,
             url: None,
             embedded: EmbeddedBrokerConfig::default(),
+        }
+    }
+}
+
+/// `[cloud]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudSection {
+    /// The cloud's address, `http://host:8470`; unset: the gateway runs only local pipelines.
+    pub url: Option<String>,
+    /// Longest wait between two attempts to reach the cloud (attempts back off from 200 ms,
+    /// with jitter, up to this).
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for CloudSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_backoff: Duration::from_secs(30),
         }
     }
 }
@@ -187,6 +218,9 @@ pub struct Overrides {
     pub admin: Option<SocketAddr>,
     pub pipelines_dir: Option<PathBuf>,
     pub name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    /// The cloud URL.
+    pub cloud: Option<String>,
 }
 
 impl Overrides {
@@ -210,6 +244,12 @@ impl Overrides {
         }
         if let Some(name) = &self.name {
             root.insert("name".into(), serde_json::json!(name));
+        }
+        if let Some(dir) = &self.data_dir {
+            root.insert("data_dir".into(), serde_json::json!(dir));
+        }
+        if let Some(url) = &self.cloud {
+            root.insert("cloud".into(), serde_json::json!({ "url": url }));
         }
         serde_json::Value::Object(root)
     }
@@ -292,6 +332,13 @@ impl GatewayConfig {
         }
         if self.admin.token.is_some() && self.admin.token_env.is_some() {
             return invalid("admin: give either token or token_env, not both".into());
+        }
+        if let Some(url) = &self.cloud.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid(format!(
+                "cloud.url: '{url}' must start with http:// or https://, e.g. \"http://cloud.example:8470\""
+            ));
         }
         if self.engine.workers == 0 || self.engine.in_flight == 0 {
             return invalid("engine.workers and engine.in_flight must be at least 1".into());

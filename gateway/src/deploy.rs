@@ -31,6 +31,8 @@ struct Deployed {
     dead_letters: DeadLetterQueue,
     deployed_at: SystemTime,
     state: StateHandover,
+    /// Deployed by the cloud: only the cloud replaces or removes it.
+    managed: bool,
 }
 
 /// What happened to a pipeline's state when it was deployed.
@@ -59,6 +61,8 @@ pub struct Deployment {
 pub struct PipelineStatus {
     pub name: String,
     pub version: u64,
+    /// Deployed by the cloud (the version is the cloud's), not through the local admin API.
+    pub managed: bool,
     /// `starting`, `running`, `restarting`, `finished`, `failed` or `stopped`.
     pub state: &'static str,
     /// Why the pipeline is restarting or failed.
@@ -172,6 +176,7 @@ impl Deployments {
                         dead_letters,
                         deployed_at: now,
                         state: StateHandover::New,
+                        managed: false,
                     },
                 );
                 Deployment {
@@ -202,24 +207,100 @@ impl Deployments {
         }
         let plan = plans.remove(0);
         let _changing = self.changes.lock().await;
+        if self.lock().get(&name).is_some_and(|d| d.managed) {
+            return Err(GatewayError::Conflict(format!(
+                "pipeline '{name}' is managed by the cloud; change it with `weir deploy`"
+            )));
+        }
+        self.install(plan, sql, None).await
+    }
+
+    /// Runs a plan the cloud sent as `version` of its pipeline: starts it, or replaces the
+    /// running version (keeping state where compatible). The same version, or the same plan
+    /// under a new version number, changes nothing but the number.
+    pub async fn apply_plan(
+        &self,
+        plan: PipelinePlan,
+        sql: &str,
+        version: u64,
+    ) -> Result<Deployment> {
+        let _changing = self.changes.lock().await;
+        {
+            let mut pipelines = self.lock();
+            // The same plan under a new number (a rollback re-signs old plans) keeps running.
+            if let Some(running) = pipelines.get_mut(&plan.name)
+                && running.managed
+                && (running.version == version || running.plan == plan)
+            {
+                running.version = version;
+                running.sql = sql.to_owned();
+                return Ok(Deployment {
+                    name: plan.name.clone(),
+                    version,
+                    state: StateHandover::Kept,
+                });
+            }
+        }
+        self.install(plan, sql, Some(version)).await
+    }
+
+    /// Removes a pipeline the cloud no longer wants; local pipelines are left alone.
+    pub async fn remove_managed(&self, name: &str) -> Result<()> {
+        let _changing = self.changes.lock().await;
+        let removed = {
+            let mut pipelines = self.lock();
+            match pipelines.get(name) {
+                Some(d) if d.managed => pipelines.remove(name),
+                _ => None,
+            }
+        };
+        if let Some(removed) = removed {
+            removed.handle.stop_and_wait().await;
+            self.engine.forget(name);
+            tracing::info!(pipeline = %name, "pipeline removed by the cloud");
+        }
+        Ok(())
+    }
+
+    /// Cloud-managed pipelines and the versions they run.
+    pub fn managed_versions(&self) -> BTreeMap<String, u64> {
+        self.lock()
+            .iter()
+            .filter(|(_, d)| d.managed)
+            .map(|(name, d)| (name.clone(), d.version))
+            .collect()
+    }
+
+    /// Starts `plan`, or replaces the pipeline of that name with it. `cloud_version` marks
+    /// the pipeline as cloud-managed at that version; local versions count up from the old.
+    /// The caller holds `changes`.
+    async fn install(
+        &self,
+        plan: PipelinePlan,
+        sql: &str,
+        cloud_version: Option<u64>,
+    ) -> Result<Deployment> {
+        let name = plan.name.clone();
+        let managed = cloud_version.is_some();
         let old = self.lock().remove(&name);
         let Some(old) = old else {
             let (handle, dead_letters) = self.start(&plan, None)?;
             self.lock().insert(
                 name.clone(),
                 Deployed {
-                    version: 1,
+                    version: cloud_version.unwrap_or(1),
                     sql: sql.to_owned(),
                     plan,
                     handle,
                     dead_letters,
                     deployed_at: SystemTime::now(),
                     state: StateHandover::New,
+                    managed,
                 },
             );
             return Ok(Deployment {
                 name,
-                version: 1,
+                version: cloud_version.unwrap_or(1),
                 state: StateHandover::New,
             });
         };
@@ -261,7 +342,7 @@ impl Deployments {
                 return Err(error.into());
             }
         };
-        let version = old.version + 1;
+        let version = cloud_version.unwrap_or(old.version + 1);
         tracing::info!(pipeline = %name, version, state = ?handover, "pipeline replaced");
         self.lock().insert(
             name.clone(),
@@ -273,6 +354,7 @@ impl Deployments {
                 dead_letters: old.dead_letters,
                 deployed_at: SystemTime::now(),
                 state: handover.clone(),
+                managed,
             },
         );
         Ok(Deployment {
@@ -286,6 +368,11 @@ impl Deployments {
     pub async fn remove(&self, name: &str) -> Result<()> {
         let name = name.to_ascii_lowercase();
         let _changing = self.changes.lock().await;
+        if self.lock().get(&name).is_some_and(|d| d.managed) {
+            return Err(GatewayError::Conflict(format!(
+                "pipeline '{name}' is managed by the cloud; remove it from its deployment there"
+            )));
+        }
         let removed = self.lock().remove(&name);
         let Some(removed) = removed else {
             return Err(GatewayError::NotFound(name));
@@ -482,6 +569,7 @@ fn status(name: &str, deployed: &Deployed) -> PipelineStatus {
     PipelineStatus {
         name: name.to_owned(),
         version: deployed.version,
+        managed: deployed.managed,
         state,
         error,
         source: deployed

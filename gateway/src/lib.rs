@@ -7,14 +7,17 @@
 //!        │  mqtt source ─> operators ─> mqtt / file sink      (weir-engine)           │
 //!        └────────────────────────────────────────────────────────────────────────────┘
 //!  admin API (axum, loopback): list, add, replace, remove, /metrics, /health
+//!  cloud agent (gRPC, outbound): enroll, signed plans in, status out
 //! ```
 //!
 //! What lives here: the layered configuration ([`config`]), hot deploy ([`deploy`]), the
-//! admin API ([`admin`]), Prometheus metrics ([`metrics`]) and the process lifecycle
+//! admin API ([`admin`]), the cloud agent ([`agent`]), Prometheus metrics ([`metrics`]) and
+//! the process lifecycle
 //! ([`Gateway`]). What does not: running pipelines (`weir-engine`), connectors and the broker
 //! itself (`weir-connectors`), SQL (`weir-planner`).
 
 pub mod admin;
+pub mod agent;
 pub mod config;
 pub mod deploy;
 pub mod error;
@@ -42,12 +45,26 @@ pub struct Gateway {
     admin_address: SocketAddr,
     admin: JoinHandle<()>,
     stop_admin: CancellationToken,
+    agent: Option<agent::CloudAgent>,
 }
 
 impl Gateway {
     /// Starts the broker (if embedded), the engine, the admin API, then the pipelines of
     /// `pipelines_dir`. Fails if the broker or the admin API cannot listen.
     pub async fn start(config: GatewayConfig) -> Result<Self> {
+        Self::start_enrolling(config, None).await
+    }
+
+    /// Like [`Self::start`], enrolling with the cloud first when given a one-time token.
+    pub async fn start_enrolling(
+        config: GatewayConfig,
+        enroll_token: Option<String>,
+    ) -> Result<Self> {
+        if enroll_token.is_some() && config.cloud.url.is_none() {
+            return Err(GatewayError::Config(
+                "--enroll needs the cloud's address: --cloud URL or cloud.url".into(),
+            ));
+        }
         let started = Instant::now();
         let (broker, broker_url, broker_label) = match config.broker.mode {
             BrokerMode::Embedded => {
@@ -105,6 +122,22 @@ impl Gateway {
             let started = deployments.load_dir(dir).await?;
             tracing::info!(dir = %dir.display(), pipelines = started, "pipelines loaded");
         }
+        let agent = match &config.cloud.url {
+            Some(url) => Some(
+                agent::CloudAgent::start(
+                    agent::AgentOptions {
+                        url: url.clone(),
+                        data_dir: config.data_dir.clone(),
+                        enroll_token,
+                        hostname: config.name.clone(),
+                        max_backoff: config.cloud.max_backoff,
+                    },
+                    Arc::clone(&deployments),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         Ok(Self {
             config,
             deployments,
@@ -113,6 +146,7 @@ impl Gateway {
             admin_address,
             admin,
             stop_admin,
+            agent,
         })
     }
 
@@ -139,9 +173,12 @@ impl Gateway {
         self.broker.as_ref()
     }
 
-    /// Stops the pipelines (each after its in-flight batches reached the sink), then the
+    /// Stops the cloud agent, then the pipelines (each after its in-flight batches reached the sink), then the
     /// admin API. Returns `false` if that took longer than `shutdown_timeout`.
-    pub async fn shutdown(self) -> bool {
+    pub async fn shutdown(mut self) -> bool {
+        if let Some(agent) = self.agent.take() {
+            agent.stop().await;
+        }
         let drained =
             tokio::time::timeout(self.config.shutdown_timeout, self.deployments.shutdown())
                 .await
