@@ -27,6 +27,21 @@ pub struct GatewayArgs {
     /// This gateway's name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
+    /// Take pipelines from this Weir cloud, e.g. http://cloud.example:8470 (the gateway
+    /// dials out; the site needs no inbound port).
+    #[arg(long, value_name = "URL")]
+    pub cloud: Option<String>,
+    /// A one-time enrollment token from `weir cloud gateways add`; needed on the first start.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "WEIR_ENROLL_TOKEN",
+        hide_env_values = true
+    )]
+    pub enroll: Option<String>,
+    /// Where the gateway keeps its cloud credential and last plans (default ./weir-gateway).
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
 }
 
 impl GatewayArgs {
@@ -36,6 +51,8 @@ impl GatewayArgs {
             admin: self.admin,
             pipelines_dir: self.pipelines.clone(),
             name: self.name.clone(),
+            data_dir: self.data.clone(),
+            cloud: self.cloud.clone(),
         }
     }
 }
@@ -51,12 +68,19 @@ pub(crate) fn runtime() -> actix_rt::SystemRunner {
 
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let config = GatewayConfig::load(args.config.as_deref(), &args.overrides())?;
+    let enroll = args.enroll.clone();
     runtime().block_on(async move {
-        let gateway = Gateway::start(config).await?;
+        let gateway = Gateway::start_enrolling(config, enroll).await?;
         let pipelines = gateway.deployments().list().len();
+        let cloud = gateway
+            .config()
+            .cloud
+            .url
+            .as_deref()
+            .map_or(String::new(), |url| format!(", cloud {url}"));
         eprintln!(
-            "weir gateway '{}' running: broker {}, admin API http://{}, {pipelines} pipeline(s). \
-             Ctrl-C to stop.",
+            "weir gateway '{}' running: broker {}, admin API http://{}{cloud}, {pipelines} \
+             pipeline(s). Ctrl-C to stop.",
             gateway.config().name,
             gateway.broker_url().unwrap_or("none"),
             gateway.admin_address(),

@@ -1,6 +1,7 @@
 //! `weir`: the command line. Thin on purpose: clap parses, the crates do the work.
 
 mod bench;
+mod cloud;
 mod demo;
 mod gateway;
 mod run;
@@ -55,13 +56,17 @@ enum Command {
         weir bench --scenario blocks\n  \
         weir bench --scenario mqtt-rows --broker both\n  \
         weir bench --scenario mqtt-blocks-realtime --realtime-sensors 1000 --seconds 30\n  \
-        weir bench --scenario mqtt-backlog --backlog 200000 --backlog-qos 1 --broker mosquitto\n\n\
+        weir bench --scenario mqtt-backlog --backlog 200000 --backlog-qos 1 --broker mosquitto\n  \
+        weir bench --scenario cloud-fanout --gateways 10000\n\n\
         The MQTT scenarios publish from a separate `weir` process through the embedded broker\n\
         (rumqttd, inside the measured process) and/or Mosquitto (a child process), and run each\n\
         scenario and broker in a fresh process. mqtt-rows and mqtt-backlog compare the pipeline\n\
         with a subscriber that only counts messages; mqtt-blocks-realtime reports CPU (% of one\n\
         core), peak RSS and the p99 from the watermark passing a window's end to its result\n\
-        arriving on the sink topic. Mosquitto must be installed (apt-get install mosquitto).\n\n\
+        arriving on the sink topic. Mosquitto must be installed (apt-get install mosquitto).\n\
+        cloud-fanout starts `weir cloud` and G simulated gateway agents (real gRPC, one\n\
+        connection each) and reports the time for a deploy to reach every agent, the cloud's\n\
+        memory per connected gateway and how long all take to reconnect after a cloud restart.\n\n\
         Build with --release for meaningful numbers: cargo run --release -- bench")]
     Bench(bench::BenchArgs),
     #[command(hide = true)]
@@ -106,6 +111,37 @@ enum Command {
         weir top --gateway http://10.0.0.7:9464 --token $TOKEN\n  \
         weir top --once   # one plain-text frame, for scripts")]
     Top(top::TopArgs),
+    /// Run the control plane, or manage it: gateways, tokens, the audit log.
+    #[command(after_help = "Examples:\n  \
+        weir cloud                                   # serve on 127.0.0.1:8470, data in ./weir-cloud\n  \
+        weir cloud --listen 0.0.0.0:8470 --data /var/lib/weir-cloud\n  \
+        export WEIR_TOKEN=$(cat weir-cloud/admin.token)\n  \
+        weir cloud gateways add plant1-a --label site=plant1 --label line=3\n  \
+        weir cloud gateways label plant1-a line=4\n  \
+        weir cloud tokens add analyst --role deployer\n  \
+        weir cloud audit\n\n\
+        The cloud compiles SQL once, signs each pipeline version (Ed25519) and sends it to the\n\
+        gateways whose labels match a deployment, over the stream each gateway opens to it.\n\
+        One port serves the HTTP API (/api/v1, /openapi.json, /metrics) and gRPC (with health\n\
+        checking and reflection, so grpcurl works). State lives in RocksDB under --data.")]
+    Cloud(cloud::CloudArgs),
+    /// Publish a SQL file to the cloud: new signed versions, to the gateways a selector picks.
+    #[command(after_help = "Examples:\n  \
+        weir deploy examples/gateway/vibration.sql --selector 'site=plant1,line!=3'\n  \
+        weir deploy alerts.sql --name plant-alerts --selector site=plant1 --priority 10\n\n\
+        The cloud compiles the SQL (errors come back as FILE:LINE:COL), stores a new immutable\n\
+        version of each pipeline whose SQL changed, and creates or updates the deployment. A\n\
+        gateway runs the union of the deployments that match its labels; two that put the same\n\
+        pipeline on one gateway are settled by priority, then by the newer.")]
+    Deploy(cloud::DeployArgs),
+    /// Return a deployment to its previous versions on every gateway.
+    #[command(after_help = "Example:\n  weir rollback vibration_rms")]
+    Rollback(cloud::RollbackArgs),
+    /// The fleet: every gateway, online or last seen, desired vs running versions, drift.
+    #[command(after_help = "Examples:\n  \
+        weir status\n  \
+        weir status --cloud http://cloud.example:8470 --json")]
+    Status(cloud::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -129,6 +165,10 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::Config(command) => gateway::config(command),
         Command::Pipelines(command) => gateway::pipelines(command),
+        Command::Cloud(args) => cloud::cloud(args),
+        Command::Deploy(args) => cloud::deploy(args),
+        Command::Rollback(args) => cloud::rollback(args),
+        Command::Status(args) => cloud::status(args),
         Command::Top(args) => gateway::runtime()
             .block_on(top::run(args))
             .map(|()| ExitCode::SUCCESS),
