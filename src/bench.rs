@@ -12,6 +12,7 @@
 
 mod check;
 mod clients;
+mod fanout;
 mod mqtt;
 mod procfs;
 mod publisher;
@@ -76,9 +77,12 @@ impl QosChoice {
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated: json-rows, blocks, mqtt-rows, mqtt-blocks-realtime,
-    /// mqtt-backlog, or all.
+    /// mqtt-backlog, or all; or cloud-fanout on its own.
     #[arg(long, default_value = "all")]
     scenario: String,
+    /// Simulated gateway agents of cloud-fanout, each with its own gRPC connection.
+    #[arg(long, default_value_t = 1000)]
+    gateways: usize,
     /// Brokers for the MQTT scenarios: embedded (rumqttd in this process), mosquitto (a
     /// child process) or both.
     #[arg(long, value_enum, default_value = "both")]
@@ -317,6 +321,9 @@ GROUP BY sensor, window_start;
 ";
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.scenario == "cloud-fanout" {
+        return cloud_fanout(&args);
+    }
     let selected = scenarios(&args.scenario)?;
     if args.sensors == 0 || args.seconds == 0 || args.realtime_sensors == 0 || args.backlog == 0 {
         bail!("--sensors, --seconds, --realtime-sensors and --backlog must be positive");
@@ -361,6 +368,37 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         print_tables(&results);
     }
     Ok(if results.iter().all(|r| r.correct) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `cloud-fanout`, which measures the control plane rather than the vibration workload.
+fn cloud_fanout(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.gateways == 0 {
+        bail!("--gateways must be positive");
+    }
+    let result = fanout::run(args.gateways)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "| scenario | gateways | deploy reaches all (s) | cloud KB / gateway | cloud RSS MB | reconnect storm (s) | correct |"
+        );
+        println!("|---|--:|--:|--:|--:|--:|---|");
+        println!(
+            "| {} | {} | {:.2} | {:.1} | {:.0} | {:.2} | {} |",
+            result.scenario,
+            result.gateways,
+            result.deploy_to_all_s,
+            result.cloud_kb_per_gateway,
+            result.cloud_rss_mb,
+            result.reconnect_storm_s,
+            result.correct
+        );
+    }
+    Ok(if result.correct {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
