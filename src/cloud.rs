@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
+use weir_cloud::tls::TlsMode;
 use weir_cloud::{Cloud, CloudConfig, GatewayView};
 
 #[derive(Debug, Args)]
@@ -31,6 +32,27 @@ struct ServeArgs {
     /// How often gateways send a heartbeat; three missed ones mark a gateway offline.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
+    /// Serve TLS with a certificate from the cloud's own authority, made on first start in
+    /// DIR/tls (give gateways and the CLI DIR/tls/ca.pem).
+    #[arg(long)]
+    tls: bool,
+    /// Extra host names or addresses for the cloud's certificate (with --tls); repeat.
+    #[arg(long = "tls-name", value_name = "NAME", requires = "tls")]
+    tls_names: Vec<String>,
+    /// Serve TLS with this certificate chain (PEM) instead, from your own PKI.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "tls"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address (only behind a TLS-terminating proxy).
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +138,10 @@ pub struct CloudClientArgs {
     /// An API token (the first admin token is in the cloud's data directory, admin.token).
     #[arg(long, env = "WEIR_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The certificate authority to trust for an https:// cloud (its tls/ca.pem); default:
+    /// the system's roots.
+    #[arg(long, env = "WEIR_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -183,13 +209,32 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("tokio runtime")?;
     runtime.block_on(async move {
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => TlsMode::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ if args.tls => TlsMode::SelfSigned {
+                names: args.tls_names.clone(),
+            },
+            _ => TlsMode::Off,
+        };
+        let scheme = if tls == TlsMode::Off { "http" } else { "https" };
         let cloud = Cloud::start(CloudConfig {
             data_dir: args.data.clone(),
             listen: args.listen,
             heartbeat_interval: args.heartbeat,
+            tls,
+            insecure: args.insecure,
         })
         .await?;
-        let url = format!("http://{}", cloud.address());
+        let url = format!("{scheme}://{}", cloud.address());
+        if let Some(ca) = cloud.ca_file() {
+            eprintln!(
+                "TLS: gateways and the CLI trust {} (weir gateway --cloud-ca FILE; WEIR_CA=FILE)",
+                ca.display()
+            );
+        }
         eprintln!(
             "weir cloud listening on {url} (API and gateway gRPC), data in {}",
             args.data.display()
@@ -554,7 +599,9 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<Value> {
-    let http = reqwest::Client::new();
+    let http = crate::http::client_builder(client.ca.as_deref())?
+        .build()
+        .context("HTTP client")?;
     let url = format!("{}{path}", client.cloud.trim_end_matches('/'));
     let mut request = http.request(method, &url);
     if let Some(token) = &client.token {
@@ -563,10 +610,15 @@ async fn call(
     if let Some(body) = body {
         request = request.json(&body);
     }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the cloud at {}", client.cloud))?;
+    let response = request.send().await.map_err(|error| {
+        let mut message = format!("cannot reach the cloud at {}: {error}", client.cloud);
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        anyhow::anyhow!(message)
+    })?;
     let status = response.status();
     if status == reqwest::StatusCode::NO_CONTENT {
         return Ok(Value::Null);

@@ -31,6 +31,10 @@ pub struct GatewayArgs {
     /// dials out; the site needs no inbound port).
     #[arg(long, value_name = "URL")]
     pub cloud: Option<String>,
+    /// The certificate authority of an https:// cloud (its tls/ca.pem); needed at
+    /// enrollment, kept in the data directory after it.
+    #[arg(long, value_name = "FILE")]
+    pub cloud_ca: Option<PathBuf>,
     /// A one-time enrollment token from `weir cloud gateways add`; needed on the first start.
     #[arg(
         long,
@@ -53,6 +57,7 @@ impl GatewayArgs {
             name: self.name.clone(),
             data_dir: self.data.clone(),
             cloud: self.cloud.clone(),
+            cloud_ca: self.cloud_ca.clone(),
         }
     }
 }
@@ -183,7 +188,9 @@ pub fn pipelines(command: PipelinesCommand) -> anyhow::Result<ExitCode> {
         .build()
         .context("tokio runtime")?;
     runtime.block_on(async move {
-        let http = reqwest::Client::new();
+        let http = crate::http::client_builder(None)?
+            .build()
+            .context("HTTP client")?;
         match command {
             PipelinesCommand::List { client, json } => {
                 let body =

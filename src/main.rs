@@ -4,6 +4,7 @@ mod bench;
 mod cloud;
 mod demo;
 mod gateway;
+mod http;
 mod run;
 mod top;
 
@@ -114,7 +115,7 @@ enum Command {
     /// Run the control plane, or manage it: gateways, tokens, the audit log.
     #[command(after_help = "Examples:\n  \
         weir cloud                                   # serve on 127.0.0.1:8470, data in ./weir-cloud\n  \
-        weir cloud --listen 0.0.0.0:8470 --data /var/lib/weir-cloud\n  \
+        weir cloud --listen 0.0.0.0:8470 --tls --tls-name cloud.example --data /var/lib/weir-cloud\n  \
         export WEIR_TOKEN=$(cat weir-cloud/admin.token)\n  \
         weir cloud gateways add plant1-a --label site=plant1 --label line=3\n  \
         weir cloud gateways label plant1-a line=4\n  \
@@ -155,6 +156,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    // One TLS crypto provider for the whole process (MQTT, gRPC, the HTTP clients): ring.
+    // The HTTP clients are given it explicitly too (crate::http), so tests need no set-up.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Compile { file, out } => compile(&file, out.as_deref()),

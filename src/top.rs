@@ -327,7 +327,7 @@ struct AdminClient {
 
 impl AdminClient {
     fn new(gateway: &str, token: Option<String>) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
+        let http = crate::http::client_builder(None)?
             .timeout(REQUEST_TIMEOUT)
             .build()
             .context("cannot build the HTTP client")?;

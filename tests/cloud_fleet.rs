@@ -64,16 +64,42 @@ struct Fleet {
     cloud_port: u16,
     cloud: Running,
     token: String,
+    tls: bool,
 }
 
 impl Fleet {
+    fn new(tls: bool) -> Self {
+        let mut fleet = Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            cloud_port: free_port(),
+            cloud: Running(None),
+            token: String::new(),
+            tls,
+        };
+        fleet.start_cloud();
+        let token_file = fleet.dir.path().join("cloud").join("admin.token");
+        fleet.token = std::fs::read_to_string(&token_file).expect("first start writes admin.token");
+        fleet
+    }
+
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.cloud_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.cloud_port)
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("cloud").join("tls").join("ca.pem")
     }
 
     fn start_cloud(&mut self) {
-        let child = Command::new(WEIR)
-            .args(["cloud", "--heartbeat", "300ms", "--listen"])
+        let mut command = Command::new(WEIR);
+        if self.tls {
+            command.arg("cloud").arg("--tls");
+        } else {
+            command.arg("cloud");
+        }
+        let child = command
+            .args(["--heartbeat", "300ms", "--listen"])
             .arg(format!("127.0.0.1:{}", self.cloud_port))
             .arg("--data")
             .arg(self.dir.path().join("cloud"))
@@ -88,13 +114,16 @@ impl Fleet {
 
     /// Runs the CLI against the cloud with `token`.
     fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(WEIR)
+        let mut command = Command::new(WEIR);
+        command
             .args(args)
             .env("WEIR_CLOUD", self.url())
             .env("WEIR_TOKEN", token)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("weir runs")
+            .current_dir(self.dir.path());
+        if self.tls {
+            command.env("WEIR_CA", self.ca());
+        }
+        command.output().expect("weir runs")
     }
 
     fn cli(&self, args: &[&str]) -> String {
@@ -146,19 +175,27 @@ struct Gateway {
 
 impl Gateway {
     fn start(fleet: &Fleet, name: &str, enroll: Option<&str>) -> Self {
-        let data = fleet.dir.path().join(name);
-        let admin = free_port();
-        let mut gateway = Self {
-            name: name.to_owned(),
-            admin,
-            data,
-            process: Running(None),
-        };
+        let mut gateway = Self::new(fleet, name);
         gateway.restart(&fleet.url(), enroll);
         gateway
     }
 
+    fn new(fleet: &Fleet, name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            admin: free_port(),
+            data: fleet.dir.path().join(name),
+            process: Running(None),
+        }
+    }
+
     fn restart(&mut self, cloud: &str, enroll: Option<&str>) {
+        let mut command = self.command(cloud, enroll);
+        self.process = Running(Some(command.spawn().expect("weir gateway starts")));
+        wait_for_port(self.admin);
+    }
+
+    fn command(&self, cloud: &str, enroll: Option<&str>) -> Command {
         let mut command = Command::new(WEIR);
         command
             .args([
@@ -174,8 +211,7 @@ impl Gateway {
         if let Some(token) = enroll {
             command.args(["--enroll", token]);
         }
-        self.process = Running(Some(command.spawn().expect("weir gateway starts")));
-        wait_for_port(self.admin);
+        command
     }
 
     /// Pipeline name -> version, as the gateway's own admin API reports it.
@@ -239,15 +275,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[test]
 fn a_fleet_follows_deployments_through_relabels_outages_and_refusals() {
-    let mut fleet = Fleet {
-        dir: tempfile::tempdir().expect("temp dir"),
-        cloud_port: free_port(),
-        cloud: Running(None),
-        token: String::new(),
-    };
-    fleet.start_cloud();
-    let token_file = fleet.dir.path().join("cloud").join("admin.token");
-    fleet.token = std::fs::read_to_string(&token_file).expect("first start writes admin.token");
+    let mut fleet = Fleet::new(false);
 
     // Enrollment: three gateways, one token each; bad and reused tokens are refused.
     let token_a = fleet.add_gateway("plant1-a", &["site=plant1", "line=3"]);
@@ -474,15 +502,7 @@ CREATE PIPELINE rms AS INSERT INTO out_rms SELECT sensor, ts, v FROM vib_rms;
 
 #[test]
 fn a_failing_canary_is_rolled_back_and_the_rest_never_receive_it() {
-    let mut fleet = Fleet {
-        dir: tempfile::tempdir().expect("temp dir"),
-        cloud_port: free_port(),
-        cloud: Running(None),
-        token: String::new(),
-    };
-    fleet.start_cloud();
-    fleet.token = std::fs::read_to_string(fleet.dir.path().join("cloud").join("admin.token"))
-        .expect("admin token");
+    let fleet = Fleet::new(false);
     let gateways: Vec<Gateway> = ["line1", "line2", "line3"]
         .iter()
         .map(|name| {
@@ -563,4 +583,69 @@ impl Fleet {
             bake,
         ])
     }
+}
+
+#[test]
+fn gateways_and_the_cli_reach_a_tls_cloud_through_the_ca_they_were_given() {
+    let fleet = Fleet::new(true);
+    assert!(
+        fleet.ca().exists(),
+        "the cloud made its certificate authority"
+    );
+
+    // Without the CA the CLI refuses the certificate; plain HTTP gets no answer it can use.
+    let untrusted = Command::new(WEIR)
+        .args(["status", "--cloud", &fleet.url(), "--token", &fleet.token])
+        .output()
+        .expect("weir runs");
+    assert!(!untrusted.status.success());
+    let stderr = text(&untrusted.stderr);
+    assert!(
+        stderr.contains("cannot reach the cloud") && stderr.contains("certificate"),
+        "{stderr}"
+    );
+    let plain = fleet.cli_as(
+        &fleet.token,
+        &["status", "--cloud", &fleet.url().replace("https", "http")],
+    );
+    assert!(
+        !plain.status.success(),
+        "plain HTTP must not work on the TLS port"
+    );
+
+    // A gateway enrolling over https without the CA is told what to give.
+    let token = fleet.add_gateway("secure-gw", &["site=plant1"]);
+    let mut gateway = Gateway::new(&fleet, "secure-gw");
+    let refused = gateway
+        .command(&fleet.url(), Some(&token))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("weir runs");
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("needs its certificate authority") && stderr.contains("--cloud-ca"),
+        "{stderr}"
+    );
+
+    // With it, the gateway enrolls, keeps the CA, and runs what is deployed.
+    let ca = fleet.ca().display().to_string();
+    let mut command = gateway.command(&fleet.url(), Some(&token));
+    command.args(["--cloud-ca", &ca]);
+    gateway.process = Running(Some(command.spawn().expect("weir gateway starts")));
+    wait_for_port(gateway.admin);
+    fleet.deploy("rms", &pipeline_sql("rms", 0.0), "site=plant1");
+    wait_until("the gateway runs rms v1 over TLS", || {
+        gateway.running() == pipelines(&[("rms", 1)])
+    });
+
+    // Restarted without --cloud-ca, it uses the CA kept from its enrollment.
+    gateway.process.kill();
+    wait_until("the cloud sees the gateway go", || {
+        gateway_status(&fleet.status(), "secure-gw")["online"] == false
+    });
+    gateway.restart(&fleet.url(), None);
+    wait_until("the gateway is back online over TLS", || {
+        gateway_status(&fleet.status(), "secure-gw")["online"] == true
+    });
 }

@@ -28,6 +28,7 @@ pub mod model;
 pub mod selector;
 pub mod signing;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ pub struct CloudConfig {
     pub listen: SocketAddr,
     /// How often gateways send a heartbeat; three missed ones end a stream.
     pub heartbeat_interval: Duration,
+    pub tls: tls::TlsMode,
+    /// Serve without TLS on a non-loopback address (behind a TLS-terminating proxy).
+    pub insecure: bool,
 }
 
 impl Default for CloudConfig {
@@ -60,6 +64,8 @@ impl Default for CloudConfig {
             data_dir: PathBuf::from("weir-cloud"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8470)),
             heartbeat_interval: Duration::from_secs(5),
+            tls: tls::TlsMode::Off,
+            insecure: false,
         }
     }
 }
@@ -72,12 +78,22 @@ pub struct Cloud {
     stop: CancellationToken,
     server: JoinHandle<()>,
     rollouts: JoinHandle<()>,
+    ca_file: Option<PathBuf>,
 }
 
 impl Cloud {
     /// Opens the store (creating it, the signing key and an admin token on first start) and
     /// starts serving. Fails if the data directory is in use or the address is taken.
     pub async fn start(config: CloudConfig) -> Result<Self> {
+        if config.tls == tls::TlsMode::Off && !config.listen.ip().is_loopback() && !config.insecure
+        {
+            return Err(CloudError::Invalid(format!(
+                "listening on {} without TLS would send credentials and plans in the clear: \
+                 add --tls (or --tls-cert/--tls-key), or --insecure behind a TLS proxy",
+                config.listen
+            )));
+        }
+        let identity = tls::server_identity(&config.tls, &config.data_dir)?;
         let store = store::RocksStore::open(&config.data_dir.join("store"))?;
         let signer =
             signing::PlanSigner::load_or_create(&config.data_dir.join("plan-signing.key"))?;
@@ -123,8 +139,20 @@ impl Cloud {
         let stop = CancellationToken::new();
         let stopping = stop.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let mut builder = tonic::transport::Server::builder();
+        let ca_file = match identity {
+            Some(identity) => {
+                builder = builder
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                        tonic::transport::Identity::from_pem(identity.cert_pem, identity.key_pem),
+                    ))
+                    .map_err(|error| CloudError::Invalid(format!("TLS: {error}")))?;
+                identity.ca_file
+            }
+            None => None,
+        };
         let server = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let served = builder
                 .accept_http1(true)
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
                 .add_routes(routes)
@@ -159,6 +187,7 @@ impl Cloud {
             stop,
             server,
             rollouts,
+            ca_file,
         })
     }
 
@@ -168,6 +197,11 @@ impl Cloud {
 
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
+    }
+
+    /// The certificate authority file gateways and the CLI must trust, when the cloud made it.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        self.ca_file.as_deref()
     }
 
     /// The admin token created on this start, if this was the first one.

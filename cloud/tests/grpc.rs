@@ -26,6 +26,7 @@ async fn start(dir: &std::path::Path) -> Cloud {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("address"),
         heartbeat_interval: Duration::from_millis(200),
+        ..CloudConfig::default()
     })
     .await
     .expect("the cloud starts")

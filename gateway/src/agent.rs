@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use weir_proto::PLAN_FORMAT_VERSION;
 use weir_proto::cloud::gateway_control_client::GatewayControlClient;
 use weir_proto::cloud::{
@@ -42,6 +42,27 @@ use crate::error::{GatewayError, Result};
 
 const CREDENTIAL_FILE: &str = "cloud-credential.json";
 const PLANS_FILE: &str = "cloud-plans.pb";
+const CA_FILE: &str = "cloud-ca.pem";
+
+/// A channel to the cloud: TLS against the cloud's CA for `https://`, plain for `http://`.
+fn endpoint(options: &AgentOptions) -> std::result::Result<Endpoint, String> {
+    let endpoint =
+        Endpoint::from_shared(options.url.clone()).map_err(|e| format!("bad cloud URL: {e}"))?;
+    if !options.url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let saved = options.data_dir.join(CA_FILE);
+    let ca_file = options.ca_file.clone().unwrap_or(saved);
+    let ca = std::fs::read(&ca_file).map_err(|error| {
+        format!(
+            "an https:// cloud needs its certificate authority: cannot read {} ({error}); give --cloud-ca FILE (the cloud's tls/ca.pem)",
+            ca_file.display()
+        )
+    })?;
+    endpoint
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+        .map_err(|e| format!("TLS: {e}"))
+}
 
 /// How the agent reaches the cloud.
 #[derive(Debug, Clone)]
@@ -53,6 +74,9 @@ pub struct AgentOptions {
     /// What the gateway calls itself, for the cloud's audit log.
     pub hostname: String,
     pub max_backoff: Duration,
+    /// The CA an `https://` cloud's certificate is checked against; needed at enrollment,
+    /// kept in the data directory after it.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// What enrollment gave this gateway, kept in `<data_dir>/cloud-credential.json`.
@@ -146,6 +170,13 @@ impl CloudAgent {
             (Some(token), saved) => match enroll(&options, token).await {
                 Ok(credential) => {
                     save_credential(&options.data_dir, &credential)?;
+                    if let Some(ca_file) = &options.ca_file {
+                        let ca = std::fs::read(ca_file).map_err(|source| GatewayError::Io {
+                            what: format!("reading {}", ca_file.display()),
+                            source,
+                        })?;
+                        write_atomically(&options.data_dir.join(CA_FILE), &ca, false)?;
+                    }
                     tracing::info!(gateway = %credential.name, "enrolled with the cloud");
                     credential
                 }
@@ -238,8 +269,7 @@ impl Agent {
         stop: &CancellationToken,
         attempt: &mut u32,
     ) -> std::result::Result<(), String> {
-        let channel = Endpoint::from_shared(self.options.url.clone())
-            .map_err(|e| format!("bad cloud URL: {e}"))?
+        let channel = endpoint(&self.options)?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
@@ -460,8 +490,8 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 async fn enroll(options: &AgentOptions, token: &str) -> Result<Credential> {
     let unreachable =
         |why: String| GatewayError::Config(format!("enrolling with {}: {why}", options.url));
-    let channel = Endpoint::from_shared(options.url.clone())
-        .map_err(|e| unreachable(format!("bad URL: {e}")))?
+    let channel = endpoint(options)
+        .map_err(unreachable)?
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await

@@ -121,6 +121,9 @@ pub struct CloudSection {
     /// with jitter, up to this).
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// The certificate authority of an `https://` cloud (its `tls/ca.pem`); needed at
+    /// enrollment, then kept in `data_dir`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for CloudSection {
@@ -128,6 +131,7 @@ impl Default for CloudSection {
         Self {
             url: None,
             max_backoff: Duration::from_secs(30),
+            ca_file: None,
         }
     }
 }
@@ -221,6 +225,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// The cloud URL.
     pub cloud: Option<String>,
+    pub cloud_ca: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -248,8 +253,15 @@ impl Overrides {
         if let Some(dir) = &self.data_dir {
             root.insert("data_dir".into(), serde_json::json!(dir));
         }
+        let mut cloud = serde_json::Map::new();
         if let Some(url) = &self.cloud {
-            root.insert("cloud".into(), serde_json::json!({ "url": url }));
+            cloud.insert("url".into(), serde_json::json!(url));
+        }
+        if let Some(ca) = &self.cloud_ca {
+            cloud.insert("ca_file".into(), serde_json::json!(ca));
+        }
+        if !cloud.is_empty() {
+            root.insert("cloud".into(), serde_json::Value::Object(cloud));
         }
         serde_json::Value::Object(root)
     }

@@ -131,6 +131,7 @@ impl Gateway {
                         enroll_token,
                         hostname: config.name.clone(),
                         max_backoff: config.cloud.max_backoff,
+                        ca_file: config.cloud.ca_file.clone(),
                     },
                     Arc::clone(&deployments),
                 )

@@ -40,6 +40,8 @@ struct Admin {
 
 impl Admin {
     fn new(gateway: &Gateway, token: Option<&str>) -> Self {
+        // reqwest builds on rustls without a provider of its own; `weir` installs ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Self {
             base: format!("http://{}", gateway.admin_address()),
             http: reqwest::Client::new(),

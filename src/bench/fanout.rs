@@ -141,7 +141,7 @@ async fn fanout(gateways: usize) -> anyhow::Result<FanoutResult> {
     let url = format!("http://127.0.0.1:{port}");
     let mut cloud = CloudProcess::start(&data, port)?;
     let token = std::fs::read_to_string(data.join("admin.token"))?;
-    let http = reqwest::Client::new();
+    let http = crate::http::client_builder(None)?.build()?;
 
     eprintln!("cloud-fanout: registering and enrolling {gateways} gateways...");
     let shared = Endpoint::from_shared(url.clone())?.connect().await?;
