@@ -123,7 +123,7 @@ impl State {
             .ok_or_else(|| CloudError::NotFound(format!("no gateway named '{name}'")))
     }
 
-    fn audit(&mut self, actor: &str, action: &str, detail: String) -> (AuditEntry, Write) {
+    fn audit(&mut self, actor: &str, action: &str, detail: String) -> Write {
         self.audit_seq += 1;
         let entry = AuditEntry {
             seq: self.audit_seq,
@@ -132,8 +132,7 @@ impl State {
             action: action.to_owned(),
             detail,
         };
-        let write = put(Table::Audit, self.audit_seq.to_be_bytes().to_vec(), &entry);
-        (entry, write)
+        put(Table::Audit, self.audit_seq.to_be_bytes().to_vec(), &entry)
     }
 
     /// Pipeline -> (version, deployment) for a gateway with `labels`: the union of the
@@ -281,6 +280,19 @@ impl Fleet {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Writes a change and its audit entry in one atomic, durable batch.
+    fn commit(
+        &self,
+        state: &mut State,
+        actor: &str,
+        action: &str,
+        detail: String,
+        mut writes: Vec<Write>,
+    ) -> Result<()> {
+        writes.push(state.audit(actor, action, detail));
+        self.store.write(writes)
+    }
+
     pub fn heartbeat_interval(&self) -> Duration {
         self.heartbeat_interval
     }
@@ -302,11 +314,13 @@ impl Fleet {
             created_at_ms: now_ms(),
         };
         let hash = secret_hash(&token);
-        let (_, audit) = state.audit("cloud", "token.create", "admin (admin), first start".into());
-        self.store.write(vec![
-            put(Table::Tokens, hash.clone().into_bytes(), &record),
-            audit,
-        ])?;
+        self.commit(
+            &mut state,
+            "cloud",
+            "token.create",
+            "admin (admin), first start".into(),
+            vec![put(Table::Tokens, hash.clone().into_bytes(), &record)],
+        )?;
         state.tokens.insert(hash, record);
         Ok(Some(token))
     }
@@ -341,11 +355,13 @@ impl Fleet {
             role,
             created_at_ms: now_ms(),
         };
-        let (_, audit) = state.audit(&caller.actor(), "token.create", format!("{name} ({role})"));
-        self.store.write(vec![
-            put(Table::Tokens, hash.clone().into_bytes(), &record),
-            audit,
-        ])?;
+        self.commit(
+            &mut state,
+            &caller.actor(),
+            "token.create",
+            format!("{name} ({role})"),
+            vec![put(Table::Tokens, hash.clone().into_bytes(), &record)],
+        )?;
         state.tokens.insert(hash, record);
         Ok(token)
     }
@@ -383,16 +399,16 @@ impl Fleet {
             used_at_ms: None,
         };
         let hash = secret_hash(&token);
-        let (_, audit) = state.audit(
+        self.commit(
+            &mut state,
             &caller.actor(),
             "gateway.add",
             format!("{name} {}", labels_text(&record.labels)),
-        );
-        self.store.write(vec![
-            put(Table::Gateways, record.id.clone().into_bytes(), &record),
-            put(Table::Enrollments, hash.clone().into_bytes(), &enrollment),
-            audit,
-        ])?;
+            vec![
+                put(Table::Gateways, record.id.clone().into_bytes(), &record),
+                put(Table::Enrollments, hash.clone().into_bytes(), &enrollment),
+            ],
+        )?;
         state.enrollments.insert(hash, enrollment);
         state.gateways.insert(record.id.clone(), record.clone());
         Ok((record, token))
@@ -414,11 +430,17 @@ impl Fleet {
             created_at_ms: now_ms(),
             used_at_ms: None,
         };
-        let (_, audit) = state.audit(&caller.actor(), "gateway.enrollment", name.to_owned());
-        self.store.write(vec![
-            put(Table::Enrollments, hash.clone().into_bytes(), &enrollment),
-            audit,
-        ])?;
+        self.commit(
+            &mut state,
+            &caller.actor(),
+            "gateway.enrollment",
+            name.to_owned(),
+            vec![put(
+                Table::Enrollments,
+                hash.clone().into_bytes(),
+                &enrollment,
+            )],
+        )?;
         state.enrollments.insert(hash, enrollment);
         Ok(token)
     }
@@ -435,12 +457,13 @@ impl Fleet {
         };
         if enrollment.used_at_ms.is_some() {
             tracing::warn!(hostname, gateway = %enrollment.gateway_id, "enrollment refused: token already used");
-            let (_, audit) = state.audit(
+            self.commit(
+                &mut state,
                 &format!("host:{hostname}"),
                 "gateway.enroll.refused",
                 format!("reused token of {}", enrollment.gateway_id),
-            );
-            self.store.write(vec![audit])?;
+                Vec::new(),
+            )?;
             return Err(rejected());
         }
         let Some(mut gateway) = state.gateways.get(&enrollment.gateway_id).cloned() else {
@@ -461,16 +484,16 @@ impl Fleet {
             used_at_ms: Some(now_ms()),
             ..enrollment
         };
-        let (_, audit) = state.audit(
+        self.commit(
+            &mut state,
             &format!("gateway:{}", gateway.name),
             "gateway.enroll",
             format!("from host {hostname}"),
-        );
-        self.store.write(vec![
-            put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
-            put(Table::Enrollments, hash.clone().into_bytes(), &used),
-            audit,
-        ])?;
+            vec![
+                put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
+                put(Table::Enrollments, hash.clone().into_bytes(), &used),
+            ],
+        )?;
         state.enrollments.insert(hash, used);
         state
             .credentials
@@ -517,15 +540,17 @@ impl Fleet {
             gateway.labels.remove(key);
         }
         gateway.labels.extend(set);
-        let (_, audit) = state.audit(
+        self.commit(
+            &mut state,
             &caller.actor(),
             "gateway.label",
             format!("{name} {}", labels_text(&gateway.labels)),
-        );
-        self.store.write(vec![
-            put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
-            audit,
-        ])?;
+            vec![put(
+                Table::Gateways,
+                gateway.id.clone().into_bytes(),
+                &gateway,
+            )],
+        )?;
         state.gateways.insert(gateway.id.clone(), gateway.clone());
         self.reconcile(&mut state, &gateway.id);
         Ok(gateway)
@@ -540,11 +565,17 @@ impl Fleet {
         if let Some(hash) = gateway.credential_hash.take() {
             state.credentials.remove(&hash);
         }
-        let (_, audit) = state.audit(&caller.actor(), "gateway.revoke", name.to_owned());
-        self.store.write(vec![
-            put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
-            audit,
-        ])?;
+        self.commit(
+            &mut state,
+            &caller.actor(),
+            "gateway.revoke",
+            name.to_owned(),
+            vec![put(
+                Table::Gateways,
+                gateway.id.clone().into_bytes(),
+                &gateway,
+            )],
+        )?;
         state.sessions.remove(&gateway.id);
         state.gateways.insert(gateway.id.clone(), gateway);
         Ok(())
@@ -677,28 +708,23 @@ impl Fleet {
             rollout,
             failure: None,
         };
-        let (_, audit) = state.audit(
-            &caller.actor(),
-            "deploy",
-            format!(
-                "{name} selector '{}' priority {} pipelines {}{}",
-                record.selector,
-                record.priority,
-                versions_text(&pipelines),
-                if canaries.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        " canaries {} bake {} ms",
-                        canaries.join(","),
-                        request.bake.as_millis()
-                    )
-                }
-            ),
+        let detail = format!(
+            "{name} selector '{}' priority {} pipelines {}{}",
+            record.selector,
+            record.priority,
+            versions_text(&pipelines),
+            if canaries.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " canaries {} bake {} ms",
+                    canaries.join(","),
+                    request.bake.as_millis()
+                )
+            }
         );
         writes.push(put(Table::Deployments, name.clone().into_bytes(), &record));
-        writes.push(audit);
-        self.store.write(writes)?;
+        self.commit(&mut state, &caller.actor(), "deploy", detail, writes)?;
         for version in new_versions {
             state
                 .versions
@@ -732,28 +758,26 @@ impl Fleet {
                 "deployment '{name}' has no earlier version to roll back to"
             )));
         };
-        let (pipelines, mut writes, new_versions) =
-            self.resign(&state, &target, &caller.actor())?;
+        let Resigned {
+            pipelines,
+            mut writes,
+            records: new_versions,
+        } = self.resign(&state, &target, &caller.actor())?;
         deployment.pipelines = pipelines.clone();
         deployment.rollout = None;
         deployment.updated_at_ms = now_ms();
         deployment.updated_by = caller.actor();
-        let (_, audit) = state.audit(
-            &caller.actor(),
-            "rollback",
-            format!(
-                "{name} to {} as {}",
-                versions_text(&target),
-                versions_text(&pipelines)
-            ),
+        let detail = format!(
+            "{name} to {} as {}",
+            versions_text(&target),
+            versions_text(&pipelines)
         );
         writes.push(put(
             Table::Deployments,
             name.as_bytes().to_vec(),
             &deployment,
         ));
-        writes.push(audit);
-        self.store.write(writes)?;
+        self.commit(&mut state, &caller.actor(), "rollback", detail, writes)?;
         for version in new_versions {
             state
                 .versions
@@ -779,12 +803,7 @@ impl Fleet {
 
     /// New versions carrying the plans of `set`, signed now: how the fleet goes back without
     /// a version number ever going down.
-    fn resign(
-        &self,
-        state: &State,
-        set: &BTreeMap<String, u64>,
-        actor: &str,
-    ) -> Result<(BTreeMap<String, u64>, Vec<Write>, Vec<PipelineVersion>)> {
+    fn resign(&self, state: &State, set: &BTreeMap<String, u64>, actor: &str) -> Result<Resigned> {
         let now = now_ms();
         let mut pipelines = BTreeMap::new();
         let mut writes = Vec::new();
@@ -822,7 +841,11 @@ impl Fleet {
             pipelines.insert(pipeline.clone(), version);
             records.push(record);
         }
-        Ok((pipelines, writes, records))
+        Ok(Resigned {
+            pipelines,
+            writes,
+            records,
+        })
     }
 
     /// Advances every staged rollout: promotes it once each canary ran the new versions
@@ -886,9 +909,13 @@ impl Fleet {
             });
             let mut writes = Vec::new();
             let mut new_versions = Vec::new();
-            if let Some(reason) = failure {
+            let (action, detail) = if let Some(reason) = failure {
                 let stable = rollout.stable.clone();
-                let (pipelines, resigned, records) = self.resign(&state, &stable, "cloud")?;
+                let Resigned {
+                    pipelines,
+                    writes: resigned,
+                    records,
+                } = self.resign(&state, &stable, "cloud")?;
                 tracing::warn!(deployment = %name, %reason, "staged rollout failed; rolling the canaries back");
                 writes.extend(resigned);
                 new_versions = records;
@@ -898,29 +925,26 @@ impl Fleet {
                 deployment.pipelines = pipelines;
                 deployment.rollout = None;
                 deployment.failure = Some(reason.clone());
-                let (_, audit) = state.audit("cloud", "rollout.fail", format!("{name}: {reason}"));
-                writes.push(audit);
+                ("rollout.fail", format!("{name}: {reason}"))
             } else if baked {
                 deployment.rollout = None;
                 deployment.failure = None;
                 tracing::info!(deployment = %name, "canaries healthy; rolling out to every gateway");
-                let (_, audit) = state.audit(
-                    "cloud",
+                (
                     "rollout.promote",
                     format!("{name}: {}", versions_text(&deployment.pipelines)),
-                );
-                writes.push(audit);
+                )
             } else {
                 // Still baking: keep the health timestamps in memory only.
                 state.deployments.insert(name.clone(), deployment);
                 continue;
-            }
+            };
             writes.push(put(
                 Table::Deployments,
                 name.clone().into_bytes(),
                 &deployment,
             ));
-            self.store.write(writes)?;
+            self.commit(&mut state, "cloud", action, detail, writes)?;
             for version in new_versions {
                 state
                     .versions
@@ -1240,6 +1264,14 @@ impl Fleet {
             .collect();
         state.last_seen_ms.extend(seen);
     }
+}
+
+/// New signed versions of old plans, and the writes that store them.
+struct Resigned {
+    /// Pipeline -> its new version.
+    pipelines: BTreeMap<String, u64>,
+    writes: Vec<Write>,
+    records: Vec<PipelineVersion>,
 }
 
 enum CanaryHealth {

@@ -241,10 +241,9 @@ async fn agent(url: String, credential: String, key: Vec<u8>, progress: Arc<Prog
         if let Ok(channel) =
             Endpoint::from_shared(url.clone()).map(|e| e.connect_timeout(Duration::from_secs(10)))
             && let Ok(channel) = channel.connect().await
+            && stream(channel, &credential, &key, &progress).await
         {
-            if stream(channel, &credential, &key, &progress).await {
-                attempt = 0;
-            }
+            attempt = 0;
         }
         let delay = Duration::from_millis(200).saturating_mul(1 << attempt.min(6));
         tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))).await;
