@@ -465,7 +465,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "DESIRED",
             "RUNNING",
             "STATUS",
-            "ROWS IN",
+            "IN/S",
             "ERRORS"
         );
         let mut drift = 0;
@@ -502,7 +502,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     version(p.desired_version),
                     version(p.reported_version),
                     p.state.as_deref().unwrap_or("-"),
-                    p.rows_in,
+                    p.rows_in_per_s
+                        .map_or("-".to_owned(), |r| format!("{r:.0}")),
                     p.errors,
                 );
             }

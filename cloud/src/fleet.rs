@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -96,6 +96,9 @@ struct Session {
     revision: u64,
     connected_at_ms: u64,
     report: Option<StatusReport>,
+    reported_at: Instant,
+    /// A report at least a second older than `report`, to turn counters into rates.
+    earlier: Option<(Instant, StatusReport)>,
     /// Pipeline -> the gateway's answer to the version last sent.
     results: BTreeMap<String, PlanResult>,
 }
@@ -1023,6 +1026,8 @@ impl Fleet {
                 revision: 0,
                 connected_at_ms: now_ms(),
                 report: None,
+                reported_at: Instant::now(),
+                earlier: None,
                 results: BTreeMap::new(),
             },
         );
@@ -1048,7 +1053,19 @@ impl Fleet {
         }
         match update {
             SessionUpdate::Heartbeat => {}
-            SessionUpdate::Status(report) => session.report = Some(report),
+            SessionUpdate::Status(report) => {
+                let now = Instant::now();
+                let keep_earlier = session
+                    .earlier
+                    .as_ref()
+                    .is_some_and(|(at, _)| now.duration_since(*at) < Duration::from_secs(1));
+                if let Some(previous) = session.report.replace(report)
+                    && !keep_earlier
+                {
+                    session.earlier = Some((session.reported_at, previous));
+                }
+                session.reported_at = now;
+            }
             SessionUpdate::Ack(ack) => {
                 if ack.revision == session.revision {
                     for result in ack.results {
@@ -1115,6 +1132,18 @@ impl Fleet {
                         let report = reported.get(name);
                         let result = session.and_then(|s| s.results.get(name));
                         let reported_version = report.map(|r| r.version).filter(|v| *v > 0);
+                        let rate = |count: fn(&weir_proto::cloud::PipelineStatus) -> u64| {
+                            let session = session?;
+                            let now = report?;
+                            let (at, earlier) = session.earlier.as_ref()?;
+                            let then = earlier
+                                .pipelines
+                                .iter()
+                                .find(|p| p.name == now.name && p.version == now.version)?;
+                            let seconds = session.reported_at.duration_since(*at).as_secs_f64();
+                            let grown = count(now).checked_sub(count(then))?;
+                            (seconds > 0.0).then(|| grown as f64 / seconds)
+                        };
                         PipelineView {
                             name: name.to_owned(),
                             deployment: wanted.map(|(_, d)| d.clone()),
@@ -1125,6 +1154,8 @@ impl Fleet {
                             rejected: result.filter(|r| !r.accepted).map(|r| r.reason.clone()),
                             rows_in: report.map_or(0, |r| r.rows_in),
                             rows_out: report.map_or(0, |r| r.rows_out),
+                            rows_in_per_s: rate(|p| p.rows_in),
+                            rows_out_per_s: rate(|p| p.rows_out),
                             errors: report.map_or(0, |r| r.errors),
                             restarts: report.map_or(0, |r| r.restarts),
                             p50_ms: report.map(|r| r.p50_ms),
@@ -1397,6 +1428,9 @@ pub struct PipelineView {
     pub rejected: Option<String>,
     pub rows_in: u64,
     pub rows_out: u64,
+    /// From the last two status reports at least a second apart.
+    pub rows_in_per_s: Option<f64>,
+    pub rows_out_per_s: Option<f64>,
     pub errors: u64,
     pub restarts: u64,
     pub p50_ms: Option<f64>,
