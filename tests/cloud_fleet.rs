@@ -380,6 +380,12 @@ fn a_fleet_follows_deployments_through_relabels_outages_and_refusals() {
         table.contains("3 gateway(s), 3 online; 0 pipeline(s) not running"),
         "{table}"
     );
+    wait_until("status turns the reported counters into rates", || {
+        let status = fleet.status();
+        gateway_status(&status, "plant1-b")["pipelines"][0]["rows_in_per_s"]
+            .as_f64()
+            .is_some_and(|rate| rate > 0.0)
+    });
 
     // The cloud killed and restarted loses nothing; everyone reconnects on their own.
     fleet.cloud.kill();
@@ -474,6 +480,32 @@ fn a_fleet_follows_deployments_through_relabels_outages_and_refusals() {
         a.running(),
         pipelines(&[("rms", 3)]),
         "the refused version changes nothing"
+    );
+
+    // A cloud that lost its signing key signs with a new one: gateways refuse what it signs.
+    fleet.cloud.kill();
+    std::fs::remove_file(fleet.dir.path().join("cloud").join("plan-signing.key")).expect("rm key");
+    fleet.start_cloud();
+    fleet.deploy("rms", &pipeline_sql("rms", 0.75), "site=plant1,line!=3");
+    wait_until(
+        "the gateways refuse plans signed by a key they do not know",
+        || {
+            let status = fleet.status();
+            gateway_status(&status, "plant1-b")["pipelines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| {
+                    p["rejected"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("signed by another cloud"))
+                })
+        },
+    );
+    assert_eq!(
+        b.running(),
+        pipelines(&[("rms", 3)]),
+        "a foreign-signed plan changes nothing"
     );
 
     // The audit log tells who did what.
