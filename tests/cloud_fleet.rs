@@ -671,6 +671,31 @@ fn gateways_and_the_cli_reach_a_tls_cloud_through_the_ca_they_were_given() {
         gateway.running() == pipelines(&[("rms", 1)])
     });
 
+    // A gateway that stops answering without closing its connection (frozen, or a network
+    // that drops packets) is noticed by its missed heartbeats, and comes back by itself.
+    let pid = gateway
+        .process
+        .0
+        .as_ref()
+        .expect("running")
+        .id()
+        .to_string();
+    let signal = |name: &str| {
+        let sent = Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill {name} {pid}");
+    };
+    signal("-STOP");
+    wait_until("missed heartbeats mark the frozen gateway offline", || {
+        gateway_status(&fleet.status(), "secure-gw")["online"] == false
+    });
+    signal("-CONT");
+    wait_until("the thawed gateway reconnects", || {
+        gateway_status(&fleet.status(), "secure-gw")["online"] == true
+    });
+
     // Restarted without --cloud-ca, it uses the CA kept from its enrollment.
     gateway.process.kill();
     wait_until("the cloud sees the gateway go", || {
