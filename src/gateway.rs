@@ -301,6 +301,21 @@ fn print_list(body: &serde_json::Value) {
         gateway["broker"].as_str().unwrap_or("?"),
         gateway["uptime_s"].as_f64().unwrap_or(0.0)
     );
+    let cloud = &gateway["cloud"];
+    if let Some(url) = cloud["url"].as_str() {
+        let state = if cloud["connected"] == true {
+            format!("connected as {}", cloud["gateway"].as_str().unwrap_or("?"))
+        } else {
+            format!(
+                "not connected: {}",
+                cloud["last_error"].as_str().unwrap_or("connecting")
+            )
+        };
+        println!("cloud {url} · {state}");
+        for rejected in cloud["rejected"].as_array().into_iter().flatten() {
+            println!("  refused: {}", rejected.as_str().unwrap_or("?"));
+        }
+    }
     println!(
         "{:<24} {:>4} {:<11} {:>12} {:>10} {:>8} {:>8} {:>9}",
         "PIPELINE", "VER", "STATE", "ROWS IN", "ROWS OUT", "LATE", "ERRORS", "DEAD LTR"

@@ -214,6 +214,16 @@ impl Gateway {
         command
     }
 
+    /// `weir pipelines list` against this gateway, as an operator at the site reads it.
+    fn list_text(&self) -> String {
+        let output = Command::new(WEIR)
+            .args(["pipelines", "list", "--gateway"])
+            .arg(format!("http://127.0.0.1:{}", self.admin))
+            .output()
+            .expect("weir runs");
+        text(&output.stdout)
+    }
+
     /// Pipeline name -> version, as the gateway's own admin API reports it.
     fn running(&self) -> Vec<(String, u64)> {
         let output = Command::new(WEIR)
@@ -341,6 +351,8 @@ fn a_fleet_follows_deployments_through_relabels_outages_and_refusals() {
     wait_until("plant1-a runs rms v1", || {
         a.running() == pipelines(&[("rms", 1)])
     });
+    let site_view = a.list_text();
+    assert!(site_view.contains("connected as plant1-a"), "{site_view}");
 
     // A gateway that is down during a deploy gets it when it returns (no --enroll needed).
     let before_v2 = fleet.dir.path().join("cloud-at-v1");
@@ -406,6 +418,10 @@ fn a_fleet_follows_deployments_through_relabels_outages_and_refusals() {
     b.restart(&fleet.url(), None);
     wait_until("plant1-b runs v2 from disk with no cloud", || {
         b.running() == pipelines(&[("rms", 2)])
+    });
+    let unreachable = format!("cloud {} · not connected: cannot connect", fleet.url());
+    wait_until("the site view says the cloud cannot be reached", || {
+        b.list_text().contains(&unreachable)
     });
     fleet.start_cloud();
 

@@ -36,6 +36,8 @@ pub struct AdminState {
     pub broker: String,
     pub started: Instant,
     pub token: Option<String>,
+    /// The connection to the cloud, when the gateway takes pipelines from one.
+    pub cloud: Option<Arc<crate::agent::CloudLink>>,
 }
 
 /// The admin API's routes.
@@ -110,6 +112,7 @@ async fn list(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
             "uptime_s": state.started.elapsed().as_secs_f64(),
             "broker": state.broker,
             "version": env!("CARGO_PKG_VERSION"),
+            "cloud": state.cloud.as_ref().map(|c| c.snapshot()),
         },
         "pipelines": state.deployments.list(),
     }))

@@ -79,6 +79,36 @@ pub struct AgentOptions {
     pub ca_file: Option<PathBuf>,
 }
 
+/// The agent's connection as the local admin API shows it.
+#[derive(Debug, Default)]
+pub struct CloudLink {
+    state: Mutex<CloudLinkState>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CloudLinkState {
+    pub url: String,
+    pub connected: bool,
+    /// The name the cloud knows this gateway by.
+    pub gateway: Option<String>,
+    /// Successful connections since the gateway started.
+    pub connects: u64,
+    /// Why the last connection attempt or stream failed.
+    pub last_error: Option<String>,
+    /// Plans of the last desired state that this gateway refused, with the reason.
+    pub rejected: Vec<String>,
+}
+
+impl CloudLink {
+    pub fn snapshot(&self) -> CloudLinkState {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CloudLinkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// What enrollment gave this gateway, kept in `<data_dir>/cloud-credential.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Credential {
@@ -149,6 +179,7 @@ struct Agent {
     /// Pipeline -> the signed plan it runs, as persisted.
     accepted: Mutex<BTreeMap<String, SignedPlan>>,
     started: Instant,
+    link: Arc<CloudLink>,
 }
 
 /// The running agent; see the module docs.
@@ -160,7 +191,12 @@ pub struct CloudAgent {
 impl CloudAgent {
     /// Enrolls if needed, runs the last accepted plans, and starts holding the connection.
     /// Fails only when the gateway has no credential and cannot get one.
-    pub async fn start(options: AgentOptions, deployments: Arc<Deployments>) -> Result<Self> {
+    pub async fn start(
+        options: AgentOptions,
+        deployments: Arc<Deployments>,
+        link: Arc<CloudLink>,
+    ) -> Result<Self> {
+        link.lock().url = options.url.clone();
         std::fs::create_dir_all(&options.data_dir).map_err(|source| GatewayError::Io {
             what: format!("creating data directory {}", options.data_dir.display()),
             source,
@@ -211,6 +247,7 @@ impl CloudAgent {
             options,
             accepted: Mutex::default(),
             started: Instant::now(),
+            link,
         });
         if let Some(saved) = load_plans(&agent.options.data_dir) {
             let results = agent.apply(&saved).await;
@@ -245,6 +282,11 @@ impl Agent {
                 Ok(()) => "the cloud closed the stream".to_owned(),
                 Err(error) => error,
             };
+            {
+                let mut link = self.link.lock();
+                link.connected = false;
+                link.last_error = Some(message.clone());
+            }
             // Log a failure when it changes, and a repeated one once a minute.
             let repeat = last_logged
                 .as_ref()
@@ -313,6 +355,13 @@ impl Agent {
                     match message.kind {
                         Some(cloud_message::Kind::Welcome(welcome)) => {
                             *attempt = 0;
+                            {
+                                let mut link = self.link.lock();
+                                link.connected = true;
+                                link.connects += 1;
+                                link.gateway = Some(welcome.name.clone());
+                                link.last_error = None;
+                            }
                             let every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
                             ticker = tokio::time::interval(every);
                             tracing::info!(gateway = %welcome.name, cloud = %self.options.url, "connected to the cloud");
@@ -407,6 +456,11 @@ impl Agent {
             }
             self.lock_accepted().remove(name);
         }
+        self.link.lock().rejected = results
+            .iter()
+            .filter(|r| !r.accepted)
+            .map(|r| format!("{} v{}: {}", r.pipeline, r.version, r.reason))
+            .collect();
         let saved = DesiredState {
             revision: desired.revision,
             plans: self.lock_accepted().values().cloned().collect(),

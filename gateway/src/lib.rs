@@ -100,12 +100,18 @@ impl Gateway {
             what: "admin API address".into(),
             source,
         })?;
+        let cloud_link = config
+            .cloud
+            .url
+            .as_ref()
+            .map(|_| Arc::new(agent::CloudLink::default()));
         let state = Arc::new(admin::AdminState {
             deployments: Arc::clone(&deployments),
             gateway: config.name.clone(),
             broker: broker_label,
             started,
             token: config.admin.effective_token()?,
+            cloud: cloud_link.clone(),
         });
         let stop_admin = CancellationToken::new();
         let stopping = stop_admin.clone();
@@ -122,8 +128,8 @@ impl Gateway {
             let started = deployments.load_dir(dir).await?;
             tracing::info!(dir = %dir.display(), pipelines = started, "pipelines loaded");
         }
-        let agent = match &config.cloud.url {
-            Some(url) => Some(
+        let agent = match (&config.cloud.url, cloud_link) {
+            (Some(url), Some(link)) => Some(
                 agent::CloudAgent::start(
                     agent::AgentOptions {
                         url: url.clone(),
@@ -134,10 +140,11 @@ impl Gateway {
                         ca_file: config.cloud.ca_file.clone(),
                     },
                     Arc::clone(&deployments),
+                    link,
                 )
                 .await?,
             ),
-            None => None,
+            _ => None,
         };
         Ok(Self {
             config,
