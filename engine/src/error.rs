@@ -15,6 +15,10 @@ pub enum EngineError {
     Panic(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The gateway's disk store failed: a full disk or a damaged file (external; a retry
+    /// helps once the cause is fixed). The message says which store and what failed.
+    #[error("storage: {0}")]
+    Storage(String),
 }
 
 impl EngineError {

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! What lives here: actors, watermark generation (including the idle-source rule), bounded
-//! edges for backpressure, supervision, and metrics. The actors run on a small pool of actix
+//! edges for backpressure, supervision, metrics, and the durable store-and-forward queue of
+//! results bound for the cloud ([`uplink`]). The actors run on a small pool of actix
 //! arbiters (one OS thread each) inside the actix system of the caller, which hosts actix in a
 //! multi-threaded tokio runtime (`actix_rt::System::with_tokio_rt`).
 //!
@@ -20,6 +21,7 @@ pub mod error;
 pub mod message;
 pub mod metrics;
 mod supervisor;
+pub mod uplink;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
