@@ -521,6 +521,55 @@ mod tests {
     }
 
     #[test]
+    fn the_cloud_section_is_checked_and_flags_override_it() {
+        let error = load(
+            "[cloud]\nurl = \"cloud.example:8470\"\n",
+            &Overrides::default(),
+        )
+        .expect_err("no scheme")
+        .to_string();
+        assert!(
+            error.contains("cloud.url: 'cloud.example:8470' must start with http"),
+            "{error}"
+        );
+        let error = load(
+            "[cloud]\nurl = \"https://c:1\"\nca = \"x\"\n",
+            &Overrides::default(),
+        )
+        .expect_err("typo")
+        .to_string();
+        assert!(
+            error.contains("cloud.ca") && error.contains("unknown field"),
+            "{error}"
+        );
+        let overrides = Overrides {
+            cloud: Some("https://cloud.example:8470".into()),
+            cloud_ca: Some("/etc/weir/ca.pem".into()),
+            data_dir: Some("/var/lib/weir".into()),
+            ..Overrides::default()
+        };
+        let config = load(
+            "data_dir = \"/tmp/weir\"\n[cloud]\nurl = \"http://old:1\"\nmax_backoff = \"5s\"\n",
+            &overrides,
+        )
+        .expect("valid");
+        assert_eq!(
+            config.cloud.url.as_deref(),
+            Some("https://cloud.example:8470")
+        );
+        assert_eq!(
+            config.cloud.ca_file,
+            Some(PathBuf::from("/etc/weir/ca.pem"))
+        );
+        assert_eq!(
+            config.cloud.max_backoff,
+            Duration::from_secs(5),
+            "the file's value stays"
+        );
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/weir"));
+    }
+
+    #[test]
     fn the_printed_configuration_loads_back_unchanged() {
         let config = load("name = \"gw\"\n", &Overrides::default()).expect("valid");
         let again = load(&config.to_toml(), &Overrides::default()).expect("round trip");
