@@ -255,7 +255,8 @@ async fn list_versions(
     headers: HeaderMap,
     Query(query): Query<VersionsQuery>,
 ) -> Result<Json<Value>> {
-    caller(&state, &headers)?.require(Role::Viewer, "listing versions")?;
+    // The SQL of a version may hold connector passwords: deployers and admins only.
+    caller(&state, &headers)?.require(Role::Deployer, "reading pipeline SQL")?;
     Ok(Json(json!(state.fleet.versions(query.pipeline.as_deref()))))
 }
 

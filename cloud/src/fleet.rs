@@ -30,6 +30,9 @@ use crate::selector::{Labels, Selector};
 use crate::signing::PlanSigner;
 use crate::store::{Store, Table, Write};
 
+/// How long a one-time enrollment token stays valid.
+pub const ENROLLMENT_TOKEN_LIFETIME_MS: u64 = 24 * 3600 * 1000;
+
 /// Who is calling the API, as their token says.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -96,6 +99,8 @@ struct Session {
     revision: u64,
     connected_at_ms: u64,
     report: Option<StatusReport>,
+    /// Pipeline -> version the gateway runs, from its Hello and then its reports.
+    running: BTreeMap<String, u64>,
     reported_at: Instant,
     /// A report at least a second older than `report`, to turn counters into rates.
     earlier: Option<(Instant, StatusReport)>,
@@ -170,6 +175,15 @@ impl State {
         chosen
             .into_iter()
             .map(|(pipeline, (version, d))| (pipeline, (version, d.name.clone())))
+            .collect()
+    }
+
+    /// Hashes of the gateway's enrollment tokens that were never used.
+    fn unused_tokens_of(&self, gateway_id: &str) -> Vec<String> {
+        self.enrollments
+            .iter()
+            .filter(|(_, e)| e.gateway_id == gateway_id && e.used_at_ms.is_none())
+            .map(|(h, _)| h.clone())
             .collect()
     }
 
@@ -304,13 +318,16 @@ impl Fleet {
         self.signer.public_key()
     }
 
-    /// Creates the first admin token when the store has none; returns it once.
-    pub fn bootstrap_admin(&self) -> Result<Option<String>> {
+    /// Creates the first admin token when the store has none. `keep` stores it for the
+    /// operator (the cloud writes `admin.token`) before the token is committed, so a failure
+    /// there leaves no admin token that nobody can read. Returns the token once.
+    pub fn bootstrap_admin(&self, keep: impl FnOnce(&str) -> Result<()>) -> Result<Option<String>> {
         let mut state = self.lock();
         if !state.tokens.is_empty() {
             return Ok(None);
         }
         let token = new_secret("wt_")?;
+        keep(&token)?;
         let record = ApiToken {
             name: "admin".into(),
             role: Role::Admin,
@@ -433,17 +450,27 @@ impl Fleet {
             created_at_ms: now_ms(),
             used_at_ms: None,
         };
+        // A new token replaces every earlier unused one: a leaked token stops working.
+        let stale = state.unused_tokens_of(&gateway.id);
+        let mut writes: Vec<Write> = stale
+            .iter()
+            .map(|h| Write::Delete(Table::Enrollments, h.clone().into_bytes()))
+            .collect();
+        writes.push(put(
+            Table::Enrollments,
+            hash.clone().into_bytes(),
+            &enrollment,
+        ));
         self.commit(
             &mut state,
             &caller.actor(),
             "gateway.enrollment",
             name.to_owned(),
-            vec![put(
-                Table::Enrollments,
-                hash.clone().into_bytes(),
-                &enrollment,
-            )],
+            writes,
         )?;
+        for h in stale {
+            state.enrollments.remove(&h);
+        }
         state.enrollments.insert(hash, enrollment);
         Ok(token)
     }
@@ -452,21 +479,27 @@ impl Fleet {
     /// tokens get the same answer, so the error tells a caller nothing about the fleet.
     pub fn enroll(&self, token: &str, hostname: &str) -> Result<EnrollResponse> {
         let rejected = || CloudError::Unauthenticated("the enrollment token is not valid".into());
+        // What a caller calls itself goes into logs and the audit log: keep it short.
+        let hostname: String = hostname
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect();
+        let hostname = hostname.as_str();
         let mut state = self.lock();
         let hash = secret_hash(token);
         let Some(enrollment) = state.enrollments.get(&hash).cloned() else {
             tracing::warn!(hostname, "enrollment refused: unknown token");
             return Err(rejected());
         };
+        // Refusals write nothing, so they cost the same whatever the reason and cannot be
+        // used to fill the disk; the log says which it was.
         if enrollment.used_at_ms.is_some() {
             tracing::warn!(hostname, gateway = %enrollment.gateway_id, "enrollment refused: token already used");
-            self.commit(
-                &mut state,
-                &format!("host:{hostname}"),
-                "gateway.enroll.refused",
-                format!("reused token of {}", enrollment.gateway_id),
-                Vec::new(),
-            )?;
+            return Err(rejected());
+        }
+        if now_ms().saturating_sub(enrollment.created_at_ms) > ENROLLMENT_TOKEN_LIFETIME_MS {
+            tracing::warn!(hostname, gateway = %enrollment.gateway_id, "enrollment refused: token expired");
             return Err(rejected());
         }
         let Some(mut gateway) = state.gateways.get(&enrollment.gateway_id).cloned() else {
@@ -478,25 +511,43 @@ impl Fleet {
         }
         let credential = format!("{}.{}", gateway.id, new_secret("")?);
         let credential_hash = secret_hash(&credential);
-        if let Some(old) = gateway.credential_hash.replace(credential_hash.clone()) {
-            state.credentials.remove(&old);
-        }
+        let old_credential = gateway.credential_hash.replace(credential_hash.clone());
         gateway.enrolled_at_ms = Some(now_ms());
         gateway.hostname = Some(hostname.to_owned());
         let used = Enrollment {
             used_at_ms: Some(now_ms()),
             ..enrollment
         };
+        // The gateway's other unused tokens go too: one enrollment, one credential.
+        let stale: Vec<String> = state
+            .unused_tokens_of(&gateway.id)
+            .into_iter()
+            .filter(|h| *h != hash)
+            .collect();
+        let mut writes = vec![
+            put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
+            put(Table::Enrollments, hash.clone().into_bytes(), &used),
+        ];
+        writes.extend(
+            stale
+                .iter()
+                .map(|h| Write::Delete(Table::Enrollments, h.clone().into_bytes())),
+        );
         self.commit(
             &mut state,
             &format!("gateway:{}", gateway.name),
             "gateway.enroll",
             format!("from host {hostname}"),
-            vec![
-                put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
-                put(Table::Enrollments, hash.clone().into_bytes(), &used),
-            ],
+            writes,
         )?;
+        for h in stale {
+            state.enrollments.remove(&h);
+        }
+        if let Some(old) = old_credential {
+            state.credentials.remove(&old);
+        }
+        // A stream opened with the old credential ends with it.
+        state.sessions.remove(&gateway.id);
         state.enrollments.insert(hash, used);
         state
             .credentials
@@ -565,20 +616,30 @@ impl Fleet {
         let mut state = self.lock();
         let mut gateway = state.gateway_by_name(name)?.clone();
         gateway.revoked = true;
-        if let Some(hash) = gateway.credential_hash.take() {
-            state.credentials.remove(&hash);
-        }
+        let credential = gateway.credential_hash.take();
+        let stale = state.unused_tokens_of(&gateway.id);
+        let mut writes: Vec<Write> = stale
+            .iter()
+            .map(|h| Write::Delete(Table::Enrollments, h.clone().into_bytes()))
+            .collect();
+        writes.push(put(
+            Table::Gateways,
+            gateway.id.clone().into_bytes(),
+            &gateway,
+        ));
         self.commit(
             &mut state,
             &caller.actor(),
             "gateway.revoke",
             name.to_owned(),
-            vec![put(
-                Table::Gateways,
-                gateway.id.clone().into_bytes(),
-                &gateway,
-            )],
+            writes,
         )?;
+        if let Some(hash) = credential {
+            state.credentials.remove(&hash);
+        }
+        for h in stale {
+            state.enrollments.remove(&h);
+        }
         state.sessions.remove(&gateway.id);
         state.gateways.insert(gateway.id.clone(), gateway);
         Ok(())
@@ -675,22 +736,29 @@ impl Fleet {
             .filter(|g| !g.revoked && selector.matches(&g.labels))
             .collect();
         let staged = request.canary > 0 && !changed.is_empty();
-        let rollout = staged.then(|| {
-            // Online gateways make better canaries: they report back at once.
-            let mut candidates: Vec<&GatewayRecord> = targets.clone();
-            candidates.sort_by_key(|g| (!state.sessions.contains_key(&g.id), g.name.clone()));
-            Rollout {
-                canaries: candidates
-                    .iter()
-                    .take(request.canary as usize)
-                    .map(|g| g.id.clone())
-                    .collect(),
-                stable: everywhere.clone().unwrap_or_default(),
-                started_at_ms: now,
-                bake_ms: request.bake.as_millis() as u64,
-                max_errors: request.max_errors,
-                healthy_since_ms: BTreeMap::new(),
-            }
+        // Deploying the same SQL again during a rollout must not skip its bake.
+        let unfinished = previous
+            .as_ref()
+            .and_then(|d| d.rollout.clone())
+            .filter(|_| changed.is_empty());
+        let rollout = unfinished.or_else(|| {
+            staged.then(|| {
+                // Online gateways make better canaries: they report back at once.
+                let mut candidates: Vec<&GatewayRecord> = targets.clone();
+                candidates.sort_by_key(|g| (!state.sessions.contains_key(&g.id), g.name.clone()));
+                Rollout {
+                    canaries: candidates
+                        .iter()
+                        .take(request.canary as usize)
+                        .map(|g| g.id.clone())
+                        .collect(),
+                    stable: everywhere.clone().unwrap_or_default(),
+                    started_at_ms: now,
+                    bake_ms: request.bake.as_millis() as u64,
+                    max_errors: request.max_errors,
+                    healthy_since_ms: BTreeMap::new(),
+                }
+            })
         });
         let canaries: Vec<String> = rollout.as_ref().map_or_else(Vec::new, |r| {
             r.canaries
@@ -854,7 +922,7 @@ impl Fleet {
     /// Advances every staged rollout: promotes it once each canary ran the new versions
     /// healthily for the bake time, or rolls the canaries back when one fails. Called about
     /// once a second by the cloud.
-    pub fn check_rollouts(&self) -> Result<()> {
+    pub fn check_rollouts(&self) {
         let mut state = self.lock();
         let now = now_ms();
         let names: Vec<String> = state
@@ -914,11 +982,18 @@ impl Fleet {
             let mut new_versions = Vec::new();
             let (action, detail) = if let Some(reason) = failure {
                 let stable = rollout.stable.clone();
+                let resigned = match self.resign(&state, &stable, "cloud") {
+                    Ok(resigned) => resigned,
+                    Err(error) => {
+                        tracing::error!(deployment = %name, %error, "cannot roll the canaries back; retrying");
+                        continue;
+                    }
+                };
                 let Resigned {
                     pipelines,
                     writes: resigned,
                     records,
-                } = self.resign(&state, &stable, "cloud")?;
+                } = resigned;
                 tracing::warn!(deployment = %name, %reason, "staged rollout failed; rolling the canaries back");
                 writes.extend(resigned);
                 new_versions = records;
@@ -947,7 +1022,10 @@ impl Fleet {
                 name.clone().into_bytes(),
                 &deployment,
             ));
-            self.commit(&mut state, "cloud", action, detail, writes)?;
+            if let Err(error) = self.commit(&mut state, "cloud", action, detail, writes) {
+                tracing::error!(deployment = %name, %error, "rollout step not stored; retrying");
+                continue;
+            }
             for version in new_versions {
                 state
                     .versions
@@ -956,7 +1034,6 @@ impl Fleet {
             state.deployments.insert(name.clone(), deployment);
             self.reconcile_all(&mut state);
         }
-        Ok(())
     }
 
     fn reconcile_all(&self, state: &mut State) {
@@ -966,8 +1043,103 @@ impl Fleet {
         }
     }
 
-    /// Sends a connected gateway its desired state if it differs from what it was sent.
+    /// Brings a connected gateway's desired state up to date (see [`Self::send_desired`]),
+    /// first lifting any version that would take it backwards.
     fn reconcile(&self, state: &mut State, gateway_id: &str) {
+        if self.lift_below_running(state, gateway_id) {
+            // A lifted version changed a deployment that other gateways follow too.
+            let ids: Vec<String> = state.sessions.keys().cloned().collect();
+            for id in ids {
+                self.send_desired(state, &id);
+            }
+        } else {
+            self.send_desired(state, gateway_id);
+        }
+    }
+
+    /// A gateway never goes back to a lower version number. When labels or priorities hand
+    /// it a pipeline from another deployment at a lower number than the one it runs, the
+    /// chosen plan is re-signed under a new number, for every gateway that deployment
+    /// reaches. (A lower number from the same deployment, say from a cloud restored from an
+    /// old backup, is sent as it is, and the gateway refuses it.) Returns whether anything
+    /// was lifted.
+    fn lift_below_running(&self, state: &mut State, gateway_id: &str) -> bool {
+        let Some(labels) = state.gateways.get(gateway_id).map(|g| g.labels.clone()) else {
+            return false;
+        };
+        let Some(running) = state.sessions.get(gateway_id).map(|s| s.running.clone()) else {
+            return false;
+        };
+        let mut lifted = false;
+        for (pipeline, (version, deployment)) in state.desired_for(gateway_id, &labels) {
+            let Some(&current) = running.get(&pipeline) else {
+                continue;
+            };
+            let from_elsewhere = state
+                .versions
+                .get(&(pipeline.clone(), current))
+                .is_some_and(|v| v.deployment != deployment);
+            if current <= version || !from_elsewhere {
+                continue;
+            }
+            match self.lift(state, &deployment, &pipeline, version) {
+                Ok(()) => lifted = true,
+                Err(error) => {
+                    tracing::error!(%deployment, %pipeline, %error, "cannot re-sign a version above what a gateway runs");
+                }
+            }
+        }
+        lifted
+    }
+
+    fn lift(
+        &self,
+        state: &mut State,
+        deployment: &str,
+        pipeline: &str,
+        version: u64,
+    ) -> Result<()> {
+        let Some(mut record) = state.deployments.get(deployment).cloned() else {
+            return Ok(());
+        };
+        let set = BTreeMap::from([(pipeline.to_owned(), version)]);
+        let Resigned {
+            pipelines,
+            mut writes,
+            records,
+        } = self.resign(state, &set, "cloud")?;
+        let lifted = pipelines.get(pipeline).copied().unwrap_or(version);
+        if record.pipelines.get(pipeline) == Some(&version) {
+            record.pipelines.insert(pipeline.to_owned(), lifted);
+        }
+        if let Some(rollout) = record.rollout.as_mut()
+            && rollout.stable.get(pipeline) == Some(&version)
+        {
+            rollout.stable.insert(pipeline.to_owned(), lifted);
+        }
+        writes.push(put(
+            Table::Deployments,
+            deployment.as_bytes().to_vec(),
+            &record,
+        ));
+        self.commit(
+            state,
+            "cloud",
+            "version.lift",
+            format!("{deployment}: {pipeline} v{version} re-signed as v{lifted}, above what a gateway runs"),
+            writes,
+        )?;
+        for version in records {
+            state
+                .versions
+                .insert((version.pipeline.clone(), version.version), version);
+        }
+        state.deployments.insert(deployment.to_owned(), record);
+        Ok(())
+    }
+
+    /// Sends a connected gateway its desired state if it differs from what it was sent.
+    fn send_desired(&self, state: &mut State, gateway_id: &str) {
         let Some(labels) = state.gateways.get(gateway_id).map(|g| g.labels.clone()) else {
             return;
         };
@@ -1007,16 +1179,24 @@ impl Fleet {
         &self,
         gateway: &GatewayRecord,
         running: Vec<RunningPipeline>,
-    ) -> (u64, Welcome, watch::Receiver<Option<DesiredState>>) {
+    ) -> Result<(u64, Welcome, watch::Receiver<Option<DesiredState>>)> {
         let mut state = self.lock();
+        // Revoked or re-enrolled while the stream waited for its Hello: refuse it now.
+        let current = state
+            .gateways
+            .get(&gateway.id)
+            .is_some_and(|g| !g.revoked && g.credential_hash == gateway.credential_hash);
+        if !current {
+            return Err(CloudError::Unauthenticated(
+                "the gateway credential is not valid; enroll again with a new token".into(),
+            ));
+        }
         state.next_connection += 1;
         let connection = state.next_connection;
         let (desired, receiver) = watch::channel(None);
-        let running: Vec<String> = running
-            .iter()
-            .map(|p| format!("{}@{}", p.name, p.version))
-            .collect();
-        tracing::debug!(gateway = %gateway.name, running = %running.join(","), "hello");
+        let running: BTreeMap<String, u64> =
+            running.into_iter().map(|p| (p.name, p.version)).collect();
+        tracing::debug!(gateway = %gateway.name, running = %versions_text(&running), "hello");
         state.sessions.insert(
             gateway.id.clone(),
             Session {
@@ -1026,6 +1206,7 @@ impl Fleet {
                 revision: 0,
                 connected_at_ms: now_ms(),
                 report: None,
+                running,
                 reported_at: Instant::now(),
                 earlier: None,
                 results: BTreeMap::new(),
@@ -1039,7 +1220,7 @@ impl Fleet {
             labels: gateway.labels.clone().into_iter().collect(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u32,
         };
-        (connection, welcome, receiver)
+        Ok((connection, welcome, receiver))
     }
 
     /// Notes a message from a gateway's stream; `false` if the stream was replaced or revoked.
@@ -1054,6 +1235,12 @@ impl Fleet {
         match update {
             SessionUpdate::Heartbeat => {}
             SessionUpdate::Status(report) => {
+                session.running = report
+                    .pipelines
+                    .iter()
+                    .filter(|p| p.version > 0)
+                    .map(|p| (p.name.clone(), p.version))
+                    .collect();
                 let now = Instant::now();
                 let keep_earlier = session
                     .earlier
@@ -1611,13 +1798,127 @@ mod tests {
     }
 
     #[test]
+    fn a_new_token_replaces_the_old_one_tokens_expire_and_revoking_closes_the_door() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = fleet(dir.path());
+        let admin = caller(Role::Admin);
+        let labels = parse_labels(["site=plant1"]).expect("labels");
+        let (gateway, first) = fleet.add_gateway(&admin, "gw", labels).expect("add");
+        let second = fleet.new_enrollment(&admin, "gw").expect("new token");
+        let refused = fleet
+            .enroll(&first, "host")
+            .expect_err("the old token is cancelled");
+        assert!(matches!(refused, CloudError::Unauthenticated(_)));
+        let hash = secret_hash(&second);
+        fleet
+            .lock()
+            .enrollments
+            .get_mut(&hash)
+            .expect("token")
+            .created_at_ms = 0;
+        let refused = fleet.enroll(&second, "host").expect_err("expired");
+        assert_eq!(refused.to_string(), "the enrollment token is not valid");
+
+        let third = fleet.new_enrollment(&admin, "gw").expect("new token");
+        let enrolled = fleet.enroll(&third, "host").expect("enroll");
+        let record = fleet
+            .authenticate_gateway(&enrolled.credential)
+            .expect("credential");
+        assert!(fleet.connect(&record, Vec::new()).is_ok());
+        fleet.revoke(&admin, "gw").expect("revoke");
+        assert!(
+            fleet.connect(&record, Vec::new()).is_err(),
+            "a stream authenticated before the revocation is refused at its Hello"
+        );
+        assert!(fleet.authenticate_gateway(&enrolled.credential).is_err());
+        assert_eq!(gateway.name, "gw");
+    }
+
+    #[test]
+    fn a_gateway_moved_to_a_deployment_with_a_lower_version_gets_it_re_signed_above() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = fleet(dir.path());
+        let admin = caller(Role::Admin);
+        let other = SQL_A.replace("FROM vib;", "FROM vib WHERE v > 0;");
+        fleet
+            .deploy(&admin, request("site-wide", SQL_A, "site=plant1", 5))
+            .expect("v1");
+        fleet
+            .deploy(&admin, request("line3", &other, "line=3", 1))
+            .expect("v2");
+        let labels = parse_labels(["line=3"]).expect("labels");
+        let (_, token) = fleet.add_gateway(&admin, "gw", labels).expect("add");
+        let credential = fleet.enroll(&token, "host").expect("enroll").credential;
+        let record = fleet.authenticate_gateway(&credential).expect("gateway");
+        let running = vec![RunningPipeline {
+            name: "copy".into(),
+            version: 2,
+        }];
+        let (_, _, desired) = fleet.connect(&record, running).expect("connect");
+        let sent = |desired: &watch::Receiver<Option<DesiredState>>| -> Vec<(String, u64)> {
+            desired
+                .borrow()
+                .iter()
+                .flat_map(|d| d.plans.iter())
+                .map(|p| {
+                    let envelope = decode_envelope(&p.payload).expect("envelope");
+                    (envelope.deployment, envelope.version)
+                })
+                .collect()
+        };
+        assert_eq!(sent(&desired), [("line3".to_owned(), 2)]);
+        let plant1 = parse_labels(["site=plant1"]).expect("labels");
+        fleet.relabel(&admin, "gw", plant1, &[]).expect("relabel");
+        assert_eq!(
+            sent(&desired),
+            [("site-wide".to_owned(), 3)],
+            "site-wide wins by priority, re-signed above the v2 the gateway runs"
+        );
+        assert_eq!(fleet.deployments()[1].pipelines["copy"], 3);
+    }
+
+    #[test]
+    fn deploying_the_same_sql_again_keeps_a_rollout_baking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = fleet(dir.path());
+        let admin = caller(Role::Admin);
+        let labels = parse_labels(["site=plant1"]).expect("labels");
+        fleet
+            .add_gateway(&admin, "gw1", labels.clone())
+            .expect("add");
+        fleet.add_gateway(&admin, "gw2", labels).expect("add");
+        fleet
+            .deploy(&admin, request("d", SQL_A, "site=plant1", 0))
+            .expect("v1");
+        let changed = SQL_A.replace("FROM vib;", "FROM vib WHERE v > 0;");
+        let staged = DeployRequest {
+            canary: 1,
+            bake: Duration::from_secs(60),
+            ..request("d", &changed, "site=plant1", 0)
+        };
+        let outcome = fleet.deploy(&admin, staged.clone()).expect("v2 staged");
+        assert_eq!(outcome.canaries, ["gw1"]);
+        let again = fleet.deploy(&admin, staged).expect("the same again");
+        assert!(again.changed.is_empty());
+        let deployment = &fleet.deployments()[0];
+        let rollout = deployment.rollout.as_ref().expect("still baking");
+        assert_eq!(rollout.stable["copy"], 1);
+        assert_eq!(deployment.pipelines["copy"], 2);
+        let others = desired(&fleet, &["site=plant1"]);
+        assert_eq!(
+            others["copy"].0, 1,
+            "the others still run the stable version"
+        );
+    }
+
+    #[test]
     fn everything_survives_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let token;
         {
             let fleet = fleet(dir.path());
             token = fleet
-                .bootstrap_admin()
+                .bootstrap_admin(|_| Ok(()))
                 .expect("bootstrap")
                 .expect("first start");
             let admin = fleet.authenticate(&token).expect("admin");
@@ -1630,7 +1931,10 @@ mod tests {
         }
         let fleet = fleet(dir.path());
         assert!(
-            fleet.bootstrap_admin().expect("bootstrap").is_none(),
+            fleet
+                .bootstrap_admin(|_| Ok(()))
+                .expect("bootstrap")
+                .is_none(),
             "one admin token"
         );
         let admin = fleet.authenticate(&token).expect("the token still works");

@@ -75,7 +75,7 @@ impl GatewayControl for ControlService {
                 "the first message of a stream must be Hello",
             ));
         };
-        let (connection, welcome, desired) = self.fleet.connect(&gateway, hello.running);
+        let (connection, welcome, desired) = self.fleet.connect(&gateway, hello.running)?;
         tracing::info!(gateway = %gateway.name, agent = %hello.agent_version, "gateway connected");
 
         let fleet = Arc::clone(&self.fleet);

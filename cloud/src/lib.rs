@@ -103,10 +103,9 @@ impl Cloud {
             config.heartbeat_interval,
         )?);
         fleet.restore_last_seen();
-        let admin_token = fleet.bootstrap_admin()?;
-        if let Some(token) = &admin_token {
-            files::write_secret(&config.data_dir.join("admin.token"), token.as_bytes())?;
-        }
+        let token_file = config.data_dir.join("admin.token");
+        let admin_token =
+            fleet.bootstrap_admin(|token| files::write_secret(&token_file, token.as_bytes()))?;
         let listener =
             tokio::net::TcpListener::bind(config.listen)
                 .await
@@ -171,9 +170,7 @@ impl Cloud {
                     tokio::select! {
                         _ = stopping.cancelled() => return,
                         _ = tick.tick() => {
-                            if let Err(error) = fleet.check_rollouts() {
-                                tracing::error!(%error, "staged rollouts not advanced");
-                            }
+                            fleet.check_rollouts();
                         }
                     }
                 }

@@ -18,7 +18,7 @@
 //! caller with what failed; the queue's state on disk stays consistent, because each change is
 //! one atomic write batch.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -106,6 +106,8 @@ pub struct UplinkStats {
 #[derive(Clone)]
 pub struct UplinkStore {
     db: Arc<DB>,
+    /// One queue per stream, whoever asks: two would hand out the same sequence numbers.
+    queues: Arc<Mutex<HashMap<String, Arc<UplinkQueue>>>>,
 }
 
 impl UplinkStore {
@@ -121,12 +123,22 @@ impl UplinkStore {
                 dir.display()
             ))
         })?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            queues: Arc::default(),
+        })
     }
 
-    /// The queue of `stream`, with what an earlier run left in it.
-    pub fn queue(&self, stream: &str, budget: UplinkBudget) -> Result<UplinkQueue> {
-        UplinkQueue::open(Arc::clone(&self.db), stream, budget)
+    /// The queue of `stream`, with what an earlier run left in it. Asking again returns the
+    /// same queue; `budget` applies when the queue is first opened.
+    pub fn queue(&self, stream: &str, budget: UplinkBudget) -> Result<Arc<UplinkQueue>> {
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(queue) = queues.get(stream) {
+            return Ok(Arc::clone(queue));
+        }
+        let queue = Arc::new(UplinkQueue::open(Arc::clone(&self.db), stream, budget)?);
+        queues.insert(stream.to_owned(), Arc::clone(&queue));
+        Ok(queue)
     }
 }
 
@@ -576,6 +588,23 @@ mod tests {
             queue.append(&batch(2, 1)).expect("append"),
             Appended::Stored { seq: 2 }
         );
+    }
+
+    #[test]
+    fn asking_twice_for_a_stream_gives_the_same_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = UplinkStore::open(dir.path()).expect("open");
+        let first = store.queue("rms", UplinkBudget::default()).expect("queue");
+        let second = store.queue("rms", UplinkBudget::default()).expect("queue");
+        assert_eq!(
+            first.append(&batch(0, 1)).expect("append"),
+            Appended::Stored { seq: 0 }
+        );
+        assert_eq!(
+            second.append(&batch(1, 1)).expect("append"),
+            Appended::Stored { seq: 1 }
+        );
+        assert_eq!(first.stats().pending, 2);
     }
 
     #[test]

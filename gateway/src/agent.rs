@@ -345,6 +345,9 @@ impl Agent {
             .map_err(|status| describe_status(&status))?
             .into_inner();
         let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        // Heartbeats go from a task of their own, so that applying a slow plan change (a
+        // pipeline draining to its sink) never makes the cloud think the gateway is gone.
+        let mut _heartbeats: Option<Owned> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -364,6 +367,21 @@ impl Agent {
                             }
                             let every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
                             ticker = tokio::time::interval(every);
+                            let beats = outbound.clone();
+                            _heartbeats = Some(Owned(tokio::spawn(async move {
+                                let mut tick = tokio::time::interval(every);
+                                loop {
+                                    tick.tick().await;
+                                    let beat = GatewayMessage {
+                                        kind: Some(gateway_message::Kind::Heartbeat(Heartbeat {
+                                            sent_at_ms: weir_now_ms(),
+                                        })),
+                                    };
+                                    if beats.send(beat).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            })));
                             tracing::info!(gateway = %welcome.name, cloud = %self.options.url, "connected to the cloud");
                         }
                         Some(cloud_message::Kind::Desired(desired)) => {
@@ -378,9 +396,6 @@ impl Agent {
                     }
                 }
                 _ = ticker.tick() => {
-                    send(&outbound, gateway_message::Kind::Heartbeat(Heartbeat {
-                        sent_at_ms: weir_now_ms(),
-                    })).await;
                     send(&outbound, gateway_message::Kind::Status(self.report())).await;
                 }
             }
@@ -501,6 +516,15 @@ impl Agent {
     }
 }
 
+/// A task that lives exactly as long as its owner: dropped, it is aborted.
+struct Owned(JoinHandle<()>);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn send(outbound: &mpsc::Sender<GatewayMessage>, kind: gateway_message::Kind) {
     // A closed channel means the stream is gone; the read side notices and reconnects.
     let _ = outbound.send(GatewayMessage { kind: Some(kind) }).await;
@@ -604,7 +628,8 @@ fn load_plans(dir: &Path) -> Option<DesiredState> {
 }
 
 fn save_plans(dir: &Path, plans: &DesiredState) -> Result<()> {
-    write_atomically(&dir.join(PLANS_FILE), &plans.encode_to_vec(), false)
+    // Plans carry their SQL, which may hold connector passwords.
+    write_atomically(&dir.join(PLANS_FILE), &plans.encode_to_vec(), true)
 }
 
 /// Writes through a temporary file and a rename, so a crash leaves the old or the new file.

@@ -216,8 +216,8 @@ impl Deployments {
     }
 
     /// Runs a plan the cloud sent as `version` of its pipeline: starts it, or replaces the
-    /// running version (keeping state where compatible). The same version, or the same plan
-    /// under a new version number, changes nothing but the number.
+    /// running version (keeping state where compatible). The same plan, under the same or a
+    /// new version number, changes nothing but the number.
     pub async fn apply_plan(
         &self,
         plan: PipelinePlan,
@@ -227,10 +227,12 @@ impl Deployments {
         let _changing = self.changes.lock().await;
         {
             let mut pipelines = self.lock();
-            // The same plan under a new number (a rollback re-signs old plans) keeps running.
+            // The same plan, or the same plan under a new number (a rollback re-signs old
+            // plans), keeps running. A different plan under the running number (a cloud
+            // whose versions started over) is installed like any other.
             if let Some(running) = pipelines.get_mut(&plan.name)
                 && running.managed
-                && (running.version == version || running.plan == plan)
+                && running.plan == plan
             {
                 running.version = version;
                 running.sql = sql.to_owned();
