@@ -514,7 +514,7 @@ fn a_fleet_follows_deployments_through_relabels_outages_and_refusals() {
                 .any(|p| {
                     p["rejected"]
                         .as_str()
-                        .is_some_and(|r| r.contains("signed by another cloud"))
+                        .is_some_and(|r| r.contains("does not verify with this cloud's key"))
                 })
         },
     );

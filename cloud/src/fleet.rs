@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::watch;
 use weir_proto::cloud::{
-    DesiredState, EnrollResponse, PlanEnvelope, PlanResult, RunningPipeline, SignedPlan,
-    StatusReport, Welcome,
+    DesiredManifest, DesiredState, EnrollResponse, PlanEnvelope, PlanResult, RunningPipeline,
+    SignedPlan, StatusReport, Welcome,
 };
 
 use crate::error::{CloudError, Result};
@@ -287,9 +287,7 @@ impl Fleet {
             signer,
             state: Mutex::new(state),
             heartbeat_interval,
-            // Revisions only need to grow within a connection; starting from the clock keeps
-            // them growing across cloud restarts too, which makes logs easier to follow.
-            revisions: AtomicU64::new(now_ms()),
+            revisions: AtomicU64::new(0),
         })
     }
 
@@ -1164,13 +1162,35 @@ impl Fleet {
         if session.revision != 0 && session.sent == versions {
             return;
         }
-        let revision = self.revisions.fetch_add(1, Ordering::Relaxed) + 1;
+        // Revisions follow the clock in microseconds (or the last one plus one), so they keep
+        // growing across cloud restarts and gateways can refuse a replayed desired state.
+        let floor = now_ms().saturating_mul(1000);
+        let revision = self
+            .revisions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+                Some((last + 1).max(floor))
+            })
+            .map_or(floor, |last| (last + 1).max(floor));
+        let (manifest, manifest_signature) = self.signer.sign_manifest(&DesiredManifest {
+            gateway_id: gateway_id.to_owned(),
+            revision,
+            plans: versions
+                .iter()
+                .map(|(name, version)| RunningPipeline {
+                    name: name.clone(),
+                    version: *version,
+                })
+                .collect(),
+        });
         session.revision = revision;
         session.sent = versions;
         session.results.clear();
-        session
-            .desired
-            .send_replace(Some(DesiredState { revision, plans }));
+        session.desired.send_replace(Some(DesiredState {
+            revision,
+            plans,
+            manifest,
+            manifest_signature,
+        }));
     }
 
     /// Registers a gateway's new stream; returns its connection id, the welcome message and

@@ -8,7 +8,7 @@ use std::path::Path;
 use prost::Message;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
-use weir_proto::cloud::{PlanEnvelope, SignedPlan};
+use weir_proto::cloud::{DesiredManifest, PlanEnvelope, SignedPlan};
 
 use crate::error::{CloudError, Result};
 
@@ -54,6 +54,13 @@ impl PlanSigner {
         let payload = envelope.encode_to_vec();
         let signature = self.key.sign(&payload).as_ref().to_vec();
         SignedPlan { payload, signature }
+    }
+
+    /// Signs a gateway's whole desired state: the encoded manifest and its signature.
+    pub fn sign_manifest(&self, manifest: &DesiredManifest) -> (Vec<u8>, Vec<u8>) {
+        let bytes = manifest.encode_to_vec();
+        let signature = self.key.sign(&bytes).as_ref().to_vec();
+        (bytes, signature)
     }
 }
 

@@ -17,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,8 +34,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use weir_proto::PLAN_FORMAT_VERSION;
 use weir_proto::cloud::gateway_control_client::GatewayControlClient;
 use weir_proto::cloud::{
-    DesiredState, EnrollRequest, GatewayMessage, Heartbeat, Hello, PlanAck, PlanEnvelope,
-    PlanResult, RunningPipeline, SignedPlan, StatusReport, cloud_message, gateway_message,
+    DesiredManifest, DesiredState, EnrollRequest, GatewayMessage, Heartbeat, Hello, PlanAck,
+    PlanEnvelope, PlanResult, RunningPipeline, SignedPlan, StatusReport, cloud_message,
+    gateway_message,
 };
 
 use crate::deploy::Deployments;
@@ -163,6 +165,52 @@ impl PlanVerifier {
     }
 }
 
+impl PlanVerifier {
+    /// Checks that `desired` is what the cloud signed for `gateway_id`: the manifest's
+    /// signature, its gateway and revision, and that the plans are exactly the ones it lists.
+    /// Plans that do not verify on their own are left to [`Self::open`].
+    pub fn check_manifest(
+        &self,
+        desired: &DesiredState,
+        gateway_id: &str,
+    ) -> std::result::Result<(), String> {
+        if desired.manifest_signature.is_empty() {
+            return Err("the desired state is not signed".into());
+        }
+        self.key
+            .verify(&desired.manifest, &desired.manifest_signature)
+            .map_err(|_| {
+                "the desired state's signature does not verify with this cloud's key".to_owned()
+            })?;
+        let manifest = DesiredManifest::decode(desired.manifest.as_slice())
+            .map_err(|error| format!("the signed manifest cannot be decoded: {error}"))?;
+        if manifest.gateway_id != gateway_id {
+            return Err(format!(
+                "the desired state was signed for gateway {}, not this one",
+                manifest.gateway_id
+            ));
+        }
+        if manifest.revision != desired.revision {
+            return Err("the desired state's revision is not the signed one".into());
+        }
+        let listed: BTreeSet<(String, u64)> = manifest
+            .plans
+            .into_iter()
+            .map(|p| (p.name, p.version))
+            .collect();
+        let sent: BTreeSet<(String, u64)> = desired
+            .plans
+            .iter()
+            .filter_map(|p| PlanEnvelope::decode(p.payload.as_slice()).ok())
+            .map(|e| (e.pipeline, e.version))
+            .collect();
+        if listed != sent || sent.len() != desired.plans.len() {
+            return Err("the plans sent are not the ones the signed manifest lists".into());
+        }
+        Ok(())
+    }
+}
+
 /// The pipeline a plan claims to be, read without trusting it: used only to keep that
 /// pipeline running when its new version is refused.
 fn claimed_pipeline(signed: &SignedPlan) -> Option<String> {
@@ -178,6 +226,8 @@ struct Agent {
     options: AgentOptions,
     /// Pipeline -> the signed plan it runs, as persisted.
     accepted: Mutex<BTreeMap<String, SignedPlan>>,
+    /// The revision of the last desired state applied: an older one is a replay.
+    applied_revision: AtomicU64,
     started: Instant,
     link: Arc<CloudLink>,
 }
@@ -246,11 +296,16 @@ impl CloudAgent {
             credential,
             options,
             accepted: Mutex::default(),
+            applied_revision: AtomicU64::new(0),
             started: Instant::now(),
             link,
         });
         if let Some(saved) = load_plans(&agent.options.data_dir) {
-            let results = agent.apply(&saved).await;
+            // The file is this gateway's own (0600); each plan in it is verified again.
+            let results = agent.apply_plans(&saved).await;
+            agent
+                .applied_revision
+                .store(saved.revision, Ordering::Release);
             let running = results.iter().filter(|r| r.accepted).count();
             tracing::info!(pipelines = running, "running the last plans the cloud sent");
         }
@@ -404,7 +459,44 @@ impl Agent {
 
     /// Makes the cloud-managed pipelines what `desired` says, one plan at a time; a plan
     /// that is refused leaves that pipeline as it was.
+    /// Applies a desired state from the cloud: only if the set as a whole is what the cloud
+    /// signed for this gateway, and newer than the last one applied. Otherwise nothing
+    /// changes and every plan is reported refused with the reason.
     async fn apply(&self, desired: &DesiredState) -> Vec<PlanResult> {
+        let last = self.applied_revision.load(Ordering::Acquire);
+        let refusal = match self
+            .verifier
+            .check_manifest(desired, &self.credential.gateway_id)
+        {
+            Err(reason) => Some(reason),
+            Ok(()) if desired.revision <= last => Some(format!(
+                "desired state revision {} is not newer than the one applied ({last}): a replay",
+                desired.revision
+            )),
+            Ok(()) => None,
+        };
+        if let Some(reason) = refusal {
+            tracing::error!(%reason, "desired state refused; nothing changes");
+            let results: Vec<PlanResult> = desired
+                .plans
+                .iter()
+                .map(|signed| PlanResult {
+                    pipeline: claimed_pipeline(signed).unwrap_or_default(),
+                    version: 0,
+                    accepted: false,
+                    reason: reason.clone(),
+                })
+                .collect();
+            self.link.lock().rejected = vec![reason];
+            return results;
+        }
+        self.applied_revision
+            .store(desired.revision, Ordering::Release);
+        self.apply_plans(desired).await
+    }
+
+    /// Makes the cloud-managed pipelines the verified plans of `desired`; see [`Self::apply`].
+    async fn apply_plans(&self, desired: &DesiredState) -> Vec<PlanResult> {
         let running = self.deployments.managed_versions();
         let mut results = Vec::new();
         let mut keep = BTreeSet::new();
@@ -479,6 +571,7 @@ impl Agent {
         let saved = DesiredState {
             revision: desired.revision,
             plans: self.lock_accepted().values().cloned().collect(),
+            ..DesiredState::default()
         };
         if let Err(error) = save_plans(&self.options.data_dir, &saved) {
             tracing::error!(%error, "the accepted plans were not saved; a restart without the cloud would not run them");
@@ -743,6 +836,72 @@ mod tests {
         );
     }
 
+    fn desired(
+        key: &Ed25519KeyPair,
+        gateway: &str,
+        plans: Vec<SignedPlan>,
+        listed: &[(&str, u64)],
+    ) -> DesiredState {
+        let manifest = DesiredManifest {
+            gateway_id: gateway.into(),
+            revision: 5,
+            plans: listed
+                .iter()
+                .map(|(name, version)| RunningPipeline {
+                    name: (*name).into(),
+                    version: *version,
+                })
+                .collect(),
+        }
+        .encode_to_vec();
+        DesiredState {
+            revision: 5,
+            plans,
+            manifest_signature: key.sign(&manifest).as_ref().to_vec(),
+            manifest,
+        }
+    }
+
+    #[test]
+    fn only_the_whole_set_signed_for_this_gateway_is_accepted() {
+        let cloud = key();
+        let verifier = PlanVerifier::new(cloud.public_key().as_ref().to_vec());
+        let rms = signed(&cloud, &envelope("rms", PLAN_FORMAT_VERSION));
+        let alerts = signed(&cloud, &envelope("alerts", PLAN_FORMAT_VERSION));
+        let both = [("rms", 2), ("alerts", 2)];
+        let whole = desired(&cloud, "gw_1", vec![rms.clone(), alerts.clone()], &both);
+        assert_eq!(verifier.check_manifest(&whole, "gw_1"), Ok(()));
+
+        let error = verifier
+            .check_manifest(&whole, "gw_2")
+            .expect_err("another gateway's");
+        assert!(error.contains("signed for gateway gw_1"), "{error}");
+
+        let omitted = desired(&cloud, "gw_1", vec![rms.clone()], &both);
+        let error = verifier
+            .check_manifest(&omitted, "gw_1")
+            .expect_err("a plan left out");
+        assert!(
+            error.contains("not the ones the signed manifest lists"),
+            "{error}"
+        );
+
+        let mut unsigned = whole.clone();
+        unsigned.manifest_signature.clear();
+        assert_eq!(
+            verifier
+                .check_manifest(&unsigned, "gw_1")
+                .expect_err("unsigned"),
+            "the desired state is not signed"
+        );
+        let mut renumbered = whole;
+        renumbered.revision = 6;
+        let error = verifier
+            .check_manifest(&renumbered, "gw_1")
+            .expect_err("revision");
+        assert!(error.contains("revision"), "{error}");
+    }
+
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {
         let max = Duration::from_secs(30);
@@ -762,6 +921,7 @@ mod tests {
                 payload: vec![1, 2, 3],
                 signature: vec![4],
             }],
+            ..DesiredState::default()
         };
         save_plans(dir.path(), &state).expect("save");
         assert_eq!(load_plans(dir.path()), Some(state));
