@@ -4,7 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc);
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    // The descriptor set feeds gRPC server reflection, so grpcurl works without .proto files.
+    // The descriptor set feeds gRPC server reflection, so generic gRPC tools need no .proto files.
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("weir_descriptor.bin"))
         .build_client(true)

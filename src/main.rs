@@ -123,17 +123,20 @@ enum Command {
         weir cloud audit\n\n\
         The cloud compiles SQL once, signs each pipeline version (Ed25519) and sends it to the\n\
         gateways whose labels match a deployment, over the stream each gateway opens to it.\n\
-        One port serves the HTTP API (/api/v1, /openapi.json, /metrics) and gRPC (with health\n\
-        checking and reflection, so grpcurl works). State lives in RocksDB under --data.")]
+        One port serves the HTTP API (/api/v1, /openapi.json, /metrics) and gRPC (with standard\n\
+        health checking and server reflection v1). State lives in RocksDB under --data.")]
     Cloud(cloud::CloudArgs),
     /// Publish a SQL file to the cloud: new signed versions, to the gateways a selector picks.
     #[command(after_help = "Examples:\n  \
         weir deploy examples/gateway/vibration.sql --selector 'site=plant1,line!=3'\n  \
-        weir deploy alerts.sql --name plant-alerts --selector site=plant1 --priority 10\n\n\
+        weir deploy alerts.sql --name plant-alerts --selector site=plant1 --priority 10\n  \
+        weir deploy vibration.sql --selector site=plant1 --canary 2 --bake 5m\n\n\
         The cloud compiles the SQL (errors come back as FILE:LINE:COL), stores a new immutable\n\
         version of each pipeline whose SQL changed, and creates or updates the deployment. A\n\
         gateway runs the union of the deployments that match its labels; two that put the same\n\
-        pipeline on one gateway are settled by priority, then by the newer.")]
+        pipeline on one gateway are settled by priority, then by the newer. With --canary N the\n\
+        new versions reach N gateways first and the rest only after the canaries ran them\n\
+        healthily for --bake; a failing canary rolls back on its own (weir status shows why).")]
     Deploy(cloud::DeployArgs),
     /// Return a deployment to its previous versions on every gateway.
     #[command(after_help = "Example:\n  weir rollback vibration_rms")]
