@@ -240,6 +240,27 @@ struct GatewayInfo {
     name: String,
     uptime_s: f64,
     broker: String,
+    /// Present when the gateway takes its pipelines from a cloud.
+    #[serde(default)]
+    cloud: Option<CloudInfo>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct CloudInfo {
+    connected: bool,
+    #[serde(default)]
+    rejected: Vec<String>,
+}
+
+impl CloudInfo {
+    /// The header's word on the cloud link.
+    fn summary(&self) -> String {
+        match (self.connected, self.rejected.len()) {
+            (false, _) => "  cloud NOT CONNECTED".to_owned(),
+            (true, 0) => "  cloud connected".to_owned(),
+            (true, n) => format!("  cloud connected, {n} plan(s) REFUSED"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -574,9 +595,13 @@ fn pipelines_screen(
     let gateway = &current.gateway;
     Screen {
         header: format!(
-            "{}  broker {}  up {}  in {} rows/s  out {} rows/s  {}",
+            "{}  broker {}{}  up {}  in {} rows/s  out {} rows/s  {}",
             gateway.name,
             gateway.broker,
+            gateway
+                .cloud
+                .as_ref()
+                .map_or(String::new(), CloudInfo::summary),
             format_uptime(gateway.uptime_s),
             format_rate(total_in),
             format_rate(total_out),
@@ -893,6 +918,33 @@ mod tests {
             screen.header,
             "plant1-gw  broker embedded 127.0.0.1:1883  up 1h01m  in 1.2k rows/s  \
              out 20 rows/s  13:01:02 UTC"
+        );
+    }
+
+    #[test]
+    fn the_header_says_whether_the_cloud_is_reachable() {
+        let mut status = status(62.0, &[]);
+        status.gateway.cloud = Some(CloudInfo {
+            connected: false,
+            rejected: Vec::new(),
+        });
+        let screen = pipelines_screen(None, &status, TWO_SECONDS, at(0));
+        assert!(
+            screen
+                .header
+                .contains("broker embedded 127.0.0.1:1883  cloud NOT CONNECTED  up"),
+            "{}",
+            screen.header
+        );
+        status.gateway.cloud = Some(CloudInfo {
+            connected: true,
+            rejected: vec!["rms v3: the plan is not signed".into()],
+        });
+        let screen = pipelines_screen(None, &status, TWO_SECONDS, at(0));
+        assert!(
+            screen.header.contains("cloud connected, 1 plan(s) REFUSED"),
+            "{}",
+            screen.header
         );
     }
 
