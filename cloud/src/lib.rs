@@ -93,6 +93,12 @@ impl Cloud {
                 config.listen
             )));
         }
+        if config.heartbeat_interval < Duration::from_millis(100) {
+            return Err(CloudError::Invalid(format!(
+                "heartbeat interval {:?} is too short: gateways would be dropped between two beats; use 100ms or more",
+                config.heartbeat_interval
+            )));
+        }
         let identity = tls::server_identity(&config.tls, &config.data_dir)?;
         let store = store::RocksStore::open(&config.data_dir.join("store"))?;
         let signer =

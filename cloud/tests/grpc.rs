@@ -47,6 +47,32 @@ fn admin() -> Caller {
 }
 
 #[tokio::test]
+async fn bad_settings_are_refused_before_anything_listens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Err(error) = Cloud::start(CloudConfig {
+        data_dir: dir.path().to_path_buf(),
+        listen: "0.0.0.0:0".parse().expect("address"),
+        ..CloudConfig::default()
+    })
+    .await
+    else {
+        panic!("plain HTTP on every address must be refused");
+    };
+    assert!(error.to_string().contains("add --tls"), "{error}");
+    let Err(error) = Cloud::start(CloudConfig {
+        data_dir: dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        heartbeat_interval: Duration::ZERO,
+        ..CloudConfig::default()
+    })
+    .await
+    else {
+        panic!("a zero heartbeat must be refused");
+    };
+    assert!(error.to_string().contains("too short"), "{error}");
+}
+
+#[tokio::test]
 async fn standard_grpc_tools_see_health_and_every_service() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = start(dir.path()).await;
