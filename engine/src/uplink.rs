@@ -13,8 +13,9 @@
 //! Batches are kept as Arrow IPC streams, exactly as the sink received them.
 //!
 //! Each stream has a budget of bytes on disk and of age. When it is full, the policy decides:
-//! drop the oldest entries to make room, or refuse the newest. Every drop is counted, so the
-//! cloud can be told what a long outage cost. A storage error (a full disk) is returned to the
+//! drop the oldest entries to make room, or refuse the newest. Every drop is counted, on disk
+//! with the change itself, so the cloud can be told what a long outage cost even after a
+//! restart. A storage error (a full disk) is returned to the
 //! caller with what failed; the queue's state on disk stays consistent, because each change is
 //! one atomic write batch.
 
@@ -169,6 +170,9 @@ pub struct UplinkQueue {
 
 const ENTRY: u8 = b'e';
 const NEXT_SEQ: u8 = b'n';
+/// What budgets cost the stream, kept across restarts so the cloud can be told:
+/// dropped oldest, refused newest, expired (three big-endian u64).
+const LOSSES: u8 = b'l';
 
 fn key(stream: &str, kind: u8, seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(stream.len() + 10);
@@ -240,6 +244,18 @@ impl UplinkQueue {
             .and_then(|v| v.as_slice().try_into().ok())
             .map_or(0, u64::from_be_bytes);
         let next_seq = stored_next.max(entries.back().map_or(0, |(seq, _, _)| seq + 1));
+        let losses = db
+            .get(key(stream, LOSSES, 0))
+            .map_err(storage("reading the loss counters", stream))?
+            .filter(|v| v.len() == 24)
+            .map_or([0u64; 3], |v| {
+                let word = |i: usize| v[i * 8..i * 8 + 8].try_into().map_or(0, u64::from_be_bytes);
+                [word(0), word(1), word(2)]
+            });
+        let counters = Counters::default();
+        counters.dropped_oldest.store(losses[0], Ordering::Relaxed);
+        counters.refused_newest.store(losses[1], Ordering::Relaxed);
+        counters.expired.store(losses[2], Ordering::Relaxed);
         Ok(Self {
             db,
             stream: stream.to_owned(),
@@ -249,8 +265,32 @@ impl UplinkQueue {
                 entries,
                 bytes,
             }),
-            counters: Counters::default(),
+            counters,
         })
+    }
+
+    /// The loss counters as they will be once `dropped`, `refused` and `expired` more are
+    /// counted: the value of the LOSSES key.
+    fn losses_after(&self, dropped: u64, refused: u64, expired: u64) -> Vec<u8> {
+        let c = &self.counters;
+        [
+            c.dropped_oldest.load(Ordering::Relaxed) + dropped,
+            c.refused_newest.load(Ordering::Relaxed) + refused,
+            c.expired.load(Ordering::Relaxed) + expired,
+        ]
+        .iter()
+        .flat_map(|n| n.to_be_bytes())
+        .collect()
+    }
+
+    /// Counts a refused batch, on disk as well so a restart does not forget it.
+    fn refuse(&self) -> Result<Appended> {
+        let mut writes = WriteBatch::default();
+        writes.put(key(&self.stream, LOSSES, 0), self.losses_after(0, 1, 0));
+        // The count must not be lost with the batch; if even that cannot be written, say so.
+        self.write(writes, "counting a refused batch")?;
+        self.counters.refused_newest.fetch_add(1, Ordering::Relaxed);
+        Ok(Appended::Refused)
     }
 
     fn lock(&self) -> MutexGuard<'_, Index> {
@@ -278,16 +318,14 @@ impl UplinkQueue {
         let mut freed = 0;
         while index.bytes - freed + size > self.budget.max_bytes && evict < index.entries.len() {
             if self.budget.policy == OverflowPolicy::DropNewest {
-                self.counters.refused_newest.fetch_add(1, Ordering::Relaxed);
-                return Ok(Appended::Refused);
+                return self.refuse();
             }
             freed += index.entries[evict].1;
             evict += 1;
         }
         if size > self.budget.max_bytes {
             // Larger than the whole budget: nothing can make room for it.
-            self.counters.refused_newest.fetch_add(1, Ordering::Relaxed);
-            return Ok(Appended::Refused);
+            return self.refuse();
         }
         let seq = index.next_seq;
         let mut writes = WriteBatch::default();
@@ -296,6 +334,12 @@ impl UplinkQueue {
         }
         writes.put(key(&self.stream, ENTRY, seq), &value);
         writes.put(key(&self.stream, NEXT_SEQ, 0), (seq + 1).to_be_bytes());
+        if evict > 0 {
+            writes.put(
+                key(&self.stream, LOSSES, 0),
+                self.losses_after(evict as u64, 0, 0),
+            );
+        }
         self.write(writes, "storing a result batch")?;
         index.entries.drain(..evict);
         index.bytes = index.bytes - freed + size;
@@ -377,6 +421,10 @@ impl UplinkQueue {
         for &(seq, _, _) in index.entries.iter().take(stale) {
             writes.delete(key(&self.stream, ENTRY, seq));
         }
+        writes.put(
+            key(&self.stream, LOSSES, 0),
+            self.losses_after(0, 0, stale as u64),
+        );
         self.write(writes, "dropping expired batches")?;
         let freed: u64 = index
             .entries
@@ -563,6 +611,38 @@ mod tests {
             Appended::Refused
         );
         assert!(tiny.pending(0, 10).expect("pending").is_empty());
+    }
+
+    #[test]
+    fn what_the_budget_cost_is_remembered_across_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = encode(&batch(0, 4)).expect("encode").len() as u64 + 8;
+        {
+            let store = UplinkStore::open(dir.path()).expect("open");
+            let oldest = store
+                .queue("bulk", budget(one, OverflowPolicy::DropOldest))
+                .expect("queue");
+            for i in 0..3 {
+                oldest.append(&batch(i, 4)).expect("append");
+            }
+            let newest = store
+                .queue("history", budget(one, OverflowPolicy::DropNewest))
+                .expect("queue");
+            for i in 0..3 {
+                newest.append(&batch(i, 4)).expect("append");
+            }
+        }
+        let store = UplinkStore::open(dir.path()).expect("reopen");
+        let bulk = store
+            .queue("bulk", UplinkBudget::default())
+            .expect("queue")
+            .stats();
+        assert_eq!((bulk.dropped_oldest, bulk.refused_newest), (2, 0));
+        let history = store
+            .queue("history", UplinkBudget::default())
+            .expect("queue")
+            .stats();
+        assert_eq!((history.dropped_oldest, history.refused_newest), (0, 2));
     }
 
     #[test]
