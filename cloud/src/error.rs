@@ -93,17 +93,7 @@ impl IntoResponse for CloudError {
         let status = self.http_status();
         let mut body = json!({ "error": self.to_string(), "retryable": self.is_retryable() });
         if let Self::Compile { diagnostics, .. } = &self {
-            body["diagnostics"] = diagnostics
-                .iter()
-                .map(|d| {
-                    json!({
-                        "line": d.position.line,
-                        "column": d.position.column,
-                        "message": d.message,
-                        "hint": d.hint,
-                    })
-                })
-                .collect();
+            body["diagnostics"] = diagnostics.iter().map(Diagnostic::to_json).collect();
         }
         (status, Json(body)).into_response()
     }

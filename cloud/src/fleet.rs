@@ -187,6 +187,12 @@ impl State {
             .collect()
     }
 
+    fn forget_enrollments(&mut self, hashes: &[String]) {
+        for hash in hashes {
+            self.enrollments.remove(hash);
+        }
+    }
+
     fn max_version(&self, pipeline: &str) -> u64 {
         self.versions
             .range((pipeline.to_owned(), 0)..=(pipeline.to_owned(), u64::MAX))
@@ -198,6 +204,13 @@ impl State {
 fn put<T: Serialize>(table: Table, key: Vec<u8>, value: &T) -> Write {
     // Our records always serialise: plain data with string keys.
     Write::Put(table, key, serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// The writes that delete these enrollment tokens.
+fn token_deletes(hashes: &[String]) -> impl Iterator<Item = Write> + '_ {
+    hashes
+        .iter()
+        .map(|hash| Write::Delete(Table::Enrollments, hash.clone().into_bytes()))
 }
 
 fn version_key(pipeline: &str, version: u64) -> Vec<u8> {
@@ -450,10 +463,7 @@ impl Fleet {
         };
         // A new token replaces every earlier unused one: a leaked token stops working.
         let stale = state.unused_tokens_of(&gateway.id);
-        let mut writes: Vec<Write> = stale
-            .iter()
-            .map(|h| Write::Delete(Table::Enrollments, h.clone().into_bytes()))
-            .collect();
+        let mut writes: Vec<Write> = token_deletes(&stale).collect();
         writes.push(put(
             Table::Enrollments,
             hash.clone().into_bytes(),
@@ -466,9 +476,7 @@ impl Fleet {
             name.to_owned(),
             writes,
         )?;
-        for h in stale {
-            state.enrollments.remove(&h);
-        }
+        state.forget_enrollments(&stale);
         state.enrollments.insert(hash, enrollment);
         Ok(token)
     }
@@ -526,11 +534,7 @@ impl Fleet {
             put(Table::Gateways, gateway.id.clone().into_bytes(), &gateway),
             put(Table::Enrollments, hash.clone().into_bytes(), &used),
         ];
-        writes.extend(
-            stale
-                .iter()
-                .map(|h| Write::Delete(Table::Enrollments, h.clone().into_bytes())),
-        );
+        writes.extend(token_deletes(&stale));
         self.commit(
             &mut state,
             &format!("gateway:{}", gateway.name),
@@ -538,9 +542,7 @@ impl Fleet {
             format!("from host {hostname}"),
             writes,
         )?;
-        for h in stale {
-            state.enrollments.remove(&h);
-        }
+        state.forget_enrollments(&stale);
         if let Some(old) = old_credential {
             state.credentials.remove(&old);
         }
@@ -616,10 +618,7 @@ impl Fleet {
         gateway.revoked = true;
         let credential = gateway.credential_hash.take();
         let stale = state.unused_tokens_of(&gateway.id);
-        let mut writes: Vec<Write> = stale
-            .iter()
-            .map(|h| Write::Delete(Table::Enrollments, h.clone().into_bytes()))
-            .collect();
+        let mut writes: Vec<Write> = token_deletes(&stale).collect();
         writes.push(put(
             Table::Gateways,
             gateway.id.clone().into_bytes(),
@@ -635,9 +634,7 @@ impl Fleet {
         if let Some(hash) = credential {
             state.credentials.remove(&hash);
         }
-        for h in stale {
-            state.enrollments.remove(&h);
-        }
+        state.forget_enrollments(&stale);
         state.sessions.remove(&gateway.id);
         state.gateways.insert(gateway.id.clone(), gateway);
         Ok(())

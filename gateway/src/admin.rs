@@ -199,14 +199,7 @@ impl IntoResponse for ErrorResponse {
         if let GatewayError::Compile { diagnostics, .. } = &error {
             body["diagnostics"] = diagnostics
                 .iter()
-                .map(|d| {
-                    json!({
-                        "line": d.position.line,
-                        "column": d.position.column,
-                        "message": d.message,
-                        "hint": d.hint,
-                    })
-                })
+                .map(weir_planner::Diagnostic::to_json)
                 .collect();
         }
         (status, Json(body)).into_response()

@@ -16,6 +16,16 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
+    /// The diagnostic as the HTTP APIs send it: `{line, column, message, hint}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "line": self.position.line,
+            "column": self.position.column,
+            "message": self.message,
+            "hint": self.hint,
+        })
+    }
+
     pub fn new(position: Position, message: impl Into<String>) -> Self {
         Self {
             position,
