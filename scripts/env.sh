@@ -20,5 +20,5 @@ command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need_packages+=(pkg-config)
 # RocksDB: bindgen needs libclang, the C++ build needs g++.
 command -v g++ >/dev/null 2>&1 || need_packages+=(g++)
-compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || need_packages+=(libclang-dev)
+compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || need_packages+=(libclang-dev)
 install_packages "${need_packages[@]}"
