@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/weir/plan/v1/plan.proto",
                 "proto/weir/cloud/v1/control.proto",
+                "proto/weir/engine/v1/checkpoint.proto",
                 "proto/sparkplug/sparkplug_b.proto",
             ],
             &["proto"],

@@ -76,7 +76,8 @@ impl QosChoice {
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Scenarios to run, comma-separated: json-rows, blocks, mqtt-rows, mqtt-blocks-realtime,
+    /// Scenarios to run, comma-separated: json-rows, blocks, json-rows-ckpt and blocks-ckpt
+    /// (the same with a checkpoint every second), mqtt-rows, mqtt-blocks-realtime,
     /// mqtt-backlog, or all; or cloud-fanout on its own.
     #[arg(long, default_value = "all")]
     scenario: String,
@@ -172,16 +173,22 @@ struct MqttFigures {
 /// A scenario as selected on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
-    /// In-process, with the payload format of the simulator.
-    InProcess(&'static str, &'static str),
+    /// In-process, with the payload format of the simulator; the last field: taking a
+    /// checkpoint every second into a RocksDB store on disk.
+    InProcess(&'static str, &'static str, bool),
     Mqtt(MqttScenario),
 }
 
 fn scenarios(list: &str) -> anyhow::Result<Vec<Scenario>> {
-    const IN_PROCESS: [(&str, &str); 2] = [("json-rows", "json"), ("blocks", "json_blocks")];
+    const IN_PROCESS: [(&str, &str, bool); 4] = [
+        ("json-rows", "json", false),
+        ("blocks", "json_blocks", false),
+        ("json-rows-ckpt", "json", true),
+        ("blocks-ckpt", "json_blocks", true),
+    ];
     let all = IN_PROCESS
         .iter()
-        .map(|&(name, payload)| Scenario::InProcess(name, payload))
+        .map(|&(name, payload, checkpoints)| Scenario::InProcess(name, payload, checkpoints))
         .chain(MqttScenario::ALL.into_iter().map(Scenario::Mqtt));
     let mut selected = Vec::new();
     for name in list.split(',').map(str::trim) {
@@ -190,15 +197,15 @@ fn scenarios(list: &str) -> anyhow::Result<Vec<Scenario>> {
             _ => all
                 .clone()
                 .filter(|s| match s {
-                    Scenario::InProcess(n, _) => *n == name,
+                    Scenario::InProcess(n, _, _) => *n == name,
                     Scenario::Mqtt(m) => m.name() == name,
                 })
                 .collect(),
         };
         if found.is_empty() {
             bail!(
-                "unknown scenario '{name}': use json-rows, blocks, mqtt-rows, \
-                 mqtt-blocks-realtime, mqtt-backlog or all"
+                "unknown scenario '{name}': use json-rows, blocks, json-rows-ckpt, blocks-ckpt, \
+                 mqtt-rows, mqtt-blocks-realtime, mqtt-backlog or all"
             );
         }
         for scenario in found {
@@ -339,8 +346,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut results = Vec::new();
     for scenario in selected {
         match scenario {
-            Scenario::InProcess(name, payload) => {
-                let result = run_scenario(name, payload, &args)?;
+            Scenario::InProcess(name, payload, checkpoints) => {
+                let result = run_scenario(name, payload, checkpoints, &args)?;
                 if args.json {
                     println!("{}", serde_json::to_string(&result)?);
                 }
@@ -468,7 +475,7 @@ fn print_tables(results: &[ScenarioResult]) {
     let (in_process, mqtt): (Vec<_>, Vec<_>) = results.iter().partition(|r| r.mqtt.is_none());
     if !in_process.is_empty() {
         println!(
-            "{:<10} {:>12} {:>8} {:>14} {:>8} {:>8} {:>9} {:>8} {:>8}",
+            "{:<14} {:>12} {:>8} {:>14} {:>8} {:>8} {:>9} {:>8} {:>8}",
             "scenario",
             "samples",
             "seconds",
@@ -481,7 +488,7 @@ fn print_tables(results: &[ScenarioResult]) {
         );
         for r in &in_process {
             println!(
-                "{:<10} {:>12} {:>8.2} {:>14.0} {:>8.3} {:>8.3} {:>9.1} {:>8} {:>8}",
+                "{:<14} {:>12} {:>8.2} {:>14.0} {:>8.3} {:>8.3} {:>9.1} {:>8} {:>8}",
                 r.scenario,
                 r.samples,
                 r.seconds,
@@ -563,6 +570,10 @@ impl PipelineFactory for CheckedFactory {
         self.plan.stage_names()
     }
 
+    fn fingerprint(&self) -> Option<u64> {
+        self.plan.fingerprint()
+    }
+
     fn build(&self) -> weir_engine::Result<PipelineParts> {
         let mut parts = self.plan.build()?;
         let source = self
@@ -596,7 +607,12 @@ impl Sink for CollectingSink {
     }
 }
 
-fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<ScenarioResult> {
+fn run_scenario(
+    name: &str,
+    payload: &str,
+    checkpoints: bool,
+    args: &BenchArgs,
+) -> anyhow::Result<ScenarioResult> {
     let sql = SQL
         .replace("{sensors}", &args.sensors.to_string())
         .replace("{seconds}", &args.seconds.to_string())
@@ -609,7 +625,7 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
         .next()
         .context("bench SQL has a pipeline")?;
     let results = Arc::new(Mutex::new(Vec::new()));
-    let plan_factory = PlanFactory::new(plan, DeadLetterQueue::default())?;
+    let plan_factory = PlanFactory::new(plan, DeadLetterQueue::default(), Default::default())?;
     let (source, sender) = PayloadSource::channel(
         "bench",
         bench_schema(),
@@ -633,8 +649,21 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
     });
     let blocks = payload == "json_blocks";
     let (sensors, seconds) = (args.sensors, args.seconds);
-    let (state, elapsed, snapshot) = system.block_on(async move {
-        let engine = Engine::new(EngineOptions::default());
+    // Checkpoints every second into a store on disk, committed with synced writes, as on a
+    // gateway (the bench source cannot seek, so they hold the operators' state).
+    let store_dir = tempfile::tempdir()?;
+    let options = EngineOptions {
+        checkpoints: match checkpoints {
+            true => Some(weir_engine::CheckpointOptions {
+                store: Arc::new(weir_engine::uplink::UplinkStore::open(store_dir.path())?),
+                interval: Duration::from_secs(1),
+            }),
+            false => None,
+        },
+        ..EngineOptions::default()
+    };
+    let (state, elapsed, snapshot, committed) = system.block_on(async move {
+        let engine = Engine::new(options);
         let started = Instant::now();
         let mut handle = engine.start("vibration_rms".into(), Arc::new(factory))?;
         // The publisher plays the sensors and the broker: it encodes payloads on its own
@@ -646,8 +675,15 @@ fn run_scenario(name: &str, payload: &str, args: &BenchArgs) -> anyhow::Result<S
         publisher
             .join()
             .map_err(|_| anyhow::anyhow!("the publisher thread panicked"))??;
-        Ok::<_, anyhow::Error>((state, elapsed, handle.metrics.snapshot()))
+        let committed = handle
+            .metrics
+            .checkpoints
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Ok::<_, anyhow::Error>((state, elapsed, handle.metrics.snapshot(), committed))
     })?;
+    if checkpoints && committed == 0 {
+        bail!("scenario {name} committed no checkpoint");
+    }
     if state != PipelineState::Finished {
         bail!("scenario {name} did not finish: {state:?}");
     }

@@ -1,6 +1,7 @@
 //! `weir cloud` (the control plane and its admin commands), `weir deploy`, `weir rollback`
 //! and `weir status`: the CLI of the cloud's HTTP API.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -175,6 +176,21 @@ pub struct DeployArgs {
 pub struct RollbackArgs {
     /// The deployment to return to its previous versions.
     deployment: String,
+    #[command(flatten)]
+    client: CloudClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Read-only SQL; each uplink stream is a table (with a `gateway` column and a `date`
+    /// partition column), e.g. "SELECT * FROM vibration_rms WHERE sensor = 's1' LIMIT 10".
+    sql: String,
+    /// One JSON object per row.
+    #[arg(long, conflicts_with = "csv")]
+    json: bool,
+    /// CSV with a header row.
+    #[arg(long)]
+    csv: bool,
     #[command(flatten)]
     client: CloudClientArgs,
 }
@@ -448,6 +464,46 @@ fn print_outcome(what: &str, body: &Value) {
     }
 }
 
+pub fn query(args: QueryArgs) -> anyhow::Result<ExitCode> {
+    block_on(async move {
+        let response = request(
+            &args.client,
+            reqwest::Method::POST,
+            "/api/v1/query",
+            Some(serde_json::json!({ "sql": args.sql })),
+        )
+        .await?;
+        let bytes = response.bytes().await.context("reading the answer")?;
+        let reader = arrow::ipc::reader::StreamReader::try_new(bytes.as_ref(), None)
+            .context("the answer is not an Arrow stream")?;
+        let batches = reader
+            .collect::<Result<Vec<_>, _>>()
+            .context("the answer is not an Arrow stream")?;
+        let mut out = std::io::stdout().lock();
+        if args.json {
+            let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+            writer.write_batches(&batches.iter().collect::<Vec<_>>())?;
+            writer.finish()?;
+        } else if args.csv {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            for batch in &batches {
+                writer.write(batch)?;
+            }
+        } else {
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            writeln!(
+                out,
+                "{}",
+                arrow::util::pretty::pretty_format_batches(&batches)?
+            )?;
+            writeln!(out, "{rows} row(s)")?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
         let body = call(&args.client, reqwest::Method::GET, "/api/v1/status", None).await?;
@@ -506,6 +562,49 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                         .map_or("-".to_owned(), |r| format!("{r:.0}")),
                     p.errors,
                 );
+            }
+        }
+        if gateways.iter().any(|g| !g.streams.is_empty()) {
+            println!();
+            println!(
+                "{:<18} {:<22} {:<7} {:>8} {:>10} {:>9} {:>10} {:>8} {:>8} {:>6}",
+                "GATEWAY",
+                "STREAM",
+                "PRIO",
+                "BACKLOG",
+                "BYTES",
+                "OLDEST",
+                "STORED",
+                "DROPPED",
+                "MERGED",
+                "DUPS"
+            );
+            for g in &gateways {
+                for s in &g.streams {
+                    let oldest = if s.pending == 0 {
+                        "-".to_owned()
+                    } else {
+                        format!("{}s", s.oldest_pending_age_ms / 1000)
+                    };
+                    println!(
+                        "{:<18} {:<22} {:<7} {:>8} {:>10} {:>9} {:>10} {:>8} {:>8} {:>6}",
+                        g.name,
+                        s.stream,
+                        if s.priority.is_empty() {
+                            "-"
+                        } else {
+                            s.priority.as_str()
+                        },
+                        s.pending,
+                        s.pending_bytes,
+                        oldest,
+                        s.last_stored_seq
+                            .map_or("-".to_owned(), |q| format!("#{q}")),
+                        s.dropped_oldest + s.refused_newest + s.expired,
+                        s.merged,
+                        s.duplicates,
+                    );
+                }
             }
         }
         for d in body["deployments"].as_array().into_iter().flatten() {
@@ -600,6 +699,24 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<Value> {
+    let response = request(client, method, path, body).await?;
+    let status = response.status();
+    if status == reqwest::StatusCode::NO_CONTENT {
+        return Ok(Value::Null);
+    }
+    response
+        .json()
+        .await
+        .with_context(|| format!("the cloud answered {status} without JSON"))
+}
+
+/// Sends one API request; an error answer becomes an error with the API's message.
+async fn request(
+    client: &CloudClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<reqwest::Response> {
     let http = crate::http::client_builder(client.ca.as_deref())?
         .build()
         .context("HTTP client")?;
@@ -621,14 +738,14 @@ async fn call(
         anyhow::anyhow!(message)
     })?;
     let status = response.status();
-    if status == reqwest::StatusCode::NO_CONTENT {
-        return Ok(Value::Null);
+    if status.is_success() {
+        return Ok(response);
     }
-    let body: Value = response
-        .json()
-        .await
-        .with_context(|| format!("the cloud answered {status} without JSON"))?;
-    if !status.is_success() {
+    {
+        let body: Value = response
+            .json()
+            .await
+            .with_context(|| format!("the cloud answered {status} without JSON"))?;
         let message = body["error"].as_str().unwrap_or("no message");
         if status == reqwest::StatusCode::UNAUTHORIZED && client.token.is_none() {
             bail!(
@@ -637,5 +754,4 @@ async fn call(
         }
         bail!("{message}");
     }
-    Ok(body)
 }

@@ -62,6 +62,9 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     config.broker.embedded.listen = SocketAddr::from(([127, 0, 0, 1], port(1883)));
     config.admin.listen = SocketAddr::from(([127, 0, 0, 1], port(9464)));
     config.engine.idle_timeout = Duration::from_secs(2);
+    // Checkpoints go to a directory of the demo's own, removed when it ends.
+    let data = tempfile::tempdir()?;
+    config.data_dir = data.path().to_owned();
     crate::gateway::runtime().block_on(run(config, args))
 }
 

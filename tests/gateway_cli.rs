@@ -80,6 +80,8 @@ fn an_operator_runs_a_gateway_with_the_cli_and_mosquitto_clients() {
         .arg(format!("127.0.0.1:{admin}"))
         .arg("--pipelines")
         .arg(&pipelines)
+        .arg("--data")
+        .arg(dir.path().join("data"))
         .env(
             "WEIR__BROKER__EMBEDDED__LISTEN",
             format!("127.0.0.1:{mqtt}"),

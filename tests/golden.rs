@@ -232,7 +232,9 @@ fn golden_cases_survive_snapshot_and_restore() {
         let decoder = ExprDecoder::new();
         let schema = decoder.arrow_schema(&sink.schema).expect("schema");
         let spec = weir_engine::connector_spec(sink.connector.as_ref(), None).expect("sink spec");
-        let mut writer = weir_connectors::build_sink(&spec, schema).expect("sink");
+        let mut writer =
+            weir_connectors::build_sink(&spec, schema, &weir_connectors::SinkContext::default())
+                .expect("sink");
         for batch in &batches {
             writer.write_batch(batch).expect("write");
         }

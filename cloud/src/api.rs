@@ -15,10 +15,12 @@ use serde_json::{Value, json};
 use crate::error::{CloudError, Result};
 use crate::fleet::{Caller, DeployRequest, Fleet};
 use crate::model::Role;
+use crate::results::ResultStore;
 use crate::selector::{Labels, validate_labels};
 
 pub struct ApiState {
     pub fleet: Arc<Fleet>,
+    pub results: Arc<ResultStore>,
 }
 
 type Shared = State<Arc<ApiState>>;
@@ -41,6 +43,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/versions", get(list_versions))
         .route("/api/v1/status", get(status))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/query", post(query))
+        .route("/api/v1/streams", get(streams))
         .with_state(state)
 }
 
@@ -262,8 +266,29 @@ async fn list_versions(
 
 async fn status(State(state): Shared, headers: HeaderMap) -> Result<Json<Value>> {
     caller(&state, &headers)?.require(Role::Viewer, "reading status")?;
+    let mut gateways = state.fleet.status();
+    for gateway in &mut gateways {
+        for stored in state.results.gateway_streams(&gateway.id) {
+            match gateway
+                .streams
+                .iter_mut()
+                .find(|s| s.stream == stored.stream)
+            {
+                Some(stream) => {
+                    stream.last_stored_seq = stored.last_stored_seq;
+                    stream.duplicates = stored.duplicates;
+                }
+                None => gateway.streams.push(crate::fleet::StreamView {
+                    stream: stored.stream,
+                    last_stored_seq: stored.last_stored_seq,
+                    duplicates: stored.duplicates,
+                    ..Default::default()
+                }),
+            }
+        }
+    }
     Ok(Json(json!({
-        "gateways": state.fleet.status(),
+        "gateways": gateways,
         "deployments": state.fleet.deployments(),
     })))
 }
@@ -271,4 +296,42 @@ async fn status(State(state): Shared, headers: HeaderMap) -> Result<Json<Value>>
 async fn audit(State(state): Shared, headers: HeaderMap) -> Result<Json<Value>> {
     let caller = caller(&state, &headers)?;
     Ok(Json(json!(state.fleet.audit_log(&caller)?)))
+}
+
+#[derive(Deserialize)]
+struct QueryRequest {
+    sql: String,
+}
+
+/// Runs read-only SQL over the stored results; the answer is an Arrow IPC stream, which the
+/// CLI prints as a table, JSON or CSV.
+async fn query(
+    State(state): Shared,
+    headers: HeaderMap,
+    Json(body): Json<QueryRequest>,
+) -> Result<impl IntoResponse> {
+    caller(&state, &headers)?.require(Role::Viewer, "querying results")?;
+    let batches = state.results.query(&body.sql).await?;
+    let schema = match batches.first() {
+        Some(batch) => batch.schema(),
+        None => Arc::new(arrow::datatypes::Schema::empty()),
+    };
+    let mut bytes = Vec::new();
+    let encoded = (|| {
+        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &schema)?;
+        for batch in &batches {
+            writer.write(batch)?;
+        }
+        writer.finish()
+    })();
+    encoded.map_err(|e| CloudError::Storage(format!("encoding the answer: {e}")))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/vnd.apache.arrow.stream")],
+        bytes,
+    ))
+}
+
+async fn streams(State(state): Shared, headers: HeaderMap) -> Result<Json<Value>> {
+    caller(&state, &headers)?.require(Role::Viewer, "listing result streams")?;
+    Ok(Json(json!(state.results.tables()?)))
 }

@@ -119,6 +119,9 @@ struct State {
     selectors: HashMap<String, Selector>,
     sessions: HashMap<String, Session>,
     last_seen_ms: HashMap<String, u64>,
+    /// The last uplink streams each gateway reported, kept while it is offline: what an
+    /// outage is costing shows after the stream is gone.
+    uplink: HashMap<String, Vec<weir_proto::cloud::StreamStatus>>,
     audit_seq: u64,
     next_connection: u64,
 }
@@ -1252,6 +1255,7 @@ impl Fleet {
         match update {
             SessionUpdate::Heartbeat => {}
             SessionUpdate::Status(report) => {
+                let streams = report.streams.clone();
                 session.running = report
                     .pipelines
                     .iter()
@@ -1269,6 +1273,7 @@ impl Fleet {
                     session.earlier = Some((session.reported_at, previous));
                 }
                 session.reported_at = now;
+                state.uplink.insert(gateway_id.to_owned(), streams);
             }
             SessionUpdate::Ack(ack) => {
                 if ack.revision == session.revision {
@@ -1382,6 +1387,11 @@ impl Fleet {
                     last_seen_ms: state.last_seen_ms.get(&gateway.id).copied(),
                     uptime_s: session.and_then(|s| s.report.as_ref()).map(|r| r.uptime_s),
                     pipelines,
+                    streams: state
+                        .uplink
+                        .get(&gateway.id)
+                        .map(|streams| streams.iter().map(StreamView::from).collect())
+                        .unwrap_or_default(),
                 }
             })
             .collect()
@@ -1617,6 +1627,45 @@ pub struct GatewayView {
     pub last_seen_ms: Option<u64>,
     pub uptime_s: Option<u64>,
     pub pipelines: Vec<PipelineView>,
+    /// The gateway's uplink streams as last reported, with what the cloud stored of them.
+    #[serde(default)]
+    pub streams: Vec<StreamView>,
+}
+
+/// One uplink stream of a gateway: its backlog as the gateway reported it, and what the
+/// cloud stored.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct StreamView {
+    pub stream: String,
+    pub priority: String,
+    pub pending: u64,
+    pub pending_bytes: u64,
+    pub oldest_pending_age_ms: u64,
+    pub dropped_oldest: u64,
+    pub refused_newest: u64,
+    pub expired: u64,
+    pub merged: u64,
+    /// Filled in from the result store.
+    pub last_stored_seq: Option<u64>,
+    pub duplicates: u64,
+}
+
+impl From<&weir_proto::cloud::StreamStatus> for StreamView {
+    fn from(s: &weir_proto::cloud::StreamStatus) -> Self {
+        Self {
+            stream: s.stream.clone(),
+            priority: s.priority.clone(),
+            pending: s.pending,
+            pending_bytes: s.pending_bytes,
+            oldest_pending_age_ms: s.oldest_pending_age_ms,
+            dropped_oldest: s.dropped_oldest,
+            refused_newest: s.refused_newest,
+            expired: s.expired,
+            merged: s.merged,
+            last_stored_seq: None,
+            duplicates: 0,
+        }
+    }
 }
 
 /// One pipeline of a gateway: desired against reported.

@@ -15,7 +15,8 @@
 //!
 //! What lives here: the registry of gateways with enrollment ([`fleet`]), label selectors
 //! ([`selector`]), plan signing ([`signing`]), the store trait and its RocksDB backend
-//! ([`store`]), the gRPC service ([`grpc`]) and the HTTP API ([`api`]). What does not: SQL
+//! ([`store`]), the gRPC service ([`grpc`]), the uplinked results as Parquet ([`results`])
+//! and the HTTP API ([`api`]). What does not: SQL
 //! (`weir-planner` compiles it here once), running pipelines (the gateways do that).
 
 pub mod api;
@@ -25,6 +26,7 @@ pub mod fleet;
 pub mod grpc;
 pub mod metrics;
 pub mod model;
+pub mod results;
 pub mod selector;
 pub mod signing;
 pub mod store;
@@ -73,6 +75,7 @@ impl Default for CloudConfig {
 /// A running control plane.
 pub struct Cloud {
     fleet: Arc<Fleet>,
+    results: Arc<results::ResultStore>,
     address: SocketAddr,
     admin_token: Option<String>,
     stop: CancellationToken,
@@ -132,12 +135,18 @@ impl Cloud {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|error| CloudError::Storage(format!("gRPC reflection: {error}")))?;
+        let results = Arc::new(results::ResultStore::open(
+            &config.data_dir.join("results"),
+            results::ResultOptions::default(),
+        )?);
         let api = api::router(Arc::new(api::ApiState {
             fleet: Arc::clone(&fleet),
+            results: Arc::clone(&results),
         }));
         let routes = Routes::from(api)
             .add_service(GatewayControlServer::new(grpc::ControlService::new(
                 Arc::clone(&fleet),
+                Arc::clone(&results),
             )))
             .add_service(health_service)
             .add_service(reflection);
@@ -185,6 +194,7 @@ impl Cloud {
         tracing::info!(%address, data = %config.data_dir.display(), "weir cloud listening");
         Ok(Self {
             fleet,
+            results,
             address,
             admin_token,
             stop,
@@ -200,6 +210,11 @@ impl Cloud {
 
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
+    }
+
+    /// The results gateways uplinked.
+    pub fn results(&self) -> &Arc<results::ResultStore> {
+        &self.results
     }
 
     /// The certificate authority file gateways and the CLI must trust, when the cloud made it.

@@ -58,6 +58,10 @@ pub enum ConnectorError {
         #[source]
         source: io::Error,
     },
+    /// The gateway's durable storage (the uplink queue) failed: a full disk, a RocksDB
+    /// error (external, a retry may help once space returns).
+    #[error("storage: {0}")]
+    Storage(String),
     /// Arrow refused a batch this crate built: a bug in Weir.
     #[error("internal error building a record batch: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
@@ -95,7 +99,7 @@ impl ConnectorError {
     pub fn fault(&self) -> Fault {
         match self {
             Self::UnknownConnector { .. } | Self::Config { .. } => Fault::User,
-            Self::Io { .. } => Fault::External,
+            Self::Io { .. } | Self::Storage(_) => Fault::External,
             Self::Arrow(_) | Self::Internal(_) => Fault::Internal,
         }
     }

@@ -3,7 +3,8 @@
 //! ```text
 //!   file (CSV / JSON lines) ───┐                        ┌──> file / stdout (JSON lines, CSV)
 //!   simulator (vibration) ─────┼─> RecordBatch ─> ... ─>┼──> mqtt (JSON rows or arrays)
-//!   mqtt (JSON/CSV/Sparkplug) ─┘   + dead letters       └──> null (benchmarks)
+//!   mqtt (JSON/CSV/Sparkplug) ─┘   + dead letters       ├──> cloud (the gateway's uplink)
+//!                                                         └──> null (benchmarks)
 //! ```
 //!
 //! What lives here: one folder per connector with its typed config, the payload decoders that
@@ -16,6 +17,7 @@
 //! Event time is always an Arrow `Timestamp(Nanosecond, None)` column holding UTC instants;
 //! sinks render it as RFC 3339 in UTC unless configured otherwise.
 
+pub mod cloud;
 pub mod dead_letter;
 pub mod decode;
 pub mod error;
@@ -35,7 +37,9 @@ use arrow::datatypes::SchemaRef;
 
 pub use dead_letter::{DeadLetter, DeadLetterQueue};
 pub use error::{ConnectorError, Result};
-pub use registry::{ConnectorSpec, build_sink, build_source, validate_sink, validate_source};
+pub use registry::{
+    ConnectorSpec, SinkContext, build_sink, build_source, validate_sink, validate_source,
+};
 
 /// What a [`Source`] produced on one poll.
 #[derive(Debug)]
@@ -62,6 +66,32 @@ pub trait Source: Send {
     fn schema(&self) -> SchemaRef;
     /// Waits for the next batch, or `End` for a finite source that is done.
     fn next_event(&mut self) -> SourceFuture<'_>;
+
+    /// Where the source is, covering exactly the batches returned so far, for a checkpoint;
+    /// `None` for a source that cannot resume from a position (MQTT: its broker redelivers
+    /// what [`Self::committed`] did not acknowledge).
+    fn position(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Continues after `position`, from a checkpoint of an earlier run of the same source.
+    fn seek(&mut self, _position: &[u8]) -> Result<()> {
+        Err(ConnectorError::Internal(
+            "this source cannot resume from a position".into(),
+        ))
+    }
+
+    /// The checkpoint taken at `position` (or, for a source without positions, covering every
+    /// batch returned before it was taken) is on disk: what it covers may be acknowledged.
+    fn committed(&mut self, _position: Option<&[u8]>) {}
+}
+
+/// Batches a transactional sink holds for the checkpoint that will commit them.
+#[derive(Debug, Default)]
+pub struct Staged {
+    /// The uplink stream they go to.
+    pub stream: String,
+    pub batches: Vec<RecordBatch>,
 }
 
 /// A consumer of record batches.
@@ -71,4 +101,11 @@ pub trait Source: Send {
 pub trait Sink: Send {
     fn write_batch(&mut self, batch: &RecordBatch) -> Result<()>;
     fn flush(&mut self) -> Result<()>;
+
+    /// For a checkpoint: the batches written since the last one that this sink holds back
+    /// so they are committed in the same atomic write as the checkpoint (the `cloud` sink
+    /// when the engine takes checkpoints). Other sinks have written theirs already.
+    fn take_staged(&mut self) -> Option<Staged> {
+        None
+    }
 }

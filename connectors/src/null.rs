@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Sink;
 use crate::error::{ConnectorError, Result};
-use crate::registry::{ConnectorSpec, SinkConnector, parse_options};
+use crate::registry::{ConnectorSpec, SinkConnector, SinkContext, parse_options};
 
 /// The `null` sink connector.
 pub const SINK: SinkConnector = SinkConnector {
@@ -134,7 +134,11 @@ fn validate(spec: &ConnectorSpec, _schema: &Schema) -> Result<()> {
     parse_options::<NullSinkConfig>("null", spec)?.validate()
 }
 
-fn build(spec: &ConnectorSpec, _schema: SchemaRef) -> Result<Box<dyn Sink>> {
+fn build(
+    spec: &ConnectorSpec,
+    _schema: SchemaRef,
+    _context: &SinkContext,
+) -> Result<Box<dyn Sink>> {
     let config: NullSinkConfig = parse_options("null", spec)?;
     Ok(Box::new(NullSink::new(NullSinkCounters::named(
         &config.counters,
@@ -155,7 +159,7 @@ mod tests {
         let spec = ConnectorSpec::new("null").with_option("counters", "null-sink-test");
         let column: ArrayRef = Arc::new(Int64Array::from(vec![1, 2, 3]));
         let batch = RecordBatch::try_from_iter(vec![("x", column)]).expect("batch");
-        let mut sink = build_sink(&spec, batch.schema()).expect("sink");
+        let mut sink = build_sink(&spec, batch.schema(), &SinkContext::default()).expect("sink");
         sink.write_batch(&batch).expect("write");
         sink.write_batch(&batch.slice(0, 1)).expect("write");
         sink.flush().expect("flush");

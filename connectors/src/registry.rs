@@ -9,22 +9,29 @@
 //! [`SINKS`]. Options are deserialised into the connector's typed config with serde, so an
 //! unknown option fails with serde's own "unknown field `x`, expected one of ..." message.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit as ArrowTimeUnit};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::cloud::UplinkWriter;
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::{ConnectorError, Result};
-use crate::{Sink, Source, file, mqtt, null, simulator};
+use crate::{Sink, Source, cloud, file, mqtt, null, simulator};
 
 /// Every source connector, by name.
 pub const SOURCES: &[SourceConnector] = &[file::SOURCE, simulator::SOURCE, mqtt::SOURCE];
 
 /// Every sink connector, by name.
-pub const SINKS: &[SinkConnector] = &[file::SINK, file::STDOUT_SINK, null::SINK, mqtt::SINK];
+pub const SINKS: &[SinkConnector] = &[
+    file::SINK,
+    file::STDOUT_SINK,
+    null::SINK,
+    mqtt::SINK,
+    cloud::SINK,
+];
 
 /// What SQL says about one source or sink: `WITH (connector = 'file', path = '...')`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,7 +102,27 @@ pub struct SinkConnector {
     /// Checks the options and schema without touching the outside world.
     pub validate: ValidateFn,
     /// Builds the sink; may open files or connections.
-    pub build: fn(&ConnectorSpec, SchemaRef) -> Result<Box<dyn Sink>>,
+    pub build: fn(&ConnectorSpec, SchemaRef, &SinkContext) -> Result<Box<dyn Sink>>,
+}
+
+/// What the process running a pipeline offers its sinks beyond their options.
+#[derive(Clone, Default)]
+pub struct SinkContext {
+    /// The gateway's durable queue to the cloud, for the `cloud` sink; `None` outside a
+    /// gateway.
+    pub uplink: Option<Arc<dyn UplinkWriter>>,
+    /// The engine takes checkpoints: a transactional sink holds its batches until the
+    /// checkpoint that covers them commits them with the pipeline's state.
+    pub checkpoints: bool,
+}
+
+impl std::fmt::Debug for SinkContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkContext")
+            .field("uplink", &self.uplink.is_some())
+            .field("checkpoints", &self.checkpoints)
+            .finish()
+    }
 }
 
 /// Names of every source connector, for error hints and `weir` help.
@@ -135,10 +162,14 @@ pub fn build_source(
 }
 
 /// Builds the sink a spec describes.
-pub fn build_sink(spec: &ConnectorSpec, schema: SchemaRef) -> Result<Box<dyn Sink>> {
+pub fn build_sink(
+    spec: &ConnectorSpec,
+    schema: SchemaRef,
+    context: &SinkContext,
+) -> Result<Box<dyn Sink>> {
     let connector = sink_connector(&spec.connector)?;
     (connector.validate)(spec, &schema)?;
-    (connector.build)(spec, schema)
+    (connector.build)(spec, schema, context)
 }
 
 fn source_connector(name: &str) -> Result<&'static SourceConnector> {
@@ -273,7 +304,10 @@ mod tests {
     #[test]
     fn lists_every_connector() {
         assert_eq!(source_connectors(), ["file", "simulator", "mqtt"]);
-        assert_eq!(sink_connectors(), ["file", "stdout", "null", "mqtt"]);
+        assert_eq!(
+            sink_connectors(),
+            ["file", "stdout", "null", "mqtt", "cloud"]
+        );
     }
 
     #[test]
@@ -286,9 +320,9 @@ mod tests {
         );
         assert_eq!(
             message(validate_sink(&ConnectorSpec::new("kafka"), &schema)),
-            "unknown sink connector 'kafka'; known sink connectors: file, stdout, null, mqtt"
+            "unknown sink connector 'kafka'; known sink connectors: file, stdout, null, mqtt, cloud"
         );
-        assert!(build_sink(&ConnectorSpec::new("nul"), schema).is_err());
+        assert!(build_sink(&ConnectorSpec::new("nul"), schema, &SinkContext::default()).is_err());
     }
 
     #[test]
@@ -353,6 +387,6 @@ mod tests {
         assert_eq!(back, spec);
         let minimal: ConnectorSpec =
             serde_json::from_str(r#"{"connector":"null"}"#).expect("deserialize");
-        assert!(build_sink(&minimal, Arc::new(Schema::empty())).is_ok());
+        assert!(build_sink(&minimal, Arc::new(Schema::empty()), &SinkContext::default()).is_ok());
     }
 }

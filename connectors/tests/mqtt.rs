@@ -445,7 +445,8 @@ async fn sink_publishes_rows_on_templated_topics(broker: TestBroker, name: &str)
         .with_option("mode", "batch")
         .with_option("timestamps", "epoch_ms");
     for spec in [rows_spec, arrays_spec] {
-        let mut sink = weir_connectors::build_sink(&spec, batch.schema()).expect("sink");
+        let mut sink =
+            weir_connectors::build_sink(&spec, batch.schema(), &Default::default()).expect("sink");
         sink.write_batch(&batch).expect("write");
         sink.flush().expect("flush");
         // Dropping the sink sends what is queued before disconnecting.
@@ -507,7 +508,8 @@ async fn retained_results_reach_late_subscribers() {
         .with_option("topic", "state/{sensor}")
         .with_option("retain", true);
     let batch = result_batch();
-    let mut sink = weir_connectors::build_sink(&spec, batch.schema()).expect("sink");
+    let mut sink =
+        weir_connectors::build_sink(&spec, batch.schema(), &Default::default()).expect("sink");
     sink.write_batch(&batch).expect("write");
     drop(sink);
     let subscriber = Subscriber::start(&url, "state/#").await;
@@ -893,7 +895,8 @@ async fn a_site_broker_with_a_login_over_tls() {
             .with_option("timestamps", "epoch_ms"),
         "s3cret",
     );
-    let mut sink = weir_connectors::build_sink(&sink_spec, batch.schema()).expect("sink");
+    let mut sink =
+        weir_connectors::build_sink(&sink_spec, batch.schema(), &Default::default()).expect("sink");
     sink.write_batch(&batch).expect("write");
     drop(sink);
     wait_until("3 rows over TLS", || running.row_count() >= 3).await;

@@ -24,8 +24,9 @@ use arrow::datatypes::TimestampNanosecondType;
 use weir_connectors::{DeadLetterQueue, Sink, Source, SourceEvent};
 use weir_operators::{Collector, EventTime, Operator, Watermark};
 
+use crate::checkpoint::CheckpointStore;
 use crate::error::{EngineError, Result};
-use crate::message::StreamMessage;
+use crate::message::{Barrier, StreamMessage};
 use crate::metrics::{PipelineMetrics, StageMetrics};
 use crate::supervisor::{PipelineEvent, PipelineSupervisor};
 
@@ -99,10 +100,19 @@ pub struct WatermarkRule {
     pub delay_ns: i64,
 }
 
+/// What a source's checkpoints need: how often, the next barrier id, and news of commits.
+pub struct SourceCheckpoints {
+    pub every: Duration,
+    pub next_id: u64,
+    /// The position of each committed checkpoint, from the sink.
+    pub committed: tokio::sync::watch::Receiver<Option<Option<Vec<u8>>>>,
+}
+
 pub struct SourceActor {
     pub source: Option<Box<dyn Source>>,
     pub watermark: Option<WatermarkRule>,
     pub idle_timeout: Duration,
+    pub checkpoints: Option<SourceCheckpoints>,
     pub outbox: Outbox,
     pub supervisor: Addr<PipelineSupervisor>,
     pub generation: u64,
@@ -120,6 +130,7 @@ impl Actor for SourceActor {
             source,
             watermark: self.watermark.take(),
             idle_timeout: self.idle_timeout,
+            checkpoints: self.checkpoints.take(),
             outbox: self.outbox.clone(),
             metrics: Arc::clone(&self.metrics),
         };
@@ -149,6 +160,7 @@ struct SourceLoop {
     source: Box<dyn Source>,
     watermark: Option<WatermarkRule>,
     idle_timeout: Duration,
+    checkpoints: Option<SourceCheckpoints>,
     outbox: Outbox,
     metrics: Arc<StageMetrics>,
 }
@@ -162,9 +174,31 @@ impl SourceLoop {
         let column = self.watermark.as_ref().map(|w| w.column);
         let mut idle = tokio::time::interval(self.idle_timeout.max(Duration::from_millis(10)));
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = self
+            .checkpoints
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |c| c.every);
+        let mut checkpoint = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let checkpointing = self.checkpoints.is_some();
+        let mut commits_open = checkpointing;
         let mut next = self.source.next_event();
         loop {
             tokio::select! {
+                _ = checkpoint.tick(), if checkpointing => {
+                    drop(next);
+                    let barrier = self.barrier();
+                    self.outbox.send_all(vec![barrier]).await?;
+                    next = self.source.next_event();
+                }
+                changed = committed(&mut self.checkpoints), if commits_open => {
+                    drop(next);
+                    match changed {
+                        Some(position) => self.source.committed(position.as_deref()),
+                        None => commits_open = false,
+                    }
+                    next = self.source.next_event();
+                }
                 event = &mut next => {
                     match event? {
                         SourceEvent::Batch(batch) => {
@@ -199,10 +233,13 @@ impl SourceLoop {
                         SourceEvent::End => {
                             drop(next);
                             let origin = Instant::now();
-                            self.outbox.send_all(vec![
-                                StreamMessage::Watermark { watermark: Watermark::END, origin },
-                                StreamMessage::End,
-                            ]).await?;
+                            let mut last = vec![StreamMessage::Watermark { watermark: Watermark::END, origin }];
+                            // A last checkpoint commits what the sink still holds.
+                            if checkpointing {
+                                last.push(self.barrier());
+                            }
+                            last.push(StreamMessage::End);
+                            self.outbox.send_all(last).await?;
                             return Ok(());
                         }
                     }
@@ -230,6 +267,29 @@ impl SourceLoop {
             }
         }
     }
+}
+
+impl SourceLoop {
+    /// A barrier at the source's current position.
+    fn barrier(&mut self) -> StreamMessage {
+        let checkpoints = self.checkpoints.as_mut();
+        let id = checkpoints.map_or(0, |c| {
+            c.next_id += 1;
+            c.next_id - 1
+        });
+        StreamMessage::Barrier(Barrier {
+            id,
+            position: self.source.position(),
+            states: Vec::new(),
+        })
+    }
+}
+
+/// The position of the next committed checkpoint; `None` once the sink is gone.
+async fn committed(checkpoints: &mut Option<SourceCheckpoints>) -> Option<Option<Vec<u8>>> {
+    let receiver = &mut checkpoints.as_mut()?.committed;
+    receiver.changed().await.ok()?;
+    receiver.borrow_and_update().clone()
 }
 
 pub struct OperatorActor {
@@ -300,6 +360,21 @@ impl OperatorActor {
                     Some(StreamMessage::Watermark { watermark, origin }),
                     outcome,
                 )
+            }
+            StreamMessage::Barrier(mut barrier) => {
+                let state = std::panic::catch_unwind(AssertUnwindSafe(|| operator.snapshot()));
+                return match state {
+                    Ok(Ok(state)) => {
+                        barrier.states.push(state);
+                        Ok(vec![StreamMessage::Barrier(barrier)])
+                    }
+                    Ok(Err(error)) => Err(error.into()),
+                    Err(panic) => Err(EngineError::Panic(format!(
+                        "{} (snapshot): {}",
+                        operator.name(),
+                        panic_message(&panic)
+                    ))),
+                };
             }
             StreamMessage::End => return Ok(vec![StreamMessage::End]),
         };
@@ -385,8 +460,17 @@ impl Handler<StreamMessage> for OperatorActor {
 /// How long a sink may hold written results in its buffers.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// What the sink needs to commit checkpoints.
+pub struct SinkCheckpoints {
+    pub store: Arc<dyn CheckpointStore>,
+    pub pipeline: String,
+    pub fingerprint: u64,
+    pub committed: tokio::sync::watch::Sender<Option<Option<Vec<u8>>>>,
+}
+
 pub struct SinkActor {
     pub sink: Box<dyn Sink>,
+    pub checkpoints: Option<SinkCheckpoints>,
     pub last_flush: Instant,
     pub metrics: Arc<StageMetrics>,
     pub pipeline: Arc<PipelineMetrics>,
@@ -425,6 +509,13 @@ impl Handler<StreamMessage> for SinkActor {
                 self.last_flush = Instant::now();
                 self.sink.flush()
             }
+            StreamMessage::Barrier(barrier) => {
+                self.last_flush = Instant::now();
+                match self.sink.flush() {
+                    Ok(()) => return self.commit(barrier),
+                    Err(error) => Err(error),
+                }
+            }
         };
         result.map_err(|error| {
             StageMetrics::add(&self.metrics.errors, 1);
@@ -436,5 +527,44 @@ impl Handler<StreamMessage> for SinkActor {
             });
             EngineError::Internal(format!("sink stopped after: {text}"))
         })
+    }
+}
+
+impl SinkActor {
+    /// Commits the checkpoint `barrier` carries, with what the sink held back for it, then
+    /// tells the source.
+    fn commit(&mut self, barrier: Barrier) -> Result<()> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let checkpoint = weir_proto::engine::Checkpoint {
+            id: barrier.id,
+            fingerprint: checkpoints.fingerprint,
+            position: barrier.position.clone(),
+            states: barrier.states,
+            committed_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let staged = self.sink.take_staged();
+        if let Err(error) = checkpoints
+            .store
+            .commit(&checkpoints.pipeline, &checkpoint, staged)
+        {
+            StageMetrics::add(&self.metrics.errors, 1);
+            let text = error.to_string();
+            self.supervisor.do_send(PipelineEvent::Failed {
+                generation: self.generation,
+                error,
+            });
+            return Err(EngineError::Internal(format!("sink stopped after: {text}")));
+        }
+        self.pipeline
+            .checkpoints
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pipeline.checkpoint_duration.record(started.elapsed());
+        checkpoints.committed.send_replace(Some(barrier.position));
+        Ok(())
     }
 }

@@ -17,6 +17,7 @@
 //! What does not: SQL (planner), operator logic (operators), connector I/O (connectors).
 
 mod actors;
+pub mod checkpoint;
 pub mod error;
 pub mod message;
 pub mod metrics;
@@ -30,12 +31,14 @@ use std::time::Duration;
 use actix::prelude::*;
 use arrow::datatypes::Schema;
 use tokio::sync::watch;
-use weir_connectors::{ConnectorSpec, DeadLetterQueue, Sink, Source};
+use weir_connectors::{ConnectorSpec, DeadLetterQueue, Sink, SinkContext, Source};
 use weir_operators::{ExprDecoder, Operator};
 use weir_proto::plan::PipelinePlan;
 
 pub use crate::actors::WatermarkRule;
+pub use crate::checkpoint::{CheckpointOptions, CheckpointStore};
 pub use crate::error::{EngineError, Result};
+pub use crate::message::Barrier;
 pub use crate::metrics::{PipelineMetrics, PipelineSnapshot};
 use crate::supervisor::{PipelineSupervisor, Shutdown};
 
@@ -53,6 +56,11 @@ pub struct EngineOptions {
     pub max_backoff: Duration,
     /// A pipeline that failed more often than this stays failed.
     pub max_restarts: u32,
+    /// What sinks may use beyond their options: the gateway's uplink for `cloud` sinks.
+    pub sinks: SinkContext,
+    /// Take checkpoints (the gateway does, into its uplink store); `None`: a pipeline that
+    /// restarts starts with empty state.
+    pub checkpoints: Option<CheckpointOptions>,
 }
 
 impl Default for EngineOptions {
@@ -66,6 +74,8 @@ impl Default for EngineOptions {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             max_restarts: 10,
+            sinks: SinkContext::default(),
+            checkpoints: None,
         }
     }
 }
@@ -116,16 +126,26 @@ pub trait PipelineFactory: Send + Sync {
     /// Stage names for metrics: source, each operator, sink.
     fn stage_names(&self) -> Vec<String>;
     fn build(&self) -> Result<PipelineParts>;
+    /// Identifies the source and operators, for checkpoints: a checkpoint is restored only
+    /// into parts with the same fingerprint. `None`: this pipeline takes no checkpoints.
+    fn fingerprint(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Builds pipeline parts from a compiled plan.
 pub struct PlanFactory {
     plan: PipelinePlan,
     dead_letters: DeadLetterQueue,
+    sinks: SinkContext,
 }
 
 impl PlanFactory {
-    pub fn new(plan: PipelinePlan, dead_letters: DeadLetterQueue) -> Result<Self> {
+    pub fn new(
+        plan: PipelinePlan,
+        dead_letters: DeadLetterQueue,
+        sinks: SinkContext,
+    ) -> Result<Self> {
         if plan.format_version != weir_proto::PLAN_FORMAT_VERSION {
             return Err(EngineError::Plan(format!(
                 "plan format {} is not supported by this gateway (expects {})",
@@ -133,7 +153,11 @@ impl PlanFactory {
                 weir_proto::PLAN_FORMAT_VERSION
             )));
         }
-        let factory = Self { plan, dead_letters };
+        let factory = Self {
+            plan,
+            dead_letters,
+            sinks,
+        };
         // Build once up front so an unrunnable plan is refused at deploy time.
         factory.build()?;
         Ok(factory)
@@ -163,7 +187,29 @@ pub fn connector_spec(
     })
 }
 
+/// FNV-1a: stable across builds and platforms, unlike the standard library's hasher, so a
+/// checkpoint written by one build of the gateway is recognised by the next.
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 impl PipelineFactory for PlanFactory {
+    fn fingerprint(&self) -> Option<u64> {
+        use prost::Message as _;
+        let mut bytes = self
+            .plan
+            .source
+            .as_ref()
+            .map(|s| s.encode_to_vec())
+            .unwrap_or_default();
+        for operator in &self.plan.operators {
+            bytes.extend(operator.encode_to_vec());
+        }
+        Some(fnv1a(bytes))
+    }
+
     fn stage_names(&self) -> Vec<String> {
         let source = self
             .plan
@@ -228,7 +274,7 @@ impl PipelineFactory for PlanFactory {
             )?,
             watermark,
             operators,
-            sink: weir_connectors::build_sink(&sink_spec, sink_schema)?,
+            sink: weir_connectors::build_sink(&sink_spec, sink_schema, &self.sinks)?,
             dead_letters: self.dead_letters.clone(),
         })
     }
@@ -281,19 +327,25 @@ impl PipelineHandle {
 /// Runs many pipelines in one process. Must be created inside a running actix system.
 pub struct Engine {
     options: EngineOptions,
-    arbiters: Vec<Arbiter>,
+    arbiters: Vec<ArbiterHandle>,
+    /// The worker threads, joined at shutdown: their actors hold sinks and RocksDB handles,
+    /// which must be closed before the process exits (RocksDB aborts if a database closes
+    /// after its static state is gone).
+    threads: Mutex<Vec<Arbiter>>,
     pipelines: Mutex<HashMap<String, PipelineHandle>>,
     supervisors_started: std::sync::atomic::AtomicUsize,
 }
 
 impl Engine {
     pub fn new(options: EngineOptions) -> Self {
-        let arbiters = (0..options.workers.max(1))
+        let threads: Vec<Arbiter> = (0..options.workers.max(1))
             .map(|_| Arbiter::new())
             .collect();
+        let arbiters = threads.iter().map(Arbiter::handle).collect();
         Self {
             options,
             arbiters,
+            threads: Mutex::new(threads),
             pipelines: Mutex::new(HashMap::new()),
             supervisors_started: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -306,7 +358,7 @@ impl Engine {
         dead_letters: DeadLetterQueue,
     ) -> Result<PipelineHandle> {
         let name = plan.name.clone();
-        let factory = PlanFactory::new(plan, dead_letters)?;
+        let factory = PlanFactory::new(plan, dead_letters, self.options.sinks.clone())?;
         self.start(name, Arc::new(factory))
     }
 
@@ -343,7 +395,7 @@ impl Engine {
             ..PipelineMetrics::default()
         });
         let (state_sender, receiver) = watch::channel(PipelineState::Starting);
-        let arbiters = self.arbiters.iter().map(Arbiter::handle).collect();
+        let arbiters = self.arbiters.clone();
         let mut supervisor = PipelineSupervisor::new(
             name.clone(),
             factory,
@@ -355,7 +407,7 @@ impl Engine {
         supervisor.initial_state = state;
         // Started on a worker arbiter rather than the caller's: callers such as the admin API
         // run on plain tokio threads, where an actor cannot live.
-        let home = self.arbiters[self.next_home()].handle();
+        let home = self.arbiters[self.next_home()].clone();
         let supervisor = PipelineSupervisor::start_in_arbiter(&home, move |_| supervisor);
         let handle = PipelineHandle {
             name: name.clone(),
@@ -367,6 +419,21 @@ impl Engine {
             pipelines.insert(name, handle.clone());
         }
         Ok(handle)
+    }
+
+    /// What this engine offers sinks; for factories built outside [`Self::start_plan`].
+    pub fn sink_context(&self) -> SinkContext {
+        self.options.sinks.clone()
+    }
+
+    /// Deletes the checkpoint of a pipeline that was removed, so a later pipeline of the
+    /// same name starts fresh.
+    pub fn forget_checkpoint(&self, name: &str) {
+        if let Some(checkpoints) = &self.options.checkpoints
+            && let Err(error) = checkpoints.store.forget(name)
+        {
+            tracing::warn!(pipeline = %name, %error, "checkpoint not deleted");
+        }
     }
 
     /// Forgets a pipeline that has stopped, so that it is no longer listed.
@@ -394,13 +461,25 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    /// Stops every pipeline, waits until their sinks have flushed, then stops the workers.
+    /// Stops every pipeline, waits until their sinks have flushed, then stops the workers and
+    /// waits for their threads to end.
     pub async fn shutdown(&self) {
         for pipeline in self.pipelines() {
             pipeline.stop_and_wait().await;
         }
-        for arbiter in &self.arbiters {
+        let threads: Vec<Arbiter> = self
+            .threads
+            .lock()
+            .map(|mut threads| threads.drain(..).collect())
+            .unwrap_or_default();
+        for arbiter in &threads {
             arbiter.stop();
         }
+        let joined = tokio::task::spawn_blocking(move || {
+            for arbiter in threads {
+                let _ = arbiter.join();
+            }
+        });
+        let _ = joined.await;
     }
 }

@@ -18,8 +18,21 @@ pub enum StreamMessage {
         watermark: Watermark,
         origin: Instant,
     },
+    /// A checkpoint: every stage adds its state as the barrier passes, after every message
+    /// before it and before every message after it, and the sink commits it.
+    Barrier(Barrier),
     /// The source is finite and done; everything before has been sent.
     End,
+}
+
+/// A checkpoint on its way through the pipeline.
+#[derive(Debug)]
+pub struct Barrier {
+    pub id: u64,
+    /// The source's position once every batch before the barrier was sent.
+    pub position: Option<Vec<u8>>,
+    /// The operators' states, in graph order, filled in as the barrier passes them.
+    pub states: Vec<Vec<u8>>,
 }
 
 impl Message for StreamMessage {

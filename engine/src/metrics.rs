@@ -91,6 +91,9 @@ pub struct PipelineMetrics {
     pub watermark_to_emit: Latency,
     pub restarts: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// Checkpoints committed, and how long each commit took at the sink.
+    pub checkpoints: AtomicU64,
+    pub checkpoint_duration: Latency,
 }
 
 #[derive(Debug, Serialize)]

@@ -9,7 +9,10 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::watch;
 
-use crate::actors::{OperatorActor, Outbox, SinkActor, SourceActor, Stop, StopAndSnapshot};
+use crate::actors::{
+    OperatorActor, Outbox, SinkActor, SinkCheckpoints, SourceActor, SourceCheckpoints, Stop,
+    StopAndSnapshot,
+};
 use crate::error::EngineError;
 use crate::metrics::{PipelineMetrics, StageMetrics};
 use crate::{EngineOptions, PipelineFactory, PipelineState};
@@ -126,6 +129,68 @@ impl PipelineSupervisor {
                 return;
             }
         };
+        // Checkpoints: restore the last committed one (unless a replaced version handed its
+        // state over), and take new ones from there.
+        let checkpointing = self
+            .options
+            .checkpoints
+            .clone()
+            .zip(self.factory.fingerprint());
+        let mut next_checkpoint = 1;
+        if let Some((checkpoints, fingerprint)) = &checkpointing
+            && self.initial_state.is_none()
+        {
+            match checkpoints.store.load(&self.name) {
+                Ok(Some(checkpoint)) if checkpoint.fingerprint == *fingerprint => {
+                    next_checkpoint = checkpoint.id + 1;
+                    let restored = restore(
+                        &mut parts,
+                        &checkpoint.states,
+                        checkpoint.position.as_deref(),
+                    );
+                    match restored {
+                        Ok(()) => {
+                            tracing::info!(pipeline = %self.name, checkpoint = checkpoint.id, "restored from the last checkpoint")
+                        }
+                        Err(error) => {
+                            tracing::warn!(pipeline = %self.name, %error, "the last checkpoint cannot be restored; starting fresh");
+                            parts = match self.factory.build() {
+                                Ok(parts) => parts,
+                                Err(error) => {
+                                    self.on_failure(ctx, error);
+                                    return;
+                                }
+                            };
+                        }
+                    }
+                }
+                Ok(Some(_)) => {
+                    tracing::warn!(pipeline = %self.name, "the last checkpoint is of a version with other operators or another source; starting fresh");
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    self.on_failure(ctx, error);
+                    return;
+                }
+            }
+        }
+        let (commits, committed) = tokio::sync::watch::channel(None);
+        let sink_checkpoints =
+            checkpointing
+                .as_ref()
+                .map(|(options, fingerprint)| SinkCheckpoints {
+                    store: Arc::clone(&options.store),
+                    pipeline: self.name.clone(),
+                    fingerprint: *fingerprint,
+                    committed: commits,
+                });
+        let source_checkpoints = checkpointing
+            .as_ref()
+            .map(|(options, _)| SourceCheckpoints {
+                every: options.interval,
+                next_id: next_checkpoint,
+                committed,
+            });
         if let Some(states) = self.initial_state.take() {
             let restored = if states.len() == parts.operators.len() {
                 parts
@@ -163,6 +228,7 @@ impl PipelineSupervisor {
             ctx.set_mailbox_capacity(capacity);
             SinkActor {
                 sink: sink_parts,
+                checkpoints: sink_checkpoints,
                 last_flush: std::time::Instant::now(),
                 metrics: sink_stage,
                 pipeline: sink_pipeline,
@@ -204,6 +270,7 @@ impl PipelineSupervisor {
             source: Some(source),
             watermark,
             idle_timeout,
+            checkpoints: source_checkpoints,
             outbox: Outbox::new(downstream, limit, Arc::clone(&source_metrics)),
             supervisor: me,
             generation,
@@ -309,4 +376,24 @@ pub(crate) fn stage_metrics(names: impl IntoIterator<Item = String>) -> Vec<Arc<
 pub(crate) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
     initial.saturating_mul(factor).min(max)
+}
+
+/// Restores each operator from `states` and the source from `position`.
+fn restore(
+    parts: &mut crate::PipelineParts,
+    states: &[Vec<u8>],
+    position: Option<&[u8]>,
+) -> Result<(), EngineError> {
+    if states.len() != parts.operators.len() {
+        return Err(EngineError::Plan(
+            "the checkpoint has a different number of operators".into(),
+        ));
+    }
+    for (operator, state) in parts.operators.iter_mut().zip(states) {
+        operator.restore(state)?;
+    }
+    if let Some(position) = position {
+        parts.source.seek(position)?;
+    }
+    Ok(())
 }

@@ -28,21 +28,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
+use prost::Message as _;
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use weir_connectors::cloud::{StreamSpec, UplinkAppender, UplinkWriter};
+use weir_connectors::{ConnectorError, Result as ConnectorResult, Staged};
+use weir_proto::engine::Checkpoint;
 
+use crate::checkpoint::CheckpointStore;
 use crate::error::{EngineError, Result};
 
-/// What to do when a stream's budget is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OverflowPolicy {
-    /// Delete the oldest entries until the new one fits: recent data matters most.
-    #[default]
-    DropOldest,
-    /// Refuse the new entry: the history already queued matters most.
-    DropNewest,
-}
+/// What to do when a stream's budget is full: the `cloud` sink's `overflow` option.
+pub use weir_connectors::cloud::Overflow as OverflowPolicy;
+pub use weir_connectors::cloud::StreamPriority;
 
 /// How much one stream may keep on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,8 +88,9 @@ impl Pending {
 }
 
 /// A stream's counters, for metrics and for the report to the cloud.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct UplinkStats {
+    pub priority: StreamPriority,
     pub pending: u64,
     pub pending_bytes: u64,
     pub oldest_pending_ms: Option<u64>,
@@ -109,7 +109,22 @@ pub struct UplinkStore {
     db: Arc<DB>,
     /// One queue per stream, whoever asks: two would hand out the same sequence numbers.
     queues: Arc<Mutex<HashMap<String, Arc<UplinkQueue>>>>,
+    /// Woken after every append, so the sender need not poll.
+    appended: Arc<Notify>,
 }
+
+/// What the store remembers of a stream beyond its entries, so that a sender after a restart
+/// drains a stream whose pipeline is gone with the priority it had.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StreamMeta {
+    priority: StreamPriority,
+    max_bytes: u64,
+    max_age_ms: u64,
+    policy: OverflowPolicy,
+}
+
+/// Keys of stream metadata: `\0s` then the name (names never hold `\0`).
+const META_PREFIX: &[u8] = b"\0s";
 
 impl UplinkStore {
     /// Opens (or creates) the store in `dir`; fails if another process holds it.
@@ -127,7 +142,79 @@ impl UplinkStore {
         Ok(Self {
             db: Arc::new(db),
             queues: Arc::default(),
+            appended: Arc::default(),
         })
+    }
+
+    /// Notified after every append to any stream.
+    pub fn appended(&self) -> Arc<Notify> {
+        Arc::clone(&self.appended)
+    }
+
+    /// The queue a `cloud` sink asks for: its budget and priority are remembered on disk and
+    /// replace those of an earlier version of the stream.
+    pub fn open_stream(&self, spec: &StreamSpec) -> Result<Arc<UplinkQueue>> {
+        let budget = UplinkBudget {
+            max_bytes: spec.max_bytes,
+            max_age: spec.max_age,
+            policy: spec.overflow,
+        };
+        let queue = self.queue(&spec.name, budget)?;
+        queue.configure(budget, spec.priority);
+        let meta = StreamMeta {
+            priority: spec.priority,
+            max_bytes: budget.max_bytes,
+            max_age_ms: budget.max_age.as_millis() as u64,
+            policy: budget.policy,
+        };
+        let mut key = META_PREFIX.to_vec();
+        key.extend_from_slice(spec.name.as_bytes());
+        let value = serde_json::to_vec(&meta)
+            .map_err(|e| EngineError::Internal(format!("stream settings: {e}")))?;
+        self.db
+            .put(key, value)
+            .map_err(storage("remembering the stream's settings", &spec.name))?;
+        Ok(queue)
+    }
+
+    /// Every stream this store holds, including those whose pipeline is gone, each with the
+    /// settings it last had.
+    pub fn streams(&self) -> Result<Vec<Arc<UplinkQueue>>> {
+        let mut found = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(META_PREFIX, Direction::Forward))
+        {
+            let (key, value) = item.map_err(storage("listing streams", "*"))?;
+            let Some(name) = key.strip_prefix(META_PREFIX) else {
+                break;
+            };
+            let name = String::from_utf8_lossy(name).into_owned();
+            match serde_json::from_slice::<StreamMeta>(&value) {
+                Ok(meta) => found.push((name, meta)),
+                Err(error) => {
+                    tracing::warn!(stream = %name, %error, "unreadable stream settings; skipped")
+                }
+            }
+        }
+        found
+            .into_iter()
+            .map(|(name, meta)| {
+                let budget = UplinkBudget {
+                    max_bytes: meta.max_bytes,
+                    max_age: Duration::from_millis(meta.max_age_ms),
+                    policy: meta.policy,
+                };
+                let queue = self.queue(&name, budget)?;
+                // A queue opened this run already has its sink's settings.
+                if queue.priority() == StreamPriority::Normal
+                    && meta.priority != StreamPriority::Normal
+                {
+                    queue.configure(budget, meta.priority);
+                }
+                Ok(queue)
+            })
+            .collect()
     }
 
     /// The queue of `stream`, with what an earlier run left in it. Asking again returns the
@@ -137,7 +224,12 @@ impl UplinkStore {
         if let Some(queue) = queues.get(stream) {
             return Ok(Arc::clone(queue));
         }
-        let queue = Arc::new(UplinkQueue::open(Arc::clone(&self.db), stream, budget)?);
+        let queue = Arc::new(UplinkQueue::open(
+            Arc::clone(&self.db),
+            stream,
+            budget,
+            Arc::clone(&self.appended),
+        )?);
         queues.insert(stream.to_owned(), Arc::clone(&queue));
         Ok(queue)
     }
@@ -153,6 +245,8 @@ struct Counters {
 }
 
 struct Index {
+    budget: UplinkBudget,
+    priority: StreamPriority,
     next_seq: u64,
     /// (seq, bytes, enqueued_at_ms) of every pending entry, oldest first.
     entries: VecDeque<(u64, u64, u64)>,
@@ -163,7 +257,7 @@ struct Index {
 pub struct UplinkQueue {
     db: Arc<DB>,
     stream: String,
-    budget: UplinkBudget,
+    appended: Arc<Notify>,
     index: Mutex<Index>,
     counters: Counters,
 }
@@ -216,7 +310,12 @@ fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
 }
 
 impl UplinkQueue {
-    fn open(db: Arc<DB>, stream: &str, budget: UplinkBudget) -> Result<Self> {
+    fn open(
+        db: Arc<DB>,
+        stream: &str,
+        budget: UplinkBudget,
+        appended: Arc<Notify>,
+    ) -> Result<Self> {
         if stream.is_empty() || stream.contains('\0') {
             return Err(EngineError::Plan(format!(
                 "uplink stream name '{stream}' must be non-empty text"
@@ -259,8 +358,10 @@ impl UplinkQueue {
         Ok(Self {
             db,
             stream: stream.to_owned(),
-            budget,
+            appended,
             index: Mutex::new(Index {
+                budget,
+                priority: StreamPriority::Normal,
                 next_seq,
                 entries,
                 bytes,
@@ -283,16 +384,6 @@ impl UplinkQueue {
         .collect()
     }
 
-    /// Counts a refused batch, on disk as well so a restart does not forget it.
-    fn refuse(&self) -> Result<Appended> {
-        let mut writes = WriteBatch::default();
-        writes.put(key(&self.stream, LOSSES, 0), self.losses_after(0, 1, 0));
-        // The count must not be lost with the batch; if even that cannot be written, say so.
-        self.write(writes, "counting a refused batch")?;
-        self.counters.refused_newest.fetch_add(1, Ordering::Relaxed);
-        Ok(Appended::Refused)
-    }
-
     fn lock(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -307,49 +398,91 @@ impl UplinkQueue {
 
     /// Stores `batch` under the next sequence number, making room by the budget's policy.
     pub fn append(&self, batch: &RecordBatch) -> Result<Appended> {
-        let ipc = encode(batch)?;
+        let appended = self.append_with(std::slice::from_ref(batch), WriteBatch::default())?;
+        Ok(appended.into_iter().next().unwrap_or(Appended::Refused))
+    }
+
+    /// Stores `batches` in order, making room by the budget's policy, in one synced write
+    /// together with whatever `writes` already holds (a checkpoint). Either all of it is on
+    /// disk afterwards or none of it.
+    fn append_with(
+        &self,
+        batches: &[RecordBatch],
+        mut writes: WriteBatch,
+    ) -> Result<Vec<Appended>> {
         let enqueued = now_ms();
-        let mut value = Vec::with_capacity(ipc.len() + 8);
-        value.extend_from_slice(&enqueued.to_be_bytes());
-        value.extend_from_slice(&ipc);
-        let size = value.len() as u64;
+        let values = batches
+            .iter()
+            .map(|batch| {
+                let ipc = encode(batch)?;
+                let mut value = Vec::with_capacity(ipc.len() + 8);
+                value.extend_from_slice(&enqueued.to_be_bytes());
+                value.extend_from_slice(&ipc);
+                Ok(value)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut index = self.lock();
-        let mut evict = 0;
-        let mut freed = 0;
-        while index.bytes - freed + size > self.budget.max_bytes && evict < index.entries.len() {
-            if self.budget.policy == OverflowPolicy::DropNewest {
-                return self.refuse();
+        let budget = index.budget;
+        let mut bytes = index.bytes;
+        let mut next_seq = index.next_seq;
+        // Evicted from the front of the queue, then from this call's own new entries.
+        let (mut evicted, mut evicted_fresh, mut refused) = (0usize, 0usize, 0u64);
+        let mut fresh: Vec<(u64, u64, u64)> = Vec::new();
+        let mut results = Vec::with_capacity(values.len());
+        for value in values {
+            let size = value.len() as u64;
+            let mut fits = size <= budget.max_bytes;
+            while fits && bytes + size > budget.max_bytes {
+                if budget.policy == OverflowPolicy::DropNewest {
+                    fits = false;
+                } else if evicted < index.entries.len() {
+                    bytes -= index.entries[evicted].1;
+                    writes.delete(key(&self.stream, ENTRY, index.entries[evicted].0));
+                    evicted += 1;
+                } else {
+                    let (seq, old, _) = fresh[evicted_fresh];
+                    bytes -= old;
+                    writes.delete(key(&self.stream, ENTRY, seq));
+                    evicted_fresh += 1;
+                }
             }
-            freed += index.entries[evict].1;
-            evict += 1;
+            if !fits {
+                refused += 1;
+                results.push(Appended::Refused);
+                continue;
+            }
+            let seq = next_seq;
+            next_seq += 1;
+            writes.put(key(&self.stream, ENTRY, seq), &value);
+            fresh.push((seq, size, enqueued));
+            bytes += size;
+            results.push(Appended::Stored { seq });
         }
-        if size > self.budget.max_bytes {
-            // Larger than the whole budget: nothing can make room for it.
-            return self.refuse();
-        }
-        let seq = index.next_seq;
-        let mut writes = WriteBatch::default();
-        for &(old, _, _) in index.entries.iter().take(evict) {
-            writes.delete(key(&self.stream, ENTRY, old));
-        }
-        writes.put(key(&self.stream, ENTRY, seq), &value);
-        writes.put(key(&self.stream, NEXT_SEQ, 0), (seq + 1).to_be_bytes());
-        if evict > 0 {
+        let dropped = (evicted + evicted_fresh) as u64;
+        writes.put(key(&self.stream, NEXT_SEQ, 0), next_seq.to_be_bytes());
+        if dropped > 0 || refused > 0 {
+            // The count must not be lost with the batches: it is written with them.
             writes.put(
                 key(&self.stream, LOSSES, 0),
-                self.losses_after(evict as u64, 0, 0),
+                self.losses_after(dropped, refused, 0),
             );
         }
-        self.write(writes, "storing a result batch")?;
-        index.entries.drain(..evict);
-        index.bytes = index.bytes - freed + size;
-        index.entries.push_back((seq, size, enqueued));
-        index.next_seq = seq + 1;
-        self.counters.appended.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .dropped_oldest
-            .fetch_add(evict as u64, Ordering::Relaxed);
-        Ok(Appended::Stored { seq })
+        self.write(writes, "storing result batches")?;
+        index.entries.drain(..evicted);
+        index
+            .entries
+            .extend(fresh.iter().skip(evicted_fresh).copied());
+        index.bytes = bytes;
+        index.next_seq = next_seq;
+        drop(index);
+        let c = &self.counters;
+        c.appended.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        c.dropped_oldest.fetch_add(dropped, Ordering::Relaxed);
+        c.refused_newest.fetch_add(refused, Ordering::Relaxed);
+        if !fresh.is_empty() {
+            self.appended.notify_one();
+        }
+        Ok(results)
     }
 
     /// Up to `max` pending entries from `from_seq` on, in order.
@@ -407,8 +540,8 @@ impl UplinkQueue {
 
     /// Drops entries older than the budget's age, counting them; returns how many.
     pub fn expire(&self) -> Result<usize> {
-        let cutoff = now_ms().saturating_sub(self.budget.max_age.as_millis() as u64);
         let mut index = self.lock();
+        let cutoff = now_ms().saturating_sub(index.budget.max_age.as_millis() as u64);
         let stale = index
             .entries
             .iter()
@@ -438,10 +571,69 @@ impl UplinkQueue {
         Ok(stale)
     }
 
+    /// Deletes the pending entries within `ranges` (each `first..=last`, in any order):
+    /// the cloud has stored them. Unlike [`Self::ack`], the rest need not be a prefix: live
+    /// batches overtake a draining backlog.
+    pub fn ack_ranges(&self, ranges: &[(u64, u64)]) -> Result<usize> {
+        if ranges.is_empty() {
+            return Ok(0);
+        }
+        let wanted = |seq: &u64| {
+            ranges
+                .iter()
+                .any(|(first, last)| (first..=last).contains(&seq))
+        };
+        let mut index = self.lock();
+        let mut writes = WriteBatch::default();
+        let mut done = 0;
+        for &(seq, _, _) in index.entries.iter().filter(|(s, _, _)| wanted(s)) {
+            writes.delete(key(&self.stream, ENTRY, seq));
+            done += 1;
+        }
+        if done == 0 {
+            return Ok(0);
+        }
+        self.write(writes, "deleting acknowledged batches")?;
+        let mut freed = 0;
+        index.entries.retain(|&(seq, bytes, _)| {
+            let gone = wanted(&seq);
+            if gone {
+                freed += bytes;
+            }
+            !gone
+        });
+        index.bytes -= freed;
+        self.counters
+            .acknowledged
+            .fetch_add(done as u64, Ordering::Relaxed);
+        Ok(done)
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.stream
+    }
+
+    pub fn priority(&self) -> StreamPriority {
+        self.lock().priority
+    }
+
+    /// The sequence number of the oldest pending entry, if any.
+    pub fn first_pending(&self) -> Option<u64> {
+        self.lock().entries.front().map(|(seq, _, _)| *seq)
+    }
+
+    fn configure(&self, budget: UplinkBudget, priority: StreamPriority) {
+        let mut index = self.lock();
+        index.budget = budget;
+        index.priority = priority;
+    }
+
     pub fn stats(&self) -> UplinkStats {
         let index = self.lock();
         let c = &self.counters;
         UplinkStats {
+            priority: index.priority,
             pending: index.entries.len() as u64,
             pending_bytes: index.bytes,
             oldest_pending_ms: index.entries.front().map(|(_, _, at)| *at),
@@ -452,6 +644,92 @@ impl UplinkQueue {
             refused_newest: c.refused_newest.load(Ordering::Relaxed),
             expired: c.expired.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Keys of checkpoints: `\0c` then the pipeline's name.
+const CHECKPOINT_PREFIX: &[u8] = b"\0c";
+
+fn checkpoint_key(pipeline: &str) -> Vec<u8> {
+    let mut key = CHECKPOINT_PREFIX.to_vec();
+    key.extend_from_slice(pipeline.as_bytes());
+    key
+}
+
+/// Checkpoints live in the uplink store, so that a checkpoint and the results it covers are
+/// one atomic write.
+impl CheckpointStore for UplinkStore {
+    fn load(&self, pipeline: &str) -> Result<Option<Checkpoint>> {
+        let Some(bytes) = self
+            .db
+            .get(checkpoint_key(pipeline))
+            .map_err(storage("reading the checkpoint", pipeline))?
+        else {
+            return Ok(None);
+        };
+        Checkpoint::decode(bytes.as_slice()).map(Some).map_err(|e| {
+            EngineError::Storage(format!(
+                "the checkpoint of '{pipeline}' cannot be read: {e}"
+            ))
+        })
+    }
+
+    fn commit(
+        &self,
+        pipeline: &str,
+        checkpoint: &Checkpoint,
+        staged: Option<Staged>,
+    ) -> Result<()> {
+        let mut writes = WriteBatch::default();
+        writes.put(checkpoint_key(pipeline), checkpoint.encode_to_vec());
+        match staged {
+            Some(staged) if !staged.batches.is_empty() => {
+                let queue = self.queue(&staged.stream, UplinkBudget::default())?;
+                queue.append_with(&staged.batches, writes)?;
+                Ok(())
+            }
+            _ => {
+                let mut options = WriteOptions::default();
+                options.set_sync(true);
+                self.db
+                    .write_opt(writes, &options)
+                    .map_err(storage("writing the checkpoint", pipeline))
+            }
+        }
+    }
+
+    fn forget(&self, pipeline: &str) -> Result<()> {
+        self.db
+            .delete(checkpoint_key(pipeline))
+            .map_err(storage("deleting the checkpoint", pipeline))
+    }
+}
+
+/// The engine's side of the `cloud` sink: a stream's queue in this store.
+impl UplinkWriter for UplinkStore {
+    fn open(&self, stream: &StreamSpec) -> ConnectorResult<Box<dyn UplinkAppender>> {
+        let queue = self.open_stream(stream).map_err(to_connector)?;
+        Ok(Box::new(QueueAppender(queue)))
+    }
+}
+
+struct QueueAppender(Arc<UplinkQueue>);
+
+impl UplinkAppender for QueueAppender {
+    fn append(&mut self, batch: &RecordBatch) -> ConnectorResult<bool> {
+        // Age is enforced where batches arrive, so it holds while the cloud is unreachable.
+        self.0.expire().map_err(to_connector)?;
+        match self.0.append(batch).map_err(to_connector)? {
+            Appended::Stored { .. } => Ok(true),
+            Appended::Refused => Ok(false),
+        }
+    }
+}
+
+fn to_connector(error: EngineError) -> ConnectorError {
+    match error {
+        EngineError::Storage(message) => ConnectorError::Storage(message),
+        other => ConnectorError::Internal(other.to_string()),
     }
 }
 
@@ -699,5 +977,68 @@ mod tests {
             error.to_string().contains("cannot open the uplink store"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_checkpoint_commits_with_the_results_it_covers_and_can_be_forgotten() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = UplinkStore::open(dir.path()).expect("open");
+        let spec = StreamSpec {
+            name: "rms".into(),
+            priority: StreamPriority::Bulk,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(3600),
+            overflow: OverflowPolicy::DropOldest,
+        };
+        store.open_stream(&spec).expect("stream");
+        assert!(store.load("p").expect("load").is_none());
+        let checkpoint = Checkpoint {
+            id: 7,
+            fingerprint: 42,
+            position: Some(vec![1, 2, 3]),
+            states: vec![vec![9; 10], Vec::new()],
+            committed_at_ms: 1,
+        };
+        let staged = Staged {
+            stream: "rms".into(),
+            batches: vec![batch(0, 3), batch(3, 2)],
+        };
+        store
+            .commit("p", &checkpoint, Some(staged))
+            .expect("commit");
+        let queue = store.queue("rms", UplinkBudget::default()).expect("queue");
+        let pending = queue.pending(0, 10).expect("pending");
+        assert_eq!(pending.iter().map(first_n).collect::<Vec<_>>(), vec![0, 3]);
+        assert_eq!(store.load("p").expect("load"), Some(checkpoint.clone()));
+        // After a restart both are still there, and the stream keeps its priority.
+        drop((queue, store));
+        let store = UplinkStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.load("p").expect("load"), Some(checkpoint));
+        let streams = store.streams().expect("streams");
+        assert_eq!(streams.len(), 1);
+        assert_eq!(streams[0].priority(), StreamPriority::Bulk);
+        assert_eq!(streams[0].stats().pending, 2);
+        store.forget("p").expect("forget");
+        assert!(store.load("p").expect("load").is_none());
+    }
+
+    #[test]
+    fn entries_acknowledged_out_of_order_are_gone_and_the_rest_stay() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = UplinkStore::open(dir.path()).expect("open");
+        let queue = store.queue("rms", UplinkBudget::default()).expect("queue");
+        for i in 0..5 {
+            queue.append(&batch(i * 10, 1)).expect("append");
+        }
+        assert_eq!(queue.ack_ranges(&[(3, 4), (1, 1)]).expect("ack"), 3);
+        let left: Vec<u64> = queue
+            .pending(0, 10)
+            .expect("pending")
+            .iter()
+            .map(|p| p.seq)
+            .collect();
+        assert_eq!(left, vec![0, 2]);
+        assert_eq!(queue.first_pending(), Some(0));
+        assert_eq!(queue.stats().pending, 2);
     }
 }

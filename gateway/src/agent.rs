@@ -41,6 +41,7 @@ use weir_proto::cloud::{
 
 use crate::deploy::Deployments;
 use crate::error::{GatewayError, Result};
+use crate::uplink::{SenderOptions, Uplink, run_sender};
 
 const CREDENTIAL_FILE: &str = "cloud-credential.json";
 const PLANS_FILE: &str = "cloud-plans.pb";
@@ -67,7 +68,7 @@ fn endpoint(options: &AgentOptions) -> std::result::Result<Endpoint, String> {
 }
 
 /// How the agent reaches the cloud.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentOptions {
     pub url: String,
     pub data_dir: PathBuf,
@@ -79,6 +80,9 @@ pub struct AgentOptions {
     /// The CA an `https://` cloud's certificate is checked against; needed at enrollment,
     /// kept in the data directory after it.
     pub ca_file: Option<PathBuf>,
+    /// The queue of results bound for the cloud, sent on every session.
+    pub uplink: Arc<Uplink>,
+    pub sender: SenderOptions,
 }
 
 /// The agent's connection as the local admin API shows it.
@@ -373,7 +377,7 @@ impl Agent {
             .connect()
             .await
             .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
-        let mut client = GatewayControlClient::new(channel);
+        let mut client = GatewayControlClient::new(channel.clone());
         let (outbound, receiver) = mpsc::channel::<GatewayMessage>(16);
         let running = self
             .deployments
@@ -390,10 +394,13 @@ impl Agent {
         )
         .await;
         let mut request = tonic::Request::new(ReceiverStream::new(receiver));
-        let bearer = format!("Bearer {}", self.credential.credential)
-            .parse()
-            .map_err(|_| "the saved credential is not valid text; enroll again".to_owned())?;
-        request.metadata_mut().insert("authorization", bearer);
+        let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {}", self.credential.credential)
+                .parse()
+                .map_err(|_| "the saved credential is not valid text; enroll again".to_owned())?;
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
         let mut inbound = client
             .control_stream(request)
             .await
@@ -403,6 +410,7 @@ impl Agent {
         // Heartbeats go from a task of their own, so that applying a slow plan change (a
         // pipeline draining to its sink) never makes the cloud think the gateway is gone.
         let mut _heartbeats: Option<Owned> = None;
+        let mut _sender: Option<Owned> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -437,6 +445,7 @@ impl Agent {
                                     }
                                 }
                             })));
+                            _sender = self.start_sender(channel.clone(), bearer.clone());
                             tracing::info!(gateway = %welcome.name, cloud = %self.options.url, "connected to the cloud");
                         }
                         Some(cloud_message::Kind::Desired(desired)) => {
@@ -579,6 +588,41 @@ impl Agent {
         results
     }
 
+    /// The uplink sender of this session: it restarts after a failure (a broken uplink
+    /// stream, a storage error) while the session lasts.
+    fn start_sender(
+        &self,
+        channel: tonic::transport::Channel,
+        bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    ) -> Option<Owned> {
+        let store = match self.options.uplink.store() {
+            Ok(store) => store,
+            Err(error) => {
+                tracing::error!(%error, "the uplink queue cannot be opened; results stay local");
+                return None;
+            }
+        };
+        let options = self.options.sender;
+        Some(Owned(tokio::spawn(async move {
+            let stop = CancellationToken::new();
+            let _cancel = stop.clone().drop_guard();
+            loop {
+                let ended = run_sender(
+                    channel.clone(),
+                    bearer.clone(),
+                    store.clone(),
+                    options,
+                    stop.clone(),
+                )
+                .await;
+                if let Err(error) = ended {
+                    tracing::warn!(%error, "uplink interrupted; resuming");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })))
+    }
+
     fn lock_accepted(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SignedPlan>> {
         self.accepted.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -605,6 +649,7 @@ impl Agent {
                     name: p.name,
                 })
                 .collect(),
+            streams: self.options.uplink.status(),
         }
     }
 }

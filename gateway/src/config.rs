@@ -44,8 +44,9 @@ pub struct GatewayConfig {
     /// written as `<pipeline>.jsonl`; unset: the most recent are kept in memory and shown by
     /// `GET /api/pipelines/NAME`.
     pub dead_letters: Option<PathBuf>,
-    /// Where the gateway keeps what must survive a restart: its cloud credential and the
-    /// last plans the cloud sent.
+    /// Where the gateway keeps what must survive a restart: its cloud credential, the
+    /// last plans the cloud sent, and the uplink queue of results bound for the cloud
+    /// (`uplink/`).
     pub data_dir: PathBuf,
     /// The site's MQTT broker.
     pub broker: BrokerSection,
@@ -124,6 +125,9 @@ pub struct CloudSection {
     /// The certificate authority of an `https://` cloud (its `tls/ca.pem`); needed at
     /// enrollment, then kept in `data_dir`.
     pub ca_file: Option<PathBuf>,
+    /// Bytes per second of queued results the uplink sends after an outage, e.g. `"4MiB"`;
+    /// results produced meanwhile are sent at once, ahead of the backlog.
+    pub drain_rate: String,
 }
 
 impl Default for CloudSection {
@@ -132,7 +136,23 @@ impl Default for CloudSection {
             url: None,
             max_backoff: Duration::from_secs(30),
             ca_file: None,
+            drain_rate: "4MiB".into(),
         }
+    }
+}
+
+impl CloudSection {
+    /// `drain_rate` in bytes per second.
+    pub fn drain_rate_bytes(&self) -> Result<u64> {
+        weir_connectors::cloud::parse_bytes(&self.drain_rate)
+            .ok()
+            .filter(|&rate| rate >= 1024)
+            .ok_or_else(|| {
+                GatewayError::Config(format!(
+                    "cloud.drain_rate must be a size per second of at least 1KiB, such as \"4MiB\", not \"{}\"",
+                    self.drain_rate
+                ))
+            })
     }
 }
 
@@ -188,6 +208,10 @@ pub struct EngineSection {
     pub idle_timeout: Duration,
     /// Restarts of a failing pipeline before it is marked failed.
     pub max_restarts: u32,
+    /// How often every pipeline takes a checkpoint into `data_dir` (state, source position,
+    /// and the `cloud` sinks' results, in one atomic write); `"0s"` turns checkpoints off.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for EngineSection {
@@ -198,6 +222,7 @@ impl Default for EngineSection {
             in_flight: engine.in_flight,
             idle_timeout: engine.idle_timeout,
             max_restarts: engine.max_restarts,
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }

@@ -259,6 +259,7 @@ impl Deployments {
         if let Some(removed) = removed {
             removed.handle.stop_and_wait().await;
             self.engine.forget(name);
+            self.engine.forget_checkpoint(name);
             tracing::info!(pipeline = %name, "pipeline removed by the cloud");
         }
         Ok(())
@@ -308,7 +309,11 @@ impl Deployments {
         };
         // Build the new version before stopping the old one: a version that cannot run
         // leaves the old one running.
-        let factory = match PlanFactory::new(plan.clone(), old.dead_letters.clone()) {
+        let factory = match PlanFactory::new(
+            plan.clone(),
+            old.dead_letters.clone(),
+            self.engine.sink_context(),
+        ) {
             Ok(factory) => factory,
             Err(error) => {
                 self.lock().insert(name, old);
@@ -381,6 +386,7 @@ impl Deployments {
         };
         removed.handle.stop_and_wait().await;
         self.engine.forget(&name);
+        self.engine.forget_checkpoint(&name);
         tracing::info!(pipeline = %name, "pipeline removed");
         Ok(())
     }
@@ -474,7 +480,11 @@ impl Deployments {
             Some(dir) => DeadLetterQueue::to_file(dir.join(format!("{}.jsonl", plan.name)))?,
             None => DeadLetterQueue::default(),
         };
-        let factory = PlanFactory::new(plan.clone(), dead_letters.clone())?;
+        let factory = PlanFactory::new(
+            plan.clone(),
+            dead_letters.clone(),
+            self.engine.sink_context(),
+        )?;
         let handle = self
             .engine
             .start_with_state(plan.name.clone(), Arc::new(factory), state)?;

@@ -7,7 +7,8 @@
 //!        │  mqtt source ─> operators ─> mqtt / file sink      (weir-engine)           │
 //!        └────────────────────────────────────────────────────────────────────────────┘
 //!  admin API (axum, loopback): list, add, replace, remove, /metrics, /health
-//!  cloud agent (gRPC, outbound): enroll, signed plans in, status out
+//!  cloud agent (gRPC, outbound): enroll, signed plans in, status out, results out from
+//!    the durable uplink queue (<data_dir>/uplink)
 //! ```
 //!
 //! What lives here: the layered configuration ([`config`]), hot deploy ([`deploy`]), the
@@ -22,6 +23,7 @@ pub mod config;
 pub mod deploy;
 pub mod error;
 pub mod metrics;
+pub mod uplink;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,7 +90,20 @@ impl Gateway {
                 source,
             })?;
         }
-        let engine = Engine::new(config.engine.options());
+        let uplink = uplink::Uplink::new(config.data_dir.join("uplink"));
+        let drain_rate = config.cloud.drain_rate_bytes()?;
+        let mut engine_options = config.engine.options();
+        engine_options.sinks.uplink = Some(Arc::clone(&uplink) as _);
+        if !config.engine.checkpoint_interval.is_zero() {
+            // Opened now, so a data directory in use by another gateway fails the start.
+            let store = uplink.store()?;
+            engine_options.checkpoints = Some(weir_engine::CheckpointOptions {
+                store: Arc::new(store),
+                interval: config.engine.checkpoint_interval,
+            });
+            engine_options.sinks.checkpoints = true;
+        }
+        let engine = Engine::new(engine_options);
         let deployments = Arc::new(Deployments::new(engine, config.dead_letters.clone()));
         let listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
@@ -138,6 +153,11 @@ impl Gateway {
                         hostname: config.name.clone(),
                         max_backoff: config.cloud.max_backoff,
                         ca_file: config.cloud.ca_file.clone(),
+                        uplink: Arc::clone(&uplink),
+                        sender: uplink::SenderOptions {
+                            drain_rate,
+                            ..uplink::SenderOptions::default()
+                        },
                     },
                     Arc::clone(&deployments),
                     link,

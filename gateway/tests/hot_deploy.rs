@@ -28,6 +28,8 @@ fn config(token: Option<&str>) -> GatewayConfig {
     config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.admin.token = token.map(str::to_owned);
     config.engine.idle_timeout = Duration::from_millis(200);
+    // Checkpoints and the uplink live here; each test has its own.
+    config.data_dir = tempfile::tempdir().expect("temp dir").keep();
     config
 }
 

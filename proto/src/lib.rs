@@ -26,6 +26,11 @@ mod generated {
                 include!(concat!(env!("OUT_DIR"), "/weir.cloud.v1.rs"));
             }
         }
+        pub mod engine {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/weir.engine.v1.rs"));
+            }
+        }
     }
 }
 
@@ -35,6 +40,9 @@ pub use generated::weir::plan::v1 as plan;
 /// The gateway <-> cloud protocol, package `weir.cloud.v1`: enrollment, the control
 /// stream, signed plans.
 pub use generated::weir::cloud::v1 as cloud;
+
+/// What the gateway keeps on its own disk, package `weir.engine.v1`: pipeline checkpoints.
+pub use generated::weir::engine::v1 as engine;
 
 /// Every message and service of this crate as an encoded `FileDescriptorSet`, for gRPC
 /// server reflection.

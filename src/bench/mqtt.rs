@@ -415,7 +415,7 @@ impl CountedRun {
     /// Starts the pipeline of `sql`; must run inside the actix system.
     fn start(sql: &str, expected: Arc<AtomicU64>) -> anyhow::Result<Self> {
         let dead_letters = DeadLetterQueue::default();
-        let plan = PlanFactory::new(compile(sql)?, dead_letters.clone())?;
+        let plan = PlanFactory::new(compile(sql)?, dead_letters.clone(), Default::default())?;
         let progress = Arc::default();
         let results = Arc::default();
         let factory = CountedFactory {

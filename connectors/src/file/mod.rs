@@ -18,7 +18,7 @@ pub use self::sink::{FileSink, RowFormatter, StdoutSink};
 pub use self::source::FileSource;
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::Result;
-use crate::registry::{ConnectorSpec, SinkConnector, SourceConnector, parse_options};
+use crate::registry::{ConnectorSpec, SinkConnector, SinkContext, SourceConnector, parse_options};
 use crate::{Sink, Source};
 
 /// The `file` source connector.
@@ -65,7 +65,11 @@ fn validate_sink(spec: &ConnectorSpec, _schema: &Schema) -> Result<()> {
     parse_options::<FileSinkConfig>("file", spec)?.validate()
 }
 
-fn build_sink(spec: &ConnectorSpec, _schema: SchemaRef) -> Result<Box<dyn Sink>> {
+fn build_sink(
+    spec: &ConnectorSpec,
+    _schema: SchemaRef,
+    _context: &SinkContext,
+) -> Result<Box<dyn Sink>> {
     let config: FileSinkConfig = parse_options("file", spec)?;
     Ok(Box::new(FileSink::create(&config)?))
 }
@@ -74,7 +78,11 @@ fn validate_stdout(spec: &ConnectorSpec, _schema: &Schema) -> Result<()> {
     parse_options::<StdoutSinkConfig>("stdout", spec).map(drop)
 }
 
-fn build_stdout(spec: &ConnectorSpec, _schema: SchemaRef) -> Result<Box<dyn Sink>> {
+fn build_stdout(
+    spec: &ConnectorSpec,
+    _schema: SchemaRef,
+    _context: &SinkContext,
+) -> Result<Box<dyn Sink>> {
     let config: StdoutSinkConfig = parse_options("stdout", spec)?;
     Ok(Box::new(StdoutSink::stdout(&config)))
 }

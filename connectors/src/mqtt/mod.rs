@@ -43,7 +43,7 @@ pub use self::source::MqttSource;
 pub use self::topic::{TopicPattern, TopicTemplate};
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::Result;
-use crate::registry::{ConnectorSpec, SinkConnector, SourceConnector};
+use crate::registry::{ConnectorSpec, SinkConnector, SinkContext, SourceConnector};
 use crate::{Sink, Source};
 
 /// The `mqtt` source connector.
@@ -94,7 +94,11 @@ fn validate_sink(spec: &ConnectorSpec, schema: &Schema) -> Result<()> {
     MqttSink::check(&broker, &config, schema)
 }
 
-fn build_sink(spec: &ConnectorSpec, schema: SchemaRef) -> Result<Box<dyn Sink>> {
+fn build_sink(
+    spec: &ConnectorSpec,
+    schema: SchemaRef,
+    _context: &SinkContext,
+) -> Result<Box<dyn Sink>> {
     let (broker, config): (BrokerConfig, MqttSinkConfig) = config::split_options(spec)?;
     Ok(Box::new(MqttSink::new(
         &spec.name, &broker, config, schema,

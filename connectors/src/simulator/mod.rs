@@ -176,9 +176,14 @@ pub struct SimulatorSource {
     start: Option<i64>,
     tick: u64,
     total_samples: Option<u64>,
-    /// Realtime mode: when tick 0 began on the wall clock.
+    /// Realtime mode: when tick 0 began on the wall clock, as an instant and in UTC
+    /// nanoseconds (which a checkpoint keeps, so a resumed source keeps the same pace).
     wall_start: Option<Instant>,
-    pending: Option<(RecordBatch, Option<Instant>)>,
+    wall_origin: Option<i64>,
+    /// A generated batch, when it is due, and the tick after it.
+    pending: Option<(RecordBatch, Option<Instant>, u64)>,
+    /// The tick after the last batch returned: the source's position.
+    returned: u64,
     json: Option<JsonPayloads>,
     dead_letters: DeadLetterQueue,
 }
@@ -228,7 +233,9 @@ impl SimulatorSource {
             start,
             tick: 0,
             wall_start: None,
+            wall_origin: None,
             pending: None,
+            returned: 0,
             json,
             dead_letters,
         })
@@ -243,16 +250,19 @@ impl SimulatorSource {
                             / f64::from(self.config.rate_hz);
                         wall + Duration::from_secs_f64(seconds)
                     });
-                    self.pending = Some((batch, due));
+                    self.pending = Some((batch, due, self.tick));
                 }
                 None => return Ok(SourceEvent::End),
             }
         }
-        if let Some((_, Some(due))) = &self.pending {
+        if let Some((_, Some(due), _)) = &self.pending {
             tokio::time::sleep_until(*due).await;
         }
         match self.pending.take() {
-            Some((batch, _)) => Ok(SourceEvent::Batch(batch)),
+            Some((batch, _, after)) => {
+                self.returned = after;
+                Ok(SourceEvent::Batch(batch))
+            }
             None => Err(ConnectorError::Internal(
                 "simulator lost its pending batch".into(),
             )),
@@ -262,9 +272,11 @@ impl SimulatorSource {
     /// Produces the next non-empty tick, or `None` after `duration_s`.
     fn generate(&mut self) -> Result<Option<RecordBatch>> {
         if self.config.realtime && self.wall_start.is_none() {
+            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
             self.wall_start = Some(Instant::now());
+            self.wall_origin = Some(now);
             if self.start.is_none() {
-                self.start = Some(chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
+                self.start = Some(now);
             }
         }
         let start = self.start.unwrap_or_default();
@@ -466,6 +478,52 @@ impl Source for SimulatorSource {
     fn next_event(&mut self) -> SourceFuture<'_> {
         Box::pin(self.next())
     }
+
+    /// The event-time origin, the next tick and (realtime) when tick 0 was due: 24 bytes.
+    fn position(&self) -> Option<Vec<u8>> {
+        let start = self.start?;
+        let mut bytes = start.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&self.returned.to_be_bytes());
+        bytes.extend_from_slice(&self.wall_origin.unwrap_or(i64::MIN).to_be_bytes());
+        Some(bytes)
+    }
+
+    /// Goes on with the tick after `position`. In realtime mode a tick is due when the wall
+    /// clock reaches its event time, so a source resumed after a crash catches up at full
+    /// speed and then keeps pace again.
+    fn seek(&mut self, position: &[u8]) -> Result<()> {
+        let word = |at: usize| {
+            position
+                .get(at..at + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        };
+        let (Some(start), Some(tick), Some(origin)) = (
+            word(0).map(i64::from_be_bytes),
+            word(8).map(u64::from_be_bytes),
+            word(16).map(i64::from_be_bytes),
+        ) else {
+            return Err(ConnectorError::config(
+                "simulator",
+                "the checkpointed position is not a simulator position",
+            ));
+        };
+        self.start = Some(start);
+        self.tick = tick;
+        self.returned = tick;
+        self.pending = None;
+        if self.config.realtime {
+            let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+            let origin = if origin == i64::MIN { now } else { origin };
+            let since = Duration::from_nanos(now.saturating_sub(origin).max(0) as u64);
+            self.wall_origin = Some(origin);
+            self.wall_start = Some(
+                Instant::now()
+                    .checked_sub(since)
+                    .unwrap_or_else(Instant::now),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -586,6 +644,21 @@ mod tests {
             assert_eq!(batches(&mut source, 4).await, arrow, "{payload:?}");
             assert_eq!(dlq.count(), 0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_source_resumed_from_its_position_continues_with_the_same_batches() {
+        let mut whole = simulator(small());
+        let all = batches(&mut whole, 6).await;
+        let mut first = simulator(small());
+        let head = batches(&mut first, 2).await;
+        let position = first.position().expect("a position after two batches");
+        let mut resumed = simulator(small());
+        resumed.seek(&position).expect("seek");
+        let tail = batches(&mut resumed, 4).await;
+        assert_eq!(head, all[..2].to_vec());
+        assert_eq!(tail, all[2..].to_vec());
+        assert!(resumed.seek(b"short").is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,0 +1,174 @@
+//! Results through the durable uplink, with real processes, RocksDB on disk and gRPC: a
+//! gateway keeps computing while its cloud is down, and after the outage the cloud holds
+//! every window exactly once, current results having gone ahead of the drained backlog.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use support::{Fleet, Gateway, text, wait_until};
+
+const SQL: &str = "
+CREATE SOURCE vib (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
+                   WATERMARK FOR ts AS ts - INTERVAL '0.2' SECOND)
+WITH (connector = 'simulator', sensors = 4, rate_hz = 200, realtime = true);
+CREATE SINK vibration_rms WITH (connector = 'cloud', priority = 'bulk');
+CREATE PIPELINE rms AS INSERT INTO vibration_rms
+SELECT sensor, window_start, window_end, sqrt(avg(v * v)) AS rms, count(*) AS samples
+FROM TUMBLE(vib, ts, INTERVAL '1' SECOND)
+GROUP BY sensor, window_start, window_end;
+";
+
+/// Per sensor: (rows, distinct windows, first and last window start in seconds).
+type Coverage = BTreeMap<String, (u64, u64, i64, i64)>;
+
+fn coverage(fleet: &Fleet) -> Option<Coverage> {
+    let output = fleet.cli_as(
+        &fleet.token,
+        &[
+            "query",
+            "SELECT sensor, count(*) AS n, count(DISTINCT window_start) AS d, \
+             to_unixtime(min(window_start)) AS first, to_unixtime(max(window_start)) AS last \
+             FROM vibration_rms GROUP BY sensor",
+            "--json",
+        ],
+    );
+    if !output.status.success() {
+        return None;
+    }
+    let rows = text(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .map(|row| {
+            let number = |key: &str| row[key].as_i64().unwrap_or(-1);
+            (
+                row["sensor"].as_str().unwrap_or("?").to_owned(),
+                (
+                    number("n") as u64,
+                    number("d") as u64,
+                    number("first"),
+                    number("last"),
+                ),
+            )
+        })
+        .collect::<Coverage>();
+    (!rows.is_empty()).then_some(rows)
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Every sensor has each second from its first window to its last exactly once.
+fn complete(coverage: &Coverage) -> bool {
+    coverage
+        .values()
+        .all(|&(n, d, first, last)| n == d && d as i64 == last - first + 1)
+}
+
+#[test]
+fn an_outage_loses_nothing_and_live_results_overtake_the_backlog() {
+    let mut fleet = Fleet::new(false);
+    let token = fleet.add_gateway("plant1-a", &["site=plant1"]);
+    let mut gateway = Gateway::new(&fleet, "plant1-a");
+    // Slow enough that the backlog of the outage takes seconds to drain.
+    gateway
+        .env
+        .push(("WEIR__CLOUD__DRAIN_RATE".into(), "1KiB".into()));
+    gateway.restart(&fleet.url(), Some(&token));
+    fleet.deploy("rms", SQL, "site=plant1");
+    wait_until("the first results are stored in the cloud", || {
+        coverage(&fleet).is_some()
+    });
+
+    // The WAN goes down: the cloud is killed, the gateway goes on computing.
+    fleet.cloud.kill();
+    std::thread::sleep(Duration::from_secs(8));
+    let back = now_s();
+    fleet.start_cloud();
+
+    // Results of after the outage arrive while the outage's backlog is still draining.
+    let mut live_before_backlog = None;
+    wait_until("a window from after the outage is stored", || {
+        let Some(seen) = coverage(&fleet) else {
+            return false;
+        };
+        let live = seen.values().all(|&(_, _, _, last)| last >= back);
+        if live {
+            live_before_backlog = Some(!complete(&seen));
+        }
+        live
+    });
+    assert_eq!(
+        live_before_backlog,
+        Some(true),
+        "live results should not wait for the backlog"
+    );
+
+    // Then the backlog: every second of every sensor, once, from before the outage on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        let seen = coverage(&fleet).unwrap_or_default();
+        if seen.len() == 4 && complete(&seen) {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backlog did not drain completely: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for (sensor, (_, windows, first, last)) in &seen {
+        assert!(
+            *first < back - 8 && *last >= back,
+            "{sensor}: windows {first}..={last} should span the outage ending at {back}"
+        );
+        assert!(*windows >= 9, "{sensor}: only {windows} windows");
+    }
+
+    // Status tells, per gateway and stream, what is stored and what is left.
+    wait_until("the gateway reports an empty backlog", || {
+        let status = fleet.status();
+        let stream = &status["gateways"][0]["streams"][0];
+        stream["stream"] == "vibration_rms"
+            && stream["priority"] == "bulk"
+            && stream["pending"].as_u64().is_some_and(|p| p <= 2)
+            && stream["last_stored_seq"].as_u64().is_some()
+    });
+    let table = fleet.cli(&["status"]);
+    assert!(
+        table.contains("vibration_rms") && table.contains("bulk"),
+        "{table}"
+    );
+    drop(gateway);
+}
+
+#[test]
+fn a_gateway_killed_twenty_times_still_delivers_every_window_once_with_the_same_values() {
+    // `weir soak` runs the cloud, kills its gateway with SIGKILL at random moments and
+    // compares what the cloud stored with the windows of a run without crashes.
+    let output = std::process::Command::new(support::WEIR)
+        .args(["soak", "--kills", "20", "--seconds", "40", "--json"])
+        .output()
+        .expect("weir soak runs");
+    let outcome: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "weir soak printed no JSON: {}{}",
+            text(&output.stdout),
+            text(&output.stderr)
+        )
+    });
+    assert_eq!(outcome["kills"], 20, "{outcome}");
+    assert!(
+        outcome["checked"].as_u64().is_some_and(|n| n >= 150),
+        "{outcome}"
+    );
+    for count in ["lost", "duplicated", "unexpected", "wrong_values"] {
+        assert_eq!(outcome[count], 0, "{count}: {outcome}");
+    }
+    assert!(output.status.success(), "{outcome}");
+}

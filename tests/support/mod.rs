@@ -1,0 +1,251 @@
+//! What the multi-process tests share: free ports, child processes that die with the test,
+//! a `weir cloud` with its CLI, and `weir gateway` processes enrolled with it.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Kills the process if a test fails before it is stopped.
+pub struct Running(pub Option<Child>);
+
+impl Running {
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub cloud_port: u16,
+    pub cloud: Running,
+    pub token: String,
+    pub tls: bool,
+}
+
+impl Fleet {
+    pub fn new(tls: bool) -> Self {
+        let mut fleet = Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            cloud_port: free_port(),
+            cloud: Running(None),
+            token: String::new(),
+            tls,
+        };
+        fleet.start_cloud();
+        let token_file = fleet.dir.path().join("cloud").join("admin.token");
+        fleet.token = std::fs::read_to_string(&token_file).expect("first start writes admin.token");
+        fleet
+    }
+
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.cloud_port)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("cloud").join("tls").join("ca.pem")
+    }
+
+    pub fn start_cloud(&mut self) {
+        let mut command = Command::new(WEIR);
+        if self.tls {
+            command.arg("cloud").arg("--tls");
+        } else {
+            command.arg("cloud");
+        }
+        let child = command
+            .args(["--heartbeat", "300ms", "--listen"])
+            .arg(format!("127.0.0.1:{}", self.cloud_port))
+            .arg("--data")
+            .arg(self.dir.path().join("cloud"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weir cloud starts");
+        self.cloud = Running(Some(child));
+        wait_for_port(self.cloud_port);
+    }
+
+    /// Runs the CLI against the cloud with `token`.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        let mut command = Command::new(WEIR);
+        command
+            .args(args)
+            .env("WEIR_CLOUD", self.url())
+            .env("WEIR_TOKEN", token)
+            .current_dir(self.dir.path());
+        if self.tls {
+            command.env("WEIR_CA", self.ca());
+        }
+        command.output().expect("weir runs")
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = self.cli_as(&self.token, args);
+        assert!(
+            output.status.success(),
+            "weir {args:?} failed: {}{}",
+            text(&output.stdout),
+            text(&output.stderr)
+        );
+        text(&output.stdout)
+    }
+
+    pub fn add_gateway(&self, name: &str, labels: &[&str]) -> String {
+        let mut args = vec!["cloud", "gateways", "add", name];
+        for label in labels {
+            args.extend(["--label", label]);
+        }
+        let out = self.cli(&args);
+        out.lines()
+            .find_map(|l| l.strip_prefix("enrollment token (one use): "))
+            .unwrap_or_else(|| panic!("no token in: {out}"))
+            .to_owned()
+    }
+
+    pub fn deploy(&self, name: &str, sql: &str, selector: &str) -> String {
+        let file = self.dir.path().join(format!("{name}.sql"));
+        std::fs::write(&file, sql).expect("write sql");
+        self.cli(&[
+            "deploy",
+            &file.display().to_string(),
+            "--selector",
+            selector,
+        ])
+    }
+
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        serde_json::from_str(&out).expect("status is JSON")
+    }
+}
+
+pub struct Gateway {
+    pub name: String,
+    pub admin: u16,
+    pub data: PathBuf,
+    pub process: Running,
+    /// Extra environment, e.g. `WEIR__CLOUD__DRAIN_RATE`.
+    pub env: Vec<(String, String)>,
+}
+
+impl Gateway {
+    pub fn start(fleet: &Fleet, name: &str, enroll: Option<&str>) -> Self {
+        let mut gateway = Self::new(fleet, name);
+        gateway.restart(&fleet.url(), enroll);
+        gateway
+    }
+
+    pub fn new(fleet: &Fleet, name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            admin: free_port(),
+            data: fleet.dir.path().join(name),
+            process: Running(None),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn restart(&mut self, cloud: &str, enroll: Option<&str>) {
+        let mut command = self.command(cloud, enroll);
+        self.process = Running(Some(command.spawn().expect("weir gateway starts")));
+        wait_for_port(self.admin);
+    }
+
+    pub fn command(&self, cloud: &str, enroll: Option<&str>) -> Command {
+        let mut command = Command::new(WEIR);
+        command
+            .args([
+                "gateway", "--broker", "none", "--name", &self.name, "--cloud", cloud,
+            ])
+            .arg("--admin")
+            .arg(format!("127.0.0.1:{}", self.admin))
+            .arg("--data")
+            .arg(&self.data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(token) = enroll {
+            command.args(["--enroll", token]);
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    /// `weir pipelines list` against this gateway, as an operator at the site reads it.
+    pub fn list_text(&self) -> String {
+        let output = Command::new(WEIR)
+            .args(["pipelines", "list", "--gateway"])
+            .arg(format!("http://127.0.0.1:{}", self.admin))
+            .output()
+            .expect("weir runs");
+        text(&output.stdout)
+    }
+
+    /// Pipeline name -> version, as the gateway's own admin API reports it.
+    pub fn running(&self) -> Vec<(String, u64)> {
+        let output = Command::new(WEIR)
+            .args(["pipelines", "list", "--json", "--gateway"])
+            .arg(format!("http://127.0.0.1:{}", self.admin))
+            .output()
+            .expect("weir runs");
+        let Ok(body) = serde_json::from_slice::<Value>(&output.stdout) else {
+            return Vec::new();
+        };
+        body["pipelines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["state"] == "running")
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap_or("?").to_owned(),
+                    p["version"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+}
+
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
