@@ -26,6 +26,16 @@ impl EngineError {
     pub fn is_retryable(&self) -> bool {
         !matches!(self, EngineError::Plan(_))
     }
+
+    /// The gateway's own disk failed (full, or a RocksDB error): the pipeline is retried for
+    /// as long as it takes, since it clears when space returns.
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Storage(_)
+                | EngineError::Connector(weir_connectors::ConnectorError::Storage(_))
+        )
+    }
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

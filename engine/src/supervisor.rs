@@ -290,7 +290,8 @@ impl PipelineSupervisor {
         }
         self.failures += 1;
         tracing::error!(pipeline = %self.name, attempt = self.failures, %error, "pipeline failed");
-        if !error.is_retryable() || self.failures > self.options.max_restarts {
+        let out_of_restarts = self.failures > self.options.max_restarts && !error.is_storage();
+        if !error.is_retryable() || out_of_restarts {
             let _ = self.state.send(PipelineState::Failed(error.to_string()));
             ctx.stop();
             return;

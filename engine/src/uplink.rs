@@ -20,10 +20,10 @@
 //! one atomic write batch.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
@@ -103,10 +103,99 @@ pub struct UplinkStats {
     pub expired: u64,
 }
 
+/// The database, opened again after a failed write: RocksDB refuses every write after one
+/// failed (a full disk) until it is reopened, which works, with nothing lost, once space
+/// has returned. Attempts are at most once a second.
+struct Disk {
+    path: PathBuf,
+    db: RwLock<Option<DB>>,
+    failed: AtomicBool,
+    last_attempt: Mutex<Option<Instant>>,
+}
+
+fn db_options() -> Options {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.set_write_buffer_size(8 << 20);
+    options.set_max_open_files(128);
+    options
+}
+
+impl Disk {
+    fn open(path: &Path) -> Result<Self> {
+        let db = DB::open(&db_options(), path).map_err(|error| {
+            EngineError::Storage(format!(
+                "cannot open the uplink store in {}: {error}",
+                path.display()
+            ))
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            db: RwLock::new(Some(db)),
+            failed: AtomicBool::new(false),
+            last_attempt: Mutex::default(),
+        })
+    }
+
+    /// Runs `f` on the database, reopening it first if a write failed before.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&DB) -> std::result::Result<T, rocksdb::Error>,
+    ) -> std::result::Result<T, String> {
+        if self.failed.load(Ordering::Acquire) {
+            self.reopen();
+        }
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let db = db.as_ref().ok_or_else(|| {
+            format!(
+                "the store in {} is unavailable after a failed write; retrying once space returns",
+                self.path.display()
+            )
+        })?;
+        f(db).map_err(|error| error.to_string())
+    }
+
+    /// A synced write; a failure marks the database for reopening.
+    fn write(&self, batch: WriteBatch) -> std::result::Result<(), String> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.with(|db| db.write_opt(batch, &options))
+            .inspect_err(|_| {
+                self.failed.store(true, Ordering::Release);
+            })
+    }
+
+    fn reopen(&self) {
+        {
+            let mut last = self
+                .last_attempt
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // The old handle must be closed first: it holds the directory's lock.
+        drop(db.take());
+        match DB::open(&db_options(), &self.path) {
+            Ok(opened) => {
+                *db = Some(opened);
+                self.failed.store(false, Ordering::Release);
+                tracing::info!(store = %self.path.display(), "uplink store writable again");
+            }
+            Err(error) => {
+                tracing::warn!(store = %self.path.display(), %error, "uplink store still cannot be reopened");
+            }
+        }
+    }
+}
+
 /// The on-disk store of every stream's queue.
 #[derive(Clone)]
 pub struct UplinkStore {
-    db: Arc<DB>,
+    db: Arc<Disk>,
     /// One queue per stream, whoever asks: two would hand out the same sequence numbers.
     queues: Arc<Mutex<HashMap<String, Arc<UplinkQueue>>>>,
     /// Woken after every append, so the sender need not poll.
@@ -129,18 +218,8 @@ const META_PREFIX: &[u8] = b"\0s";
 impl UplinkStore {
     /// Opens (or creates) the store in `dir`; fails if another process holds it.
     pub fn open(dir: &Path) -> Result<Self> {
-        let mut options = Options::default();
-        options.create_if_missing(true);
-        options.set_write_buffer_size(8 << 20);
-        options.set_max_open_files(128);
-        let db = DB::open(&options, dir).map_err(|error| {
-            EngineError::Storage(format!(
-                "cannot open the uplink store in {}: {error}",
-                dir.display()
-            ))
-        })?;
         Ok(Self {
-            db: Arc::new(db),
+            db: Arc::new(Disk::open(dir)?),
             queues: Arc::default(),
             appended: Arc::default(),
         })
@@ -171,8 +250,10 @@ impl UplinkStore {
         key.extend_from_slice(spec.name.as_bytes());
         let value = serde_json::to_vec(&meta)
             .map_err(|e| EngineError::Internal(format!("stream settings: {e}")))?;
+        let mut writes = WriteBatch::default();
+        writes.put(key, value);
         self.db
-            .put(key, value)
+            .write(writes)
             .map_err(storage("remembering the stream's settings", &spec.name))?;
         Ok(queue)
     }
@@ -180,16 +261,22 @@ impl UplinkStore {
     /// Every stream this store holds, including those whose pipeline is gone, each with the
     /// settings it last had.
     pub fn streams(&self) -> Result<Vec<Arc<UplinkQueue>>> {
-        let mut found = Vec::new();
-        for item in self
+        let listed = self
             .db
-            .iterator(IteratorMode::From(META_PREFIX, Direction::Forward))
-        {
-            let (key, value) = item.map_err(storage("listing streams", "*"))?;
-            let Some(name) = key.strip_prefix(META_PREFIX) else {
-                break;
-            };
-            let name = String::from_utf8_lossy(name).into_owned();
+            .with(|db| {
+                let mut listed = Vec::new();
+                for item in db.iterator(IteratorMode::From(META_PREFIX, Direction::Forward)) {
+                    let (key, value) = item?;
+                    let Some(name) = key.strip_prefix(META_PREFIX) else {
+                        break;
+                    };
+                    listed.push((String::from_utf8_lossy(name).into_owned(), value));
+                }
+                Ok(listed)
+            })
+            .map_err(storage("listing streams", "*"))?;
+        let mut found = Vec::new();
+        for (name, value) in listed {
             match serde_json::from_slice::<StreamMeta>(&value) {
                 Ok(meta) => found.push((name, meta)),
                 Err(error) => {
@@ -255,7 +342,7 @@ struct Index {
 
 /// One stream's queue; see the module docs.
 pub struct UplinkQueue {
-    db: Arc<DB>,
+    db: Arc<Disk>,
     stream: String,
     appended: Arc<Notify>,
     index: Mutex<Index>,
@@ -283,7 +370,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn storage(what: &str, stream: &str) -> impl FnOnce(rocksdb::Error) -> EngineError {
+fn storage<E: std::fmt::Display>(what: &str, stream: &str) -> impl FnOnce(E) -> EngineError {
     let what = format!("uplink stream '{stream}': {what}");
     move |error| EngineError::Storage(format!("{what}: {error}"))
 }
@@ -311,7 +398,7 @@ fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
 
 impl UplinkQueue {
     fn open(
-        db: Arc<DB>,
+        db: Arc<Disk>,
         stream: &str,
         budget: UplinkBudget,
         appended: Arc<Notify>,
@@ -324,33 +411,35 @@ impl UplinkQueue {
         let mut entries = VecDeque::new();
         let mut bytes = 0;
         let first = key(stream, ENTRY, 0);
-        for item in db.iterator(IteratorMode::From(&first, Direction::Forward)) {
-            let (k, v) = item.map_err(storage("reading the queue", stream))?;
-            if !k.starts_with(&first[..first.len() - 8]) {
-                break;
-            }
-            let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap_or([0; 8]));
-            let enqueued = v
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_be_bytes);
-            entries.push_back((seq, v.len() as u64, enqueued));
-            bytes += v.len() as u64;
-        }
-        let stored_next = db
-            .get(key(stream, NEXT_SEQ, 0))
-            .map_err(storage("reading the next sequence number", stream))?
+        let (stored_next, losses) = db
+            .with(|db| {
+                for item in db.iterator(IteratorMode::From(&first, Direction::Forward)) {
+                    let (k, v) = item?;
+                    if !k.starts_with(&first[..first.len() - 8]) {
+                        break;
+                    }
+                    let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap_or([0; 8]));
+                    let enqueued = v
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u64::from_be_bytes);
+                    entries.push_back((seq, v.len() as u64, enqueued));
+                    bytes += v.len() as u64;
+                }
+                Ok((
+                    db.get(key(stream, NEXT_SEQ, 0))?,
+                    db.get(key(stream, LOSSES, 0))?,
+                ))
+            })
+            .map_err(storage("reading the queue", stream))?;
+        let stored_next = stored_next
             .and_then(|v| v.as_slice().try_into().ok())
             .map_or(0, u64::from_be_bytes);
         let next_seq = stored_next.max(entries.back().map_or(0, |(seq, _, _)| seq + 1));
-        let losses = db
-            .get(key(stream, LOSSES, 0))
-            .map_err(storage("reading the loss counters", stream))?
-            .filter(|v| v.len() == 24)
-            .map_or([0u64; 3], |v| {
-                let word = |i: usize| v[i * 8..i * 8 + 8].try_into().map_or(0, u64::from_be_bytes);
-                [word(0), word(1), word(2)]
-            });
+        let losses = losses.filter(|v| v.len() == 24).map_or([0u64; 3], |v| {
+            let word = |i: usize| v[i * 8..i * 8 + 8].try_into().map_or(0, u64::from_be_bytes);
+            [word(0), word(1), word(2)]
+        });
         let counters = Counters::default();
         counters.dropped_oldest.store(losses[0], Ordering::Relaxed);
         counters.refused_newest.store(losses[1], Ordering::Relaxed);
@@ -389,11 +478,7 @@ impl UplinkQueue {
     }
 
     fn write(&self, batch: WriteBatch, what: &str) -> Result<()> {
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db
-            .write_opt(batch, &options)
-            .map_err(storage(what, &self.stream))
+        self.db.write(batch).map_err(storage(what, &self.stream))
     }
 
     /// Stores `batch` under the next sequence number, making room by the budget's policy.
@@ -489,27 +574,28 @@ impl UplinkQueue {
     pub fn pending(&self, from_seq: u64, max: usize) -> Result<Vec<Pending>> {
         let start = key(&self.stream, ENTRY, from_seq);
         let prefix = &start[..start.len() - 8];
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward))
-        {
-            if out.len() >= max {
-                break;
-            }
-            let (k, v) = item.map_err(storage("reading the queue", &self.stream))?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap_or([0; 8]));
-            let (stamp, payload) = v.split_at(v.len().min(8));
-            out.push(Pending {
-                seq,
-                enqueued_at_ms: stamp.try_into().map_or(0, u64::from_be_bytes),
-                payload: payload.to_vec(),
-            });
-        }
-        Ok(out)
+        self.db
+            .with(|db| {
+                let mut out = Vec::new();
+                for item in db.iterator(IteratorMode::From(&start, Direction::Forward)) {
+                    if out.len() >= max {
+                        break;
+                    }
+                    let (k, v) = item?;
+                    if !k.starts_with(prefix) {
+                        break;
+                    }
+                    let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap_or([0; 8]));
+                    let (stamp, payload) = v.split_at(v.len().min(8));
+                    out.push(Pending {
+                        seq,
+                        enqueued_at_ms: stamp.try_into().map_or(0, u64::from_be_bytes),
+                        payload: payload.to_vec(),
+                    });
+                }
+                Ok(out)
+            })
+            .map_err(storage("reading the queue", &self.stream))
     }
 
     /// Deletes every entry up to and including `through_seq`: the cloud has stored them.
@@ -662,7 +748,7 @@ impl CheckpointStore for UplinkStore {
     fn load(&self, pipeline: &str) -> Result<Option<Checkpoint>> {
         let Some(bytes) = self
             .db
-            .get(checkpoint_key(pipeline))
+            .with(|db| db.get(checkpoint_key(pipeline)))
             .map_err(storage("reading the checkpoint", pipeline))?
         else {
             return Ok(None);
@@ -688,19 +774,18 @@ impl CheckpointStore for UplinkStore {
                 queue.append_with(&staged.batches, writes)?;
                 Ok(())
             }
-            _ => {
-                let mut options = WriteOptions::default();
-                options.set_sync(true);
-                self.db
-                    .write_opt(writes, &options)
-                    .map_err(storage("writing the checkpoint", pipeline))
-            }
+            _ => self
+                .db
+                .write(writes)
+                .map_err(storage("writing the checkpoint", pipeline)),
         }
     }
 
     fn forget(&self, pipeline: &str) -> Result<()> {
+        let mut writes = WriteBatch::default();
+        writes.delete(checkpoint_key(pipeline));
         self.db
-            .delete(checkpoint_key(pipeline))
+            .write(writes)
             .map_err(storage("deleting the checkpoint", pipeline))
     }
 }
@@ -1040,5 +1125,90 @@ mod tests {
         assert_eq!(left, vec![0, 2]);
         assert_eq!(queue.first_pending(), Some(0));
         assert_eq!(queue.stats().pending, 2);
+    }
+
+    /// A small filesystem of its own, so the test can fill it: tmpfs, which needs root (the
+    /// test command runs as root on CI machines).
+    struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        fn mount(bytes: u64) -> Self {
+            let dir = tempfile::tempdir().expect("dir");
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .expect("mount runs");
+            assert!(status.success(), "cannot mount a tmpfs (needs root)");
+            Self(dir)
+        }
+
+        /// Writes a file until the disk is full; returns its path.
+        fn fill(&self) -> std::path::PathBuf {
+            use std::io::Write as _;
+            let path = self.0.path().join("filler");
+            let mut file = std::fs::File::create(&path).expect("filler");
+            while file.write_all(&[0u8; 1 << 16]).is_ok() {}
+            path
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_a_clear_error_loses_nothing_stored_and_heals_when_space_returns() {
+        let disk = SmallDisk::mount(24 << 20);
+        let dir = disk.0.path().join("uplink");
+        let store = UplinkStore::open(&dir).expect("open");
+        let queue = store.queue("rms", UplinkBudget::default()).expect("queue");
+        for i in 0..3 {
+            queue.append(&batch(i * 10, 100)).expect("append");
+        }
+        let filler = disk.fill();
+        // RocksDB preallocates its log: writes go on until that space is used up.
+        let mut stored = 3;
+        let error = loop {
+            match queue.append(&batch(stored * 10, 20_000)) {
+                Ok(_) => stored += 1,
+                Err(error) => break error.to_string(),
+            }
+            assert!(stored < 1000, "the disk never filled up");
+        };
+        assert!(
+            error.contains("storing result batches") && error.contains("No space left"),
+            "{error}"
+        );
+        let checkpoint = Checkpoint::default();
+        // What was stored before is still readable.
+        assert_eq!(queue.stats().pending, stored as u64);
+
+        std::fs::remove_file(filler).expect("free space");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let appended = loop {
+            match queue.append(&batch(stored * 10, 100)) {
+                Ok(appended) => break appended,
+                Err(error) => {
+                    assert!(Instant::now() < deadline, "no recovery: {error}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        };
+        assert_eq!(appended, Appended::Stored { seq: stored as u64 });
+        store.commit("p", &checkpoint, None).expect("commit");
+        drop((queue, store));
+        let store = UplinkStore::open(&dir).expect("reopen");
+        let queue = store.queue("rms", UplinkBudget::default()).expect("queue");
+        let pending = queue.pending(0, 2000).expect("pending");
+        assert_eq!(
+            pending.iter().map(first_n).collect::<Vec<_>>(),
+            (0..=stored).map(|i| i * 10).collect::<Vec<_>>()
+        );
+        assert_eq!(store.load("p").expect("load"), Some(checkpoint));
     }
 }
