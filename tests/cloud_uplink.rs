@@ -172,3 +172,81 @@ fn a_gateway_killed_twenty_times_still_delivers_every_window_once_with_the_same_
     }
     assert!(output.status.success(), "{outcome}");
 }
+
+#[test]
+fn an_outage_beyond_budget_keeps_a_coarser_history_that_sums_correctly() {
+    let mut fleet = Fleet::new(false);
+    let token = fleet.add_gateway("plant1-r", &["site=plant1"]);
+    let mut gateway = Gateway::new(&fleet, "plant1-r");
+    gateway.restart(&fleet.url(), Some(&token));
+    // 20 s of 4 sensors at 100 Hz into a stream whose budget holds a few seconds only.
+    let sql = "
+        CREATE SOURCE vib (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
+                           WATERMARK FOR ts AS ts - INTERVAL '0.1' SECOND)
+        WITH (connector = 'simulator', sensors = 4, rate_hz = 100, block_size = 10,
+              duration_s = 20, faults = false, start = '2026-01-01T00:00:00Z', realtime = true);
+        CREATE SINK coarse_rms WITH (connector = 'cloud', max_bytes = '6KiB',
+            overflow = 'reaggregate', reaggregate_to = '1m', merge = 'rms:rms(samples), samples:sum');
+        CREATE PIPELINE coarse_rms AS INSERT INTO coarse_rms
+        SELECT sensor, window_start, window_end, sqrt(avg(v * v)) AS rms, count(v) AS samples
+        FROM TUMBLE(vib, ts, INTERVAL '1' SECOND)
+        GROUP BY sensor, window_start, window_end;";
+    fleet.deploy("coarse_rms", sql, "site=plant1");
+    wait_until("the pipeline runs on the gateway", || {
+        gateway
+            .running()
+            .iter()
+            .any(|(name, _)| name == "coarse_rms")
+    });
+    fleet.cloud.kill();
+    // The whole run happens while the cloud is away.
+    let finished = || {
+        gateway
+            .running()
+            .iter()
+            .all(|(name, _)| name != "coarse_rms")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !finished() {
+        assert!(Instant::now() < deadline, "the pipeline did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fleet.start_cloud();
+    let totals = || -> Vec<Value> {
+        let output = fleet.cli_as(
+            &fleet.token,
+            &[
+                "query",
+                "SELECT sensor, sum(samples) AS samples, count(*) AS rows FROM coarse_rms \
+                 GROUP BY sensor ORDER BY sensor",
+                "--json",
+            ],
+        );
+        text(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    };
+    wait_until(
+        "every sample of the run is accounted for in the cloud",
+        || {
+            let rows = totals();
+            rows.len() == 4 && rows.iter().all(|r| r["samples"] == 2000)
+        },
+    );
+    // Fewer rows than seconds: the oldest seconds were merged into a minute window.
+    let rows = totals();
+    assert!(
+        rows.iter()
+            .all(|r| r["rows"].as_u64().is_some_and(|n| n < 20)),
+        "nothing was merged: {rows:?}"
+    );
+    wait_until("status counts the merges", || {
+        let status = fleet.status();
+        status["gateways"][0]["streams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["stream"] == "coarse_rms" && s["merged"].as_u64().is_some_and(|m| m > 0))
+    });
+}

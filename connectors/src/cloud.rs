@@ -49,6 +49,124 @@ pub enum Overflow {
     DropOldest,
     /// Refuse new batches: the history already queued matters most.
     DropNewest,
+    /// Merge the oldest fine-grained windows into coarser ones (`reaggregate_to`, with each
+    /// column merged as `merge` says): a long outage keeps a lower-resolution history
+    /// instead of a gap. Oldest batches are dropped only once everything is coarse.
+    Reaggregate,
+}
+
+/// How one column of a window result merges when windows are combined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeFn {
+    Sum,
+    Min,
+    Max,
+    /// The value of the earliest window.
+    First,
+    /// The value of the latest window.
+    Last,
+    /// A mean, weighted by the named count column.
+    Avg(String),
+    /// A root mean square, weighted by the named count column: sqrt(sum(x^2 w) / sum(w)).
+    Rms(String),
+}
+
+/// Re-aggregation of a stream's backlog: windows keyed by the columns not in `merges`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaggregate {
+    pub granularity: Duration,
+    /// The window-start column (a timestamp); `window_end`, if present, is set to
+    /// start + granularity.
+    pub time_column: String,
+    pub merges: Vec<(String, MergeFn)>,
+}
+
+impl Reaggregate {
+    /// Parses `merge = 'rms:rms(samples), peak:max, samples:sum'`.
+    pub fn parse(granularity: Duration, merge: &str) -> Result<Self> {
+        let bad = |part: &str| {
+            ConnectorError::config(
+                "cloud",
+                format!(
+                    "option 'merge': '{part}' is not COLUMN:HOW with HOW one of sum, min, max, \
+                     first, last, avg(COUNT_COLUMN), rms(COUNT_COLUMN)"
+                ),
+            )
+        };
+        let mut merges = Vec::new();
+        for part in merge.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (column, how) = part.split_once(':').ok_or_else(|| bad(part))?;
+            let how = how.trim().to_ascii_lowercase();
+            let weighted = |name: &str| {
+                how.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix('('))
+                    .and_then(|rest| rest.strip_suffix(')'))
+                    .map(|w| w.trim().to_owned())
+            };
+            let function = match how.as_str() {
+                "sum" => MergeFn::Sum,
+                "min" => MergeFn::Min,
+                "max" => MergeFn::Max,
+                "first" => MergeFn::First,
+                "last" => MergeFn::Last,
+                _ => match (weighted("avg"), weighted("rms")) {
+                    (Some(weight), _) => MergeFn::Avg(weight),
+                    (_, Some(weight)) => MergeFn::Rms(weight),
+                    _ => return Err(bad(part)),
+                },
+            };
+            merges.push((column.trim().to_owned(), function));
+        }
+        if merges.is_empty() {
+            return Err(ConnectorError::config(
+                "cloud",
+                "overflow = 'reaggregate' needs option 'merge', e.g. 'rms:rms(samples), samples:sum'",
+            ));
+        }
+        Ok(Self {
+            granularity,
+            time_column: "window_start".into(),
+            merges,
+        })
+    }
+
+    /// Checks the columns against the sink's schema.
+    pub fn check(&self, schema: &Schema) -> Result<()> {
+        let problem = |message: String| ConnectorError::config("cloud", message);
+        match schema
+            .field_with_name(&self.time_column)
+            .map(|f| f.data_type())
+        {
+            Ok(arrow::datatypes::DataType::Timestamp(_, _)) => {}
+            _ => {
+                return Err(problem(format!(
+                    "overflow = 'reaggregate' needs a TIMESTAMP column '{}' (the window start)",
+                    self.time_column
+                )));
+            }
+        }
+        for (column, function) in &self.merges {
+            let numeric = |name: &str| {
+                schema
+                    .field_with_name(name)
+                    .is_ok_and(|f| f.data_type().is_numeric())
+            };
+            if !numeric(column) {
+                return Err(problem(format!(
+                    "option 'merge': '{column}' is not a numeric column of the sink"
+                )));
+            }
+            if let MergeFn::Avg(weight) | MergeFn::Rms(weight) = function
+                && !numeric(weight)
+            {
+                return Err(problem(format!(
+                    "option 'merge': the weight '{weight}' of '{column}' is not a numeric column"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `WITH` options of the `cloud` sink.
@@ -65,6 +183,12 @@ pub struct CloudSinkConfig {
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     pub overflow: Overflow,
+    /// With `overflow = 'reaggregate'`: the coarser window, e.g. `'1m'`.
+    #[serde(with = "humantime_serde")]
+    pub reaggregate_to: Option<Duration>,
+    /// With `overflow = 'reaggregate'`: how each value column merges, e.g.
+    /// `'rms:rms(samples), peak:max, samples:sum'`; the other columns are keys.
+    pub merge: Option<String>,
 }
 
 impl Default for CloudSinkConfig {
@@ -75,6 +199,8 @@ impl Default for CloudSinkConfig {
             max_bytes: "256MiB".into(),
             max_age: Duration::from_secs(7 * 24 * 3600),
             overflow: Overflow::DropOldest,
+            reaggregate_to: None,
+            merge: None,
         }
     }
 }
@@ -87,22 +213,23 @@ pub struct StreamSpec {
     pub max_bytes: u64,
     pub max_age: Duration,
     pub overflow: Overflow,
+    pub reaggregate: Option<Reaggregate>,
 }
 
 impl CloudSinkConfig {
     /// The stream this config describes for a sink named `sink_name` (`pipeline/sink`).
-    pub fn stream_spec(&self, sink_name: &str) -> Result<StreamSpec> {
+    pub fn stream_spec(&self, sink_name: &str, schema: &Schema) -> Result<StreamSpec> {
         let name = match &self.stream {
             Some(name) => name.clone(),
             None => sink_name.rsplit('/').next().unwrap_or(sink_name).to_owned(),
         };
         check_stream_name(&name)?;
         let max_bytes = parse_bytes(&self.max_bytes)?;
-        if max_bytes < 64 << 10 {
+        if max_bytes < 4 << 10 {
             return Err(ConnectorError::config(
                 "cloud",
                 format!(
-                    "option 'max_bytes' must be at least 64KiB, not '{}'",
+                    "option 'max_bytes' must be at least 4KiB, not '{}'",
                     self.max_bytes
                 ),
             ));
@@ -113,12 +240,40 @@ impl CloudSinkConfig {
                 "option 'max_age' must be at least 1s",
             ));
         }
+        let reaggregate = match (self.overflow, self.reaggregate_to, &self.merge) {
+            (Overflow::Reaggregate, Some(to), Some(merge)) => {
+                if to < Duration::from_secs(1) {
+                    return Err(ConnectorError::config(
+                        "cloud",
+                        "option 'reaggregate_to' must be at least 1s",
+                    ));
+                }
+                let reaggregate = Reaggregate::parse(to, merge)?;
+                reaggregate.check(schema)?;
+                Some(reaggregate)
+            }
+            (Overflow::Reaggregate, _, _) => {
+                return Err(ConnectorError::config(
+                    "cloud",
+                    "overflow = 'reaggregate' needs options 'reaggregate_to' (e.g. '1m') and \
+                     'merge' (e.g. 'rms:rms(samples), samples:sum')",
+                ));
+            }
+            (_, None, None) => None,
+            _ => {
+                return Err(ConnectorError::config(
+                    "cloud",
+                    "options 'reaggregate_to' and 'merge' need overflow = 'reaggregate'",
+                ));
+            }
+        };
         Ok(StreamSpec {
             name,
             priority: self.priority,
             max_bytes,
             max_age: self.max_age,
             overflow: self.overflow,
+            reaggregate,
         })
     }
 }
@@ -222,15 +377,15 @@ impl Sink for CloudSink {
     }
 }
 
-fn validate(spec: &ConnectorSpec, _schema: &Schema) -> Result<()> {
+fn validate(spec: &ConnectorSpec, schema: &Schema) -> Result<()> {
     parse_options::<CloudSinkConfig>("cloud", spec)?
-        .stream_spec(&spec.name)
+        .stream_spec(&spec.name, schema)
         .map(drop)
 }
 
-fn build(spec: &ConnectorSpec, _schema: SchemaRef, context: &SinkContext) -> Result<Box<dyn Sink>> {
+fn build(spec: &ConnectorSpec, schema: SchemaRef, context: &SinkContext) -> Result<Box<dyn Sink>> {
     let config: CloudSinkConfig = parse_options("cloud", spec)?;
-    let stream = config.stream_spec(&spec.name)?;
+    let stream = config.stream_spec(&spec.name, &schema)?;
     let uplink: &Arc<dyn UplinkWriter> = context.uplink.as_ref().ok_or_else(|| {
         ConnectorError::config(
             "cloud",

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod message;
 pub mod metrics;
+pub mod reaggregate;
 mod supervisor;
 pub mod uplink;
 

@@ -32,7 +32,7 @@ use prost::Message as _;
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use weir_connectors::cloud::{StreamSpec, UplinkAppender, UplinkWriter};
+use weir_connectors::cloud::{Reaggregate, StreamSpec, UplinkAppender, UplinkWriter};
 use weir_connectors::{ConnectorError, Result as ConnectorResult, Staged};
 use weir_proto::engine::Checkpoint;
 
@@ -101,6 +101,8 @@ pub struct UplinkStats {
     pub dropped_oldest: u64,
     pub refused_newest: u64,
     pub expired: u64,
+    /// Entries merged into coarser ones by re-aggregation.
+    pub merged: u64,
 }
 
 /// The database, opened again after a failed write: RocksDB refuses every write after one
@@ -204,12 +206,14 @@ pub struct UplinkStore {
 
 /// What the store remembers of a stream beyond its entries, so that a sender after a restart
 /// drains a stream whose pipeline is gone with the priority it had.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct StreamMeta {
     priority: StreamPriority,
     max_bytes: u64,
     max_age_ms: u64,
     policy: OverflowPolicy,
+    #[serde(default)]
+    reaggregate: Option<Reaggregate>,
 }
 
 /// Keys of stream metadata: `\0s` then the name (names never hold `\0`).
@@ -239,12 +243,13 @@ impl UplinkStore {
             policy: spec.overflow,
         };
         let queue = self.queue(&spec.name, budget)?;
-        queue.configure(budget, spec.priority);
+        queue.configure(budget, spec.priority, spec.reaggregate.clone());
         let meta = StreamMeta {
             priority: spec.priority,
             max_bytes: budget.max_bytes,
             max_age_ms: budget.max_age.as_millis() as u64,
             policy: budget.policy,
+            reaggregate: spec.reaggregate.clone(),
         };
         let mut key = META_PREFIX.to_vec();
         key.extend_from_slice(spec.name.as_bytes());
@@ -294,10 +299,8 @@ impl UplinkStore {
                 };
                 let queue = self.queue(&name, budget)?;
                 // A queue opened this run already has its sink's settings.
-                if queue.priority() == StreamPriority::Normal
-                    && meta.priority != StreamPriority::Normal
-                {
-                    queue.configure(budget, meta.priority);
+                if !queue.lock().configured {
+                    queue.configure(budget, meta.priority, meta.reaggregate);
                 }
                 Ok(queue)
             })
@@ -329,7 +332,12 @@ struct Counters {
     dropped_oldest: AtomicU64,
     refused_newest: AtomicU64,
     expired: AtomicU64,
+    merged: AtomicU64,
 }
+
+/// Marks a coarse (re-aggregated) entry in the top bit of its enqueue time, so that the
+/// entry says what it is to anyone reading the store.
+const COARSE: u64 = 1 << 63;
 
 struct Index {
     budget: UplinkBudget,
@@ -338,6 +346,10 @@ struct Index {
     /// (seq, bytes, enqueued_at_ms) of every pending entry, oldest first.
     entries: VecDeque<(u64, u64, u64)>,
     bytes: u64,
+    /// How to re-aggregate, with [`OverflowPolicy::Reaggregate`].
+    reaggregate: Option<Arc<Reaggregate>>,
+    /// Budget, priority and re-aggregation were set, by a sink or from the stored settings.
+    configured: bool,
 }
 
 /// One stream's queue; see the module docs.
@@ -419,11 +431,11 @@ impl UplinkQueue {
                         break;
                     }
                     let seq = u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap_or([0; 8]));
-                    let enqueued = v
+                    let stamp = v
                         .get(..8)
                         .and_then(|b| b.try_into().ok())
                         .map_or(0, u64::from_be_bytes);
-                    entries.push_back((seq, v.len() as u64, enqueued));
+                    entries.push_back((seq, v.len() as u64, stamp & !COARSE));
                     bytes += v.len() as u64;
                 }
                 Ok((
@@ -436,14 +448,21 @@ impl UplinkQueue {
             .and_then(|v| v.as_slice().try_into().ok())
             .map_or(0, u64::from_be_bytes);
         let next_seq = stored_next.max(entries.back().map_or(0, |(seq, _, _)| seq + 1));
-        let losses = losses.filter(|v| v.len() == 24).map_or([0u64; 3], |v| {
-            let word = |i: usize| v[i * 8..i * 8 + 8].try_into().map_or(0, u64::from_be_bytes);
-            [word(0), word(1), word(2)]
-        });
+        let losses = losses
+            .filter(|v| v.len() == 24 || v.len() == 32)
+            .map_or([0u64; 4], |v| {
+                let word = |i: usize| {
+                    v.get(i * 8..i * 8 + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u64::from_be_bytes)
+                };
+                [word(0), word(1), word(2), word(3)]
+            });
         let counters = Counters::default();
         counters.dropped_oldest.store(losses[0], Ordering::Relaxed);
         counters.refused_newest.store(losses[1], Ordering::Relaxed);
         counters.expired.store(losses[2], Ordering::Relaxed);
+        counters.merged.store(losses[3], Ordering::Relaxed);
         Ok(Self {
             db,
             stream: stream.to_owned(),
@@ -454,6 +473,8 @@ impl UplinkQueue {
                 next_seq,
                 entries,
                 bytes,
+                reaggregate: None,
+                configured: false,
             }),
             counters,
         })
@@ -462,11 +483,16 @@ impl UplinkQueue {
     /// The loss counters as they will be once `dropped`, `refused` and `expired` more are
     /// counted: the value of the LOSSES key.
     fn losses_after(&self, dropped: u64, refused: u64, expired: u64) -> Vec<u8> {
+        self.losses_with(dropped, refused, expired, 0)
+    }
+
+    fn losses_with(&self, dropped: u64, refused: u64, expired: u64, merged: u64) -> Vec<u8> {
         let c = &self.counters;
         [
             c.dropped_oldest.load(Ordering::Relaxed) + dropped,
             c.refused_newest.load(Ordering::Relaxed) + refused,
             c.expired.load(Ordering::Relaxed) + expired,
+            c.merged.load(Ordering::Relaxed) + merged,
         ]
         .iter()
         .flat_map(|n| n.to_be_bytes())
@@ -507,6 +533,12 @@ impl UplinkQueue {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut index = self.lock();
+        let incoming: u64 = values.iter().map(|v| v.len() as u64).sum();
+        if index.budget.policy == OverflowPolicy::Reaggregate
+            && index.bytes + incoming > index.budget.max_bytes
+        {
+            self.reaggregate_oldest(&mut index)?;
+        }
         let budget = index.budget;
         let mut bytes = index.bytes;
         let mut next_seq = index.next_seq;
@@ -570,6 +602,87 @@ impl UplinkQueue {
         Ok(results)
     }
 
+    /// Merges the oldest entries, up to half the budget, into one coarse entry under a new
+    /// sequence number, in one synced write, counting them as merged. Coarse entries of the
+    /// same coarse window merge again into one. Nothing happens if there are fewer than two,
+    /// if merging would not save space (all coarse already, each its own window), or if they
+    /// cannot be merged (a schema change): the caller then drops the oldest as usual.
+    fn reaggregate_oldest(&self, index: &mut Index) -> Result<()> {
+        let Some(spec) = index.reaggregate.clone() else {
+            return Ok(());
+        };
+        let half = index.budget.max_bytes / 2;
+        let mut chosen = Vec::new();
+        let mut chosen_bytes = 0;
+        for &(seq, size, at) in &index.entries {
+            if chosen_bytes >= half {
+                break;
+            }
+            chosen.push((seq, size, at));
+            chosen_bytes += size;
+        }
+        if chosen.len() < 2 {
+            return Ok(());
+        }
+        let keys: Vec<Vec<u8>> = chosen
+            .iter()
+            .map(|(seq, _, _)| key(&self.stream, ENTRY, *seq))
+            .collect();
+        let values = self
+            .db
+            .with(|db| {
+                db.multi_get(&keys)
+                    .into_iter()
+                    .collect::<std::result::Result<Vec<_>, _>>()
+            })
+            .map_err(storage("reading batches to re-aggregate", &self.stream))?;
+        let mut batches = Vec::new();
+        for value in values.into_iter().flatten() {
+            batches.extend(decode(value.get(8..).unwrap_or_default())?);
+        }
+        let merged = match crate::reaggregate::coarsen(&batches, &spec) {
+            Ok(merged) => merged,
+            Err(error) => {
+                tracing::warn!(stream = %self.stream, %error, "backlog cannot be re-aggregated; dropping the oldest instead");
+                return Ok(());
+            }
+        };
+        let oldest = chosen
+            .iter()
+            .map(|(_, _, at)| *at)
+            .min()
+            .unwrap_or_else(now_ms);
+        let ipc = encode(&merged)?;
+        if ipc.len() as u64 + 8 >= chosen_bytes {
+            return Ok(());
+        }
+        let mut value = Vec::with_capacity(ipc.len() + 8);
+        value.extend_from_slice(&(oldest | COARSE).to_be_bytes());
+        value.extend_from_slice(&ipc);
+        let seq = index.next_seq;
+        let mut writes = WriteBatch::default();
+        for key in &keys {
+            writes.delete(key);
+        }
+        writes.put(key(&self.stream, ENTRY, seq), &value);
+        writes.put(key(&self.stream, NEXT_SEQ, 0), (seq + 1).to_be_bytes());
+        writes.put(
+            key(&self.stream, LOSSES, 0),
+            self.losses_with(0, 0, 0, chosen.len() as u64),
+        );
+        self.write(writes, "storing a re-aggregated batch")?;
+        let gone: std::collections::HashSet<u64> = chosen.iter().map(|(s, _, _)| *s).collect();
+        index.entries.retain(|(s, _, _)| !gone.contains(s));
+        index.entries.push_back((seq, value.len() as u64, oldest));
+        index.bytes = index.bytes - chosen_bytes + value.len() as u64;
+        index.next_seq = seq + 1;
+        self.counters
+            .merged
+            .fetch_add(chosen.len() as u64, Ordering::Relaxed);
+        tracing::info!(stream = %self.stream, merged = chosen.len(), to = ?spec.granularity, "backlog re-aggregated to fit its budget");
+        Ok(())
+    }
+
     /// Up to `max` pending entries from `from_seq` on, in order.
     pub fn pending(&self, from_seq: u64, max: usize) -> Result<Vec<Pending>> {
         let start = key(&self.stream, ENTRY, from_seq);
@@ -589,7 +702,7 @@ impl UplinkQueue {
                     let (stamp, payload) = v.split_at(v.len().min(8));
                     out.push(Pending {
                         seq,
-                        enqueued_at_ms: stamp.try_into().map_or(0, u64::from_be_bytes),
+                        enqueued_at_ms: stamp.try_into().map_or(0, u64::from_be_bytes) & !COARSE,
                         payload: payload.to_vec(),
                     });
                 }
@@ -709,10 +822,17 @@ impl UplinkQueue {
         self.lock().entries.front().map(|(seq, _, _)| *seq)
     }
 
-    fn configure(&self, budget: UplinkBudget, priority: StreamPriority) {
+    fn configure(
+        &self,
+        budget: UplinkBudget,
+        priority: StreamPriority,
+        reaggregate: Option<Reaggregate>,
+    ) {
         let mut index = self.lock();
         index.budget = budget;
         index.priority = priority;
+        index.reaggregate = reaggregate.map(Arc::new);
+        index.configured = true;
     }
 
     pub fn stats(&self) -> UplinkStats {
@@ -729,6 +849,7 @@ impl UplinkQueue {
             dropped_oldest: c.dropped_oldest.load(Ordering::Relaxed),
             refused_newest: c.refused_newest.load(Ordering::Relaxed),
             expired: c.expired.load(Ordering::Relaxed),
+            merged: c.merged.load(Ordering::Relaxed),
         }
     }
 }
@@ -1074,6 +1195,7 @@ mod tests {
             max_bytes: 1 << 20,
             max_age: Duration::from_secs(3600),
             overflow: OverflowPolicy::DropOldest,
+            reaggregate: None,
         };
         store.open_stream(&spec).expect("stream");
         assert!(store.load("p").expect("load").is_none());
@@ -1210,5 +1332,114 @@ mod tests {
             (0..=stored).map(|i| i * 10).collect::<Vec<_>>()
         );
         assert_eq!(store.load("p").expect("load"), Some(checkpoint));
+    }
+
+    use arrow::array::AsArray;
+
+    /// One second of RMS windows for `sensors` sensors, 100 samples each.
+    fn second(at: i64, sensors: usize) -> RecordBatch {
+        use arrow::array::{StringArray, TimestampNanosecondArray};
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("sensor", DataType::Utf8, false),
+            Field::new(
+                "window_start",
+                DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, None),
+                false,
+            ),
+            Field::new("rms", DataType::Float64, true),
+            Field::new("samples", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(
+                    (0..sensors).map(|s| format!("s{s}")).collect::<Vec<_>>(),
+                )),
+                Arc::new(TimestampNanosecondArray::from(vec![
+                    at * 1_000_000_000;
+                    sensors
+                ])),
+                Arc::new(Float64Array::from(
+                    (0..sensors)
+                        .map(|s| (at + s as i64) as f64 * 0.01)
+                        .collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(vec![100; sensors])),
+            ],
+        )
+        .expect("batch")
+    }
+
+    #[test]
+    fn a_full_budget_re_aggregates_the_oldest_seconds_into_minutes_that_sum_correctly() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = UplinkStore::open(dir.path()).expect("open");
+        let one = encode(&second(0, 4)).expect("encode").len() as u64 + 8;
+        let spec = StreamSpec {
+            name: "rms".into(),
+            priority: StreamPriority::Bulk,
+            max_bytes: 40 * one,
+            max_age: Duration::from_secs(3600),
+            overflow: OverflowPolicy::Reaggregate,
+            reaggregate: Some(
+                Reaggregate::parse(Duration::from_secs(60), "rms:rms(samples), samples:sum")
+                    .expect("spec"),
+            ),
+        };
+        let queue = store.open_stream(&spec).expect("stream");
+        // Five minutes of seconds: far beyond a budget of 40.
+        for at in 0..300 {
+            queue.append(&second(at, 4)).expect("append");
+        }
+        let stats = queue.stats();
+        assert!(stats.merged > 0, "{stats:?}");
+        assert!(stats.pending_bytes <= 40 * one, "{stats:?}");
+        // Every sample is still accounted for, merged or not, in windows that do not overlap
+        // and an RMS that is the RMS of what they cover, unless the oldest were dropped when
+        // all was coarse already.
+        let mut samples: std::collections::BTreeMap<(String, i64), (i64, f64)> = Default::default();
+        for pending in queue.pending(0, 1000).expect("pending") {
+            for batch in pending.batches().expect("decode") {
+                let sensors = batch.column(0).as_string::<i32>();
+                let starts = batch
+                    .column(1)
+                    .as_primitive::<arrow::datatypes::TimestampNanosecondType>();
+                let rms = batch
+                    .column(2)
+                    .as_primitive::<arrow::datatypes::Float64Type>();
+                let n = batch
+                    .column(3)
+                    .as_primitive::<arrow::datatypes::Int64Type>();
+                for row in 0..batch.num_rows() {
+                    let minute = starts.value(row) / 60_000_000_000;
+                    let entry = samples
+                        .entry((sensors.value(row).to_owned(), minute))
+                        .or_default();
+                    entry.0 += n.value(row);
+                    entry.1 += rms.value(row).powi(2) * n.value(row) as f64;
+                }
+            }
+        }
+        let dropped = stats.dropped_oldest;
+        for ((sensor, minute), (n, squares)) in &samples {
+            let s: i64 = sensor[1..].parse().expect("sensor");
+            let seconds = (minute * 60..minute * 60 + 60).filter(|at| *at < 300);
+            let expected_n = seconds.clone().count() as i64 * 100;
+            if dropped == 0 || *minute > 0 {
+                assert_eq!(*n, expected_n, "{sensor} minute {minute}");
+                let expected: f64 = seconds
+                    .map(|at| ((at + s) as f64 * 0.01).powi(2) * 100.0)
+                    .sum();
+                assert!(
+                    (squares - expected).abs() < 1e-6 * expected,
+                    "{sensor} minute {minute}"
+                );
+            }
+        }
+        // The counts survive a restart.
+        drop((queue, store));
+        let store = UplinkStore::open(dir.path()).expect("reopen");
+        let streams = store.streams().expect("streams");
+        assert_eq!(streams[0].stats().merged, stats.merged);
     }
 }

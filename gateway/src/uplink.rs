@@ -95,7 +95,7 @@ impl Uplink {
                         dropped_oldest: stats.dropped_oldest,
                         refused_newest: stats.refused_newest,
                         expired: stats.expired,
-                        merged: 0,
+                        merged: stats.merged,
                     }
                 })
                 .collect(),
