@@ -12,6 +12,7 @@
 
 mod check;
 mod clients;
+mod drain;
 mod fanout;
 mod mqtt;
 mod procfs;
@@ -78,7 +79,7 @@ impl QosChoice {
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated: json-rows, blocks, json-rows-ckpt and blocks-ckpt
     /// (the same with a checkpoint every second), mqtt-rows, mqtt-blocks-realtime,
-    /// mqtt-backlog, or all; or cloud-fanout on its own.
+    /// mqtt-backlog, or all; or cloud-fanout or uplink-drain on its own.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Simulated gateway agents of cloud-fanout, each with its own gRPC connection.
@@ -331,6 +332,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.scenario == "cloud-fanout" {
         return cloud_fanout(&args);
     }
+    if args.scenario == "uplink-drain" {
+        return uplink_drain(&args);
+    }
     let selected = scenarios(&args.scenario)?;
     if args.sensors == 0 || args.seconds == 0 || args.realtime_sensors == 0 || args.backlog == 0 {
         bail!("--sensors, --seconds, --realtime-sensors and --backlog must be positive");
@@ -382,6 +386,33 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `cloud-fanout`, which measures the control plane rather than the vibration workload.
+/// The backlog of a `--seconds` outage of `--sensors` sensors, drained to a cloud.
+fn uplink_drain(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let result = drain::run(u64::from(args.seconds), args.sensors as usize)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!("| scenario | batches | rows | MB | seconds | rows/s | MB/s | correct |");
+        println!("|---|--:|--:|--:|--:|--:|--:|---|");
+        println!(
+            "| {} | {} | {} | {:.1} | {:.2} | {:.0} | {:.1} | {} |",
+            result.scenario,
+            result.batches,
+            result.rows,
+            result.megabytes,
+            result.seconds,
+            result.rows_per_sec,
+            result.megabytes_per_sec,
+            result.correct
+        );
+    }
+    Ok(if result.correct {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn cloud_fanout(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if args.gateways == 0 {
         bail!("--gateways must be positive");

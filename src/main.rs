@@ -59,7 +59,12 @@ enum Command {
         weir bench --scenario mqtt-rows --broker both\n  \
         weir bench --scenario mqtt-blocks-realtime --realtime-sensors 1000 --seconds 30\n  \
         weir bench --scenario mqtt-backlog --backlog 200000 --backlog-qos 1 --broker mosquitto\n  \
-        weir bench --scenario cloud-fanout --gateways 10000\n\n\
+        weir bench --scenario cloud-fanout --gateways 10000\n  \
+        weir bench --scenario blocks,blocks-ckpt --seconds 150\n  \
+        weir bench --scenario uplink-drain --seconds 3600 --sensors 100\n\n\
+        blocks-ckpt and json-rows-ckpt are blocks and json-rows with a checkpoint every second\n\
+        into RocksDB. uplink-drain fills an uplink queue with --seconds of --sensors sensors'\n\
+        1-second windows and drains it to an in-process cloud over gRPC until all is stored.\n\
         The MQTT scenarios publish from a separate `weir` process through the embedded broker\n\
         (rumqttd, inside the measured process) and/or Mosquitto (a child process), and run each\n\
         scenario and broker in a fresh process. mqtt-rows and mqtt-backlog compare the pipeline\n\
@@ -166,7 +171,8 @@ enum Command {
         computing 1-second RMS per sensor. The gateway is killed with SIGKILL after a random\n\
         150-900 ms and restarted, N times; afterwards every window a run without crashes\n\
         produces must be stored in the cloud exactly once, with the same value. Prints windows\n\
-        checked, lost, duplicated and with other values; exits 1 unless all are 0.")]
+        checked, lost, duplicated and with other values (exits 1 unless all are 0), and the\n\
+        time from each kill to the first new result at the restarted gateway's sink.")]
     Soak(soak::SoakArgs),
 }
 

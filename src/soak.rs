@@ -93,11 +93,17 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let started = Instant::now();
+    let http = crate::http::client_builder(None)?.build()?;
+    let mut recoveries = Vec::new();
     for kill in 1..=args.kills {
         std::thread::sleep(Duration::from_millis(rand::random_range(150..900)));
         gateway.kill().context("killing the gateway")?;
         gateway.wait()?;
+        let killed = Instant::now();
         gateway = start_gateway(&url, &data, admin_port, None)?;
+        if let Some(recovered) = runtime.block_on(first_result(&http, admin_port)) {
+            recoveries.push(recovered.duration_since(killed));
+        }
         if !args.json && kill % 10 == 0 {
             eprintln!("{kill} kills, {:.0} s", started.elapsed().as_secs_f64());
         }
@@ -134,13 +140,21 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
         })
         .count();
     let ok = lost == 0 && duplicated == 0 && unexpected == 0 && wrong == 0;
+    recoveries.sort();
+    let percentile = |p: f64| {
+        recoveries
+            .get(((recoveries.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let (recovery_p50, recovery_max) = (percentile(0.5), percentile(1.0));
     if args.json {
         println!(
             "{}",
             serde_json::json!({
                 "kills": args.kills, "checked": expected.len(), "lost": lost,
                 "duplicated": duplicated, "unexpected": unexpected, "wrong_values": wrong,
-                "ok": ok,
+                "ok": ok, "recoveries_measured": recoveries.len(),
+                "recovery_p50_ms": recovery_p50, "recovery_max_ms": recovery_max,
             })
         );
     } else {
@@ -148,6 +162,10 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
             "{} kills: {} windows checked, {lost} lost, {duplicated} duplicated, {unexpected} unexpected, {wrong} with other values",
             args.kills,
             expected.len()
+        );
+        println!(
+            "kill -9 to the first new result at the restarted gateway's sink: p50 {recovery_p50:.0} ms, max {recovery_max:.0} ms ({} restarts)",
+            recoveries.len()
         );
     }
     Ok(if ok {
@@ -237,6 +255,36 @@ async fn stored(cloud: &Cloud) -> anyhow::Result<Vec<((String, i64), (f64, i64))
         }
     }
     Ok(rows)
+}
+
+/// When the restarted gateway's sink first receives rows (the pipeline restored its
+/// checkpoint and produced again); `None` if it does not within 10 s (the run is over).
+async fn first_result(http: &reqwest::Client, admin_port: u16) -> Option<Instant> {
+    let url = format!("http://127.0.0.1:{admin_port}/api/pipelines");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(response) = http.get(&url).send().await
+            && let Ok(body) = response.json::<serde_json::Value>().await
+        {
+            let producing =
+                body["pipelines"].as_array().into_iter().flatten().any(|p| {
+                    p["name"] == "soak_rms" && p["rows_out"].as_u64().is_some_and(|n| n > 0)
+                });
+            let finished = body["pipelines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == "soak_rms" && p["state"] == "finished");
+            if producing {
+                return Some(Instant::now());
+            }
+            if finished {
+                return None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
 
 fn start_gateway(
