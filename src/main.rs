@@ -165,7 +165,8 @@ enum Command {
     /// Kill -9 a gateway again and again under load; check the cloud got every result once.
     #[command(after_help = "Examples:\n  \
         weir soak --kills 100\n  \
-        weir soak --kills 20 --seconds 40 --json\n\n\
+        weir soak --kills 20 --seconds 40 --json\n  \
+        weir soak --kills 50 --signal mixed   # SIGKILL and SIGTERM in turn\n\n\
         Runs a cloud in this process and a `weir gateway` child enrolled with it, with a\n\
         deterministic simulator (4 sensors at 100 Hz by default, realtime) into a `cloud` sink\n\
         computing 1-second RMS per sensor. The gateway is killed with SIGKILL after a random\n\

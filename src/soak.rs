@@ -35,9 +35,20 @@ pub struct SoakArgs {
     sensors: u32,
     #[arg(long, default_value_t = 100)]
     rate_hz: u32,
+    /// How the gateway is stopped: kill (SIGKILL), term (SIGTERM, a graceful stop that
+    /// commits a last checkpoint) or mixed (alternating).
+    #[arg(long, value_enum, default_value = "kill")]
+    signal: Stop,
     /// Print the outcome as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Stop {
+    Kill,
+    Term,
+    Mixed,
 }
 
 /// 2026-01-01T00:00:00Z, the simulator's start of event time.
@@ -97,7 +108,19 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
     let mut recoveries = Vec::new();
     for kill in 1..=args.kills {
         std::thread::sleep(Duration::from_millis(rand::random_range(150..900)));
-        gateway.kill().context("killing the gateway")?;
+        let graceful = match args.signal {
+            Stop::Kill => false,
+            Stop::Term => true,
+            Stop::Mixed => kill % 2 == 0,
+        };
+        if graceful {
+            Command::new("kill")
+                .args(["-TERM", &gateway.id().to_string()])
+                .status()
+                .context("sending SIGTERM")?;
+        } else {
+            gateway.kill().context("killing the gateway")?;
+        }
         gateway.wait()?;
         let killed = Instant::now();
         gateway = start_gateway(&url, &data, admin_port, None)?;
@@ -151,7 +174,8 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
         println!(
             "{}",
             serde_json::json!({
-                "kills": args.kills, "checked": expected.len(), "lost": lost,
+                "kills": args.kills, "signal": format!("{:?}", args.signal).to_lowercase(),
+                "checked": expected.len(), "lost": lost,
                 "duplicated": duplicated, "unexpected": unexpected, "wrong_values": wrong,
                 "ok": ok, "recoveries_measured": recoveries.len(),
                 "recovery_p50_ms": recovery_p50, "recovery_max_ms": recovery_max,
@@ -164,7 +188,7 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
             expected.len()
         );
         println!(
-            "kill -9 to the first new result at the restarted gateway's sink: p50 {recovery_p50:.0} ms, max {recovery_max:.0} ms ({} restarts)",
+            "stop to the first new result at the restarted gateway's sink: p50 {recovery_p50:.0} ms, max {recovery_max:.0} ms ({} restarts)",
             recoveries.len()
         );
     }

@@ -149,10 +149,20 @@ fn an_outage_loses_nothing_and_live_results_overtake_the_backlog() {
 
 #[test]
 fn a_gateway_killed_twenty_times_still_delivers_every_window_once_with_the_same_values() {
-    // `weir soak` runs the cloud, kills its gateway with SIGKILL at random moments and
-    // compares what the cloud stored with the windows of a run without crashes.
+    // `weir soak` runs the cloud, stops its gateway at random moments, with SIGKILL and
+    // SIGTERM in turn, and compares what the cloud stored with the windows of a run
+    // without crashes.
     let output = std::process::Command::new(support::WEIR)
-        .args(["soak", "--kills", "20", "--seconds", "40", "--json"])
+        .args([
+            "soak",
+            "--kills",
+            "20",
+            "--seconds",
+            "40",
+            "--signal",
+            "mixed",
+            "--json",
+        ])
         .output()
         .expect("weir soak runs");
     let outcome: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {

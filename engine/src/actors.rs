@@ -106,6 +106,9 @@ pub struct SourceCheckpoints {
     pub next_id: u64,
     /// The position of each committed checkpoint, from the sink.
     pub committed: tokio::sync::watch::Receiver<Option<Option<Vec<u8>>>>,
+    /// A request for a last barrier before a graceful stop: the source sends it, answers,
+    /// and produces nothing more.
+    pub last: Option<tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>>,
 }
 
 pub struct SourceActor {
@@ -181,6 +184,7 @@ impl SourceLoop {
         let mut checkpoint = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let checkpointing = self.checkpoints.is_some();
+        let mut last = self.checkpoints.as_mut().and_then(|c| c.last.take());
         let mut commits_open = checkpointing;
         let mut next = self.source.next_event();
         loop {
@@ -190,6 +194,19 @@ impl SourceLoop {
                     let barrier = self.barrier();
                     self.outbox.send_all(vec![barrier]).await?;
                     next = self.source.next_event();
+                }
+                request = last_request(&mut last), if last.is_some() => {
+                    let Some(done) = request else {
+                        last = None;
+                        continue;
+                    };
+                    drop(next);
+                    let barrier = self.barrier();
+                    self.outbox.send_all(vec![barrier]).await?;
+                    let _ = done.send(());
+                    // Stopped from outside next; nothing more is read.
+                    std::future::pending::<()>().await;
+                    return Ok(());
                 }
                 changed = committed(&mut self.checkpoints), if commits_open => {
                     drop(next);
@@ -282,6 +299,16 @@ impl SourceLoop {
             position: self.source.position(),
             states: Vec::new(),
         })
+    }
+}
+
+/// A request for the last barrier; `None` once nobody can ask any more.
+async fn last_request(
+    last: &mut Option<tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>>,
+) -> Option<tokio::sync::oneshot::Sender<()>> {
+    match last.as_mut() {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
     }
 }
 

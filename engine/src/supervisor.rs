@@ -40,6 +40,9 @@ struct Running {
     source: Addr<SourceActor>,
     operators: Vec<Addr<OperatorActor>>,
     sink: Addr<SinkActor>,
+    /// Asks the source for a last checkpoint, so a graceful stop commits what the sink holds
+    /// with the state that covers it; `None` without checkpoints.
+    last_checkpoint: Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl Running {
@@ -47,6 +50,13 @@ impl Running {
     /// was in flight reaches the sink, which flushes. With `snapshot`, each operator writes
     /// its state as it stops.
     async fn stop_and_wait(self, snapshot: bool) -> Option<Vec<Vec<u8>>> {
+        if let Some(last) = &self.last_checkpoint {
+            let (done, sent) = tokio::sync::oneshot::channel();
+            if last.send(done).is_ok() {
+                // The barrier is then ahead of the stops below in every mailbox.
+                let _ = tokio::time::timeout(Duration::from_secs(10), sent).await;
+            }
+        }
         let _ = self.source.send(Stop).await;
         let mut states = Some(Vec::with_capacity(self.operators.len()));
         for operator in self.operators {
@@ -175,6 +185,7 @@ impl PipelineSupervisor {
             }
         }
         let (commits, committed) = tokio::sync::watch::channel(None);
+        let (last_checkpoint, last) = tokio::sync::mpsc::unbounded_channel();
         let sink_checkpoints =
             checkpointing
                 .as_ref()
@@ -190,6 +201,7 @@ impl PipelineSupervisor {
                 every: options.interval,
                 next_id: next_checkpoint,
                 committed,
+                last: Some(last),
             });
         if let Some(states) = self.initial_state.take() {
             let restored = if states.len() == parts.operators.len() {
@@ -280,6 +292,7 @@ impl PipelineSupervisor {
             source,
             operators,
             sink,
+            last_checkpoint: checkpointing.is_some().then_some(last_checkpoint),
         });
         let _ = self.state.send(PipelineState::Running);
     }
