@@ -139,6 +139,12 @@ fn an_outage_loses_nothing_and_live_results_overtake_the_backlog() {
             && stream["pending"].as_u64().is_some_and(|p| p <= 2)
             && stream["last_stored_seq"].as_u64().is_some()
     });
+    let metrics = gateway.metrics();
+    assert!(
+        metrics.contains("weir_uplink_pending_batches{stream=\"vibration_rms\"}")
+            && metrics.contains("weir_pipeline_checkpoints_total{pipeline=\"rms\"}"),
+        "{metrics}"
+    );
     let table = fleet.cli(&["status"]);
     assert!(
         table.contains("vibration_rms") && table.contains("bulk"),

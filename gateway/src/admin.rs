@@ -38,6 +38,8 @@ pub struct AdminState {
     pub token: Option<String>,
     /// The connection to the cloud, when the gateway takes pipelines from one.
     pub cloud: Option<Arc<crate::agent::CloudLink>>,
+    /// The queue of results bound for the cloud.
+    pub uplink: Arc<crate::uplink::Uplink>,
 }
 
 /// The admin API's routes.
@@ -94,6 +96,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         state.started.elapsed().as_secs_f64(),
         &state.deployments.list(),
         &state.deployments.dead_letter_counts(),
+        &state.uplink.status(),
     );
     (
         [(

@@ -79,6 +79,8 @@ pub struct PipelineStatus {
     pub errors: u64,
     pub dead_letters: u64,
     pub restarts: u64,
+    /// Checkpoints committed by this run of the pipeline.
+    pub checkpoints: u64,
     pub source_to_sink: LatencySummary,
     pub watermark_to_emit: LatencySummary,
     /// Seconds since the epoch.
@@ -603,6 +605,11 @@ fn status(name: &str, deployed: &Deployed) -> PipelineStatus {
         errors: sum(|s| s.errors),
         dead_letters: deployed.dead_letters.count(),
         restarts: snapshot.restarts,
+        checkpoints: deployed
+            .handle
+            .metrics
+            .checkpoints
+            .load(std::sync::atomic::Ordering::Relaxed),
         source_to_sink: snapshot.source_to_sink,
         watermark_to_emit: snapshot.watermark_to_emit,
         deployed_at: deployed

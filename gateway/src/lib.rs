@@ -127,6 +127,7 @@ impl Gateway {
             started,
             token: config.admin.effective_token()?,
             cloud: cloud_link.clone(),
+            uplink: Arc::clone(&uplink),
         });
         let stop_admin = CancellationToken::new();
         let stopping = stop_admin.clone();

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use weir_connectors::mqtt::MqttStats;
 
+use weir_proto::cloud::StreamStatus;
+
 use crate::deploy::PipelineStatus;
 
 type Labels = Vec<(&'static str, String)>;
@@ -39,6 +41,7 @@ pub fn render(
     uptime_s: f64,
     pipelines: &[PipelineStatus],
     dead_letters: &[(String, Vec<(String, u64)>)],
+    uplink: &[StreamStatus],
 ) -> String {
     let mut registry = Registry::with_prefix("weir");
     let info = gauge_family(
@@ -100,6 +103,11 @@ pub fn render(
         "Latency quantiles: source_to_sink (batch produced to result written) and \
          watermark_to_emit (window closed to result emitted)",
     );
+    let checkpoints = counter_family(
+        &mut registry,
+        "pipeline_checkpoints",
+        "Checkpoints committed (state, source position and cloud-sink results in one write)",
+    );
     let stage_rows_in = counter_family(&mut registry, "stage_rows_in", "Rows into a stage");
     let stage_rows_out = counter_family(&mut registry, "stage_rows_out", "Rows out of a stage");
     let mailbox = gauge_family(
@@ -118,6 +126,7 @@ pub fn render(
         invalid.get_or_create(&labels).inc_by(p.invalid_rows);
         errors.get_or_create(&labels).inc_by(p.errors);
         restarts.get_or_create(&labels).inc_by(p.restarts);
+        checkpoints.get_or_create(&labels).inc_by(p.checkpoints);
         for (path, summary) in [
             ("source_to_sink", &p.source_to_sink),
             ("watermark_to_emit", &p.watermark_to_emit),
@@ -199,6 +208,54 @@ pub fn render(
         mqtt_connects
             .get_or_create(&labels)
             .inc_by(MqttStats::get(&stats.connects));
+    }
+
+    let pending = gauge_family(
+        &mut registry,
+        "uplink_pending_batches",
+        "Result batches on disk not yet stored by the cloud",
+    );
+    let pending_bytes = gauge_family(
+        &mut registry,
+        "uplink_pending_bytes",
+        "Bytes on disk not yet stored by the cloud",
+    );
+    let oldest = gauge_family(
+        &mut registry,
+        "uplink_oldest_pending_seconds",
+        "Age of the oldest batch not yet stored by the cloud",
+    );
+    let lost = counter_family(
+        &mut registry,
+        "uplink_dropped_batches",
+        "Batches a full budget cost: dropped_oldest, refused_newest or expired",
+    );
+    let merged = counter_family(
+        &mut registry,
+        "uplink_merged_batches",
+        "Batches merged into coarser windows to fit the budget",
+    );
+    for s in uplink {
+        let labels = vec![("stream", s.stream.clone())];
+        pending.get_or_create(&labels).set(s.pending as f64);
+        pending_bytes
+            .get_or_create(&labels)
+            .set(s.pending_bytes as f64);
+        oldest
+            .get_or_create(&labels)
+            .set(s.oldest_pending_age_ms as f64 / 1000.0);
+        merged.get_or_create(&labels).inc_by(s.merged);
+        for (reason, count) in [
+            ("dropped_oldest", s.dropped_oldest),
+            ("refused_newest", s.refused_newest),
+            ("expired", s.expired),
+        ] {
+            lost.get_or_create(&vec![
+                ("stream", s.stream.clone()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc_by(count);
+        }
     }
 
     let mut text = String::new();

@@ -207,6 +207,20 @@ impl Gateway {
         command
     }
 
+    /// The gateway's `/metrics` text, over a plain HTTP/1.1 request.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = TcpStream::connect(("127.0.0.1", self.admin)).expect("admin API");
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            self.admin
+        );
+        stream.write_all(request.as_bytes()).expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+    }
+
     /// `weir pipelines list` against this gateway, as an operator at the site reads it.
     pub fn list_text(&self) -> String {
         let output = Command::new(WEIR)
