@@ -266,3 +266,94 @@ fn an_outage_beyond_budget_keeps_a_coarser_history_that_sums_correctly() {
             .any(|s| s["stream"] == "coarse_rms" && s["merged"].as_u64().is_some_and(|m| m > 0))
     });
 }
+
+#[test]
+fn mqtt_messages_are_acknowledged_only_once_their_checkpoint_is_on_disk() {
+    use std::io::Write as _;
+
+    let mut broker = weir_connectors::mqtt::mosquitto::Mosquitto::start().expect("mosquitto");
+    let port = broker.address().port();
+    let fleet = Fleet::new(false);
+    let token = fleet.add_gateway("plant1-m", &["site=plant1"]);
+    let mut gateway = Gateway::new(&fleet, "plant1-m");
+    gateway.restart(&fleet.url(), Some(&token));
+    let sql = format!(
+        "CREATE SOURCE m (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE)
+         WITH (connector = 'mqtt', url = 'mqtt://127.0.0.1:{port}', topic = 'plant/{{sensor}}/v',
+               qos = 1, clean_session = false, client_id = 'weir-ack-test', ack = 'checkpoint');
+         CREATE SINK acked WITH (connector = 'cloud');
+         CREATE PIPELINE acked AS INSERT INTO acked SELECT sensor, ts, v FROM m;"
+    );
+    fleet.deploy("acked", &sql, "site=plant1");
+    wait_until("the pipeline runs on the gateway", || {
+        gateway.running().iter().any(|(name, _)| name == "acked")
+    });
+
+    // 300 numbered QoS 1 messages at about 25 per second; the gateway is killed with
+    // SIGKILL twice while they flow. What it had taken but not checkpointed was never
+    // acknowledged, so the broker sends it again to the restarted gateway.
+    let mut publisher = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-t",
+            "plant/s1/v",
+            "-q",
+            "1",
+            "-l",
+            "-i",
+            "weir-ack-publisher",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (mosquitto-clients) runs");
+    let mut lines = publisher.stdin.take().expect("stdin");
+    for n in 0..300 {
+        writeln!(
+            lines,
+            r#"{{"ts": {}, "v": {n}}}"#,
+            1_767_225_600_000_i64 + n * 10
+        )
+        .expect("publish");
+        std::thread::sleep(Duration::from_millis(40));
+        if n == 80 || n == 160 {
+            gateway.process.kill();
+            gateway.restart(&fleet.url(), None);
+        }
+    }
+    drop(lines);
+    let _ = publisher.wait();
+
+    let stored = || -> (u64, u64) {
+        let output = fleet.cli_as(
+            &fleet.token,
+            &[
+                "query",
+                "SELECT count(*) AS n, count(DISTINCT v) AS d FROM acked",
+                "--json",
+            ],
+        );
+        let row: Value = text(&output.stdout)
+            .lines()
+            .next()
+            .and_then(|line| serde_json::from_str(line).ok())
+            .unwrap_or_default();
+        (
+            row["n"].as_u64().unwrap_or(0),
+            row["d"].as_u64().unwrap_or(0),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (rows, distinct) = loop {
+        let (rows, distinct) = stored();
+        if distinct >= 300 || Instant::now() > deadline {
+            break (rows, distinct);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        (rows, distinct),
+        (300, 300),
+        "every message once in the cloud"
+    );
+    broker.kill();
+}

@@ -81,9 +81,12 @@ pub trait Source: Send {
         ))
     }
 
-    /// The checkpoint taken at `position` (or, for a source without positions, covering every
-    /// batch returned before it was taken) is on disk: what it covers may be acknowledged.
-    fn committed(&mut self, _position: Option<&[u8]>) {}
+    /// Checkpoint `id` is taken now: it covers every batch returned so far.
+    fn on_barrier(&mut self, _id: u64) {}
+
+    /// Checkpoint `id` (and every earlier one) is on disk: what it covers may be
+    /// acknowledged upstream (MQTT with `ack = 'checkpoint'`).
+    fn committed(&mut self, _id: u64) {}
 }
 
 /// Batches a transactional sink holds for the checkpoint that will commit them.

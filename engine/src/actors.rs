@@ -104,8 +104,8 @@ pub struct WatermarkRule {
 pub struct SourceCheckpoints {
     pub every: Duration,
     pub next_id: u64,
-    /// The position of each committed checkpoint, from the sink.
-    pub committed: tokio::sync::watch::Receiver<Option<Option<Vec<u8>>>>,
+    /// The id of each committed checkpoint, from the sink.
+    pub committed: tokio::sync::watch::Receiver<Option<u64>>,
     /// A request for a last barrier before a graceful stop: the source sends it, answers,
     /// and produces nothing more.
     pub last: Option<tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>>,
@@ -211,7 +211,7 @@ impl SourceLoop {
                 changed = committed(&mut self.checkpoints), if commits_open => {
                     drop(next);
                     match changed {
-                        Some(position) => self.source.committed(position.as_deref()),
+                        Some(id) => self.source.committed(id),
                         None => commits_open = false,
                     }
                     next = self.source.next_event();
@@ -294,6 +294,7 @@ impl SourceLoop {
             c.next_id += 1;
             c.next_id - 1
         });
+        self.source.on_barrier(id);
         StreamMessage::Barrier(Barrier {
             id,
             position: self.source.position(),
@@ -312,11 +313,11 @@ async fn last_request(
     }
 }
 
-/// The position of the next committed checkpoint; `None` once the sink is gone.
-async fn committed(checkpoints: &mut Option<SourceCheckpoints>) -> Option<Option<Vec<u8>>> {
+/// The id of the next committed checkpoint; `None` once the sink is gone.
+async fn committed(checkpoints: &mut Option<SourceCheckpoints>) -> Option<u64> {
     let receiver = &mut checkpoints.as_mut()?.committed;
     receiver.changed().await.ok()?;
-    receiver.borrow_and_update().clone()
+    *receiver.borrow_and_update()
 }
 
 pub struct OperatorActor {
@@ -492,7 +493,7 @@ pub struct SinkCheckpoints {
     pub store: Arc<dyn CheckpointStore>,
     pub pipeline: String,
     pub fingerprint: u64,
-    pub committed: tokio::sync::watch::Sender<Option<Option<Vec<u8>>>>,
+    pub committed: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 pub struct SinkActor {
@@ -591,7 +592,7 @@ impl SinkActor {
             .checkpoints
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.pipeline.checkpoint_duration.record(started.elapsed());
-        checkpoints.committed.send_replace(Some(barrier.position));
+        checkpoints.committed.send_replace(Some(barrier.id));
         Ok(())
     }
 }

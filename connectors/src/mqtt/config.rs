@@ -385,6 +385,19 @@ pub struct MqttSourceConfig {
     /// Longest a decoded row waits for its batch to fill, e.g. `'10ms'`.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// When a QoS 1 message is acknowledged to the broker: `receipt` (at once) or
+    /// `checkpoint` (once the checkpoint covering it is on disk, so a crash loses nothing:
+    /// the broker redelivers; needs qos 1 and a persistent session).
+    pub ack: AckMode,
+}
+
+/// When the `mqtt` source acknowledges QoS 1 messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    #[default]
+    Receipt,
+    Checkpoint,
 }
 
 impl Default for MqttSourceConfig {
@@ -398,6 +411,7 @@ impl Default for MqttSourceConfig {
             value_column: None,
             batch_size: 8192,
             linger: Duration::from_millis(10),
+            ack: AckMode::Receipt,
         }
     }
 }
@@ -416,6 +430,13 @@ impl MqttSourceConfig {
         }
         if self.format == MessageFormat::Csv && self.value_column.is_some() {
             return invalid("option 'value_column' applies to json and sparkplug only".into());
+        }
+        if self.ack == AckMode::Checkpoint && (self.qos.0 != 1 || self.clean_session) {
+            return invalid(
+                "ack = 'checkpoint' needs qos = 1 and clean_session = false: only a persistent \
+                 session redelivers what was not acknowledged"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -20,11 +20,11 @@ use std::time::Instant;
 
 use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{Schema, SchemaRef};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::config::{BrokerConfig, MessageFormat, MqttSourceConfig};
+use super::config::{AckMode, BrokerConfig, MessageFormat, MqttSourceConfig};
 use super::topic::TopicPattern;
 use super::{MqttStats, Reconnects};
 use crate::dead_letter::DeadLetterQueue;
@@ -44,6 +44,9 @@ pub(crate) struct Messages {
     bytes: Vec<u8>,
     /// Per message: end of its topic, end of its payload (in `bytes`).
     ends: Vec<(usize, usize)>,
+    /// With `ack = 'checkpoint'`: the QoS 1 messages to acknowledge later, in order, by
+    /// their index here (their headers; the payload is not kept).
+    acks: Vec<(usize, Publish)>,
 }
 
 impl Messages {
@@ -61,6 +64,7 @@ impl Messages {
     fn clear(&mut self) {
         self.bytes.clear();
         self.ends.clear();
+        self.acks.clear();
     }
 
     /// Each message as `(topic, payload)`. Topics were `&str` when pushed, so they are UTF-8.
@@ -90,12 +94,15 @@ impl Inbox {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a message, first waiting while the inbox is full.
-    async fn put(&self, topic: &str, payload: &[u8]) {
+    /// Adds a message (with its header, to acknowledge it later), first waiting while the
+    /// inbox is full.
+    async fn put(&self, topic: &str, payload: &[u8], ack: Option<Publish>) {
         loop {
             {
                 let mut pending = self.lock();
                 if pending.len() < INBOX_MAX_MESSAGES && pending.bytes.len() < INBOX_MAX_BYTES {
+                    let index = pending.len();
+                    pending.acks.extend(ack.map(|a| (index, a)));
                     pending.push(topic, payload);
                     break;
                 }
@@ -232,6 +239,14 @@ pub struct MqttSource {
     oldest_pending: Option<Instant>,
     client: Option<ClientTask>,
     connection: Option<(MqttOptions, QoS)>,
+    /// `ack = 'checkpoint'`: headers of QoS 1 messages taken and not yet acknowledged, by
+    /// message number (counted from the start), oldest first.
+    unacked: std::collections::VecDeque<(u64, Publish)>,
+    /// Messages taken so far, and of those, the ones whose rows are in returned batches.
+    decoded: u64,
+    returned: u64,
+    /// (checkpoint id, messages it covers), oldest first.
+    barriers: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl MqttSource {
@@ -250,7 +265,8 @@ impl MqttSource {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("weir-{}-{:08x}", sanitize(name), rand::random::<u32>()));
-        let options = broker.mqtt_options(&client_id, source.config.clean_session)?;
+        let mut options = broker.mqtt_options(&client_id, source.config.clean_session)?;
+        options.set_manual_acks(source.config.ack == AckMode::Checkpoint);
         source.connection = Some((options, source.config.qos.level()));
         // Published only for a source that runs, not for one built to check the SQL.
         source.stats = MqttStats::named(name);
@@ -318,6 +334,10 @@ impl MqttSource {
             client: None,
             connection: None,
             config,
+            unacked: Default::default(),
+            decoded: 0,
+            returned: 0,
+            barriers: Default::default(),
         })
     }
 
@@ -335,11 +355,20 @@ impl MqttSource {
                 qos,
                 Arc::clone(&self.inbox),
                 Arc::clone(&self.stats),
+                self.config.ack == AckMode::Checkpoint,
             ));
         }
     }
 
     fn decode_taken(&mut self) {
+        let first = self.decoded;
+        self.unacked.extend(
+            self.taken
+                .acks
+                .drain(..)
+                .map(|(index, publish)| (first + index as u64, publish)),
+        );
+        self.decoded += self.taken.len() as u64;
         let Self {
             taken,
             decoder,
@@ -384,6 +413,8 @@ impl MqttSource {
 
     fn flush(&mut self) -> Result<Option<RecordBatch>> {
         self.oldest_pending = None;
+        // Every message decoded so far is in this batch (or produced no rows).
+        self.returned = self.decoded;
         let Some(payload) = self.decoder.flush()? else {
             return Ok(None);
         };
@@ -443,6 +474,32 @@ impl Source for MqttSource {
     fn next_event(&mut self) -> SourceFuture<'_> {
         Box::pin(self.next())
     }
+
+    fn on_barrier(&mut self, id: u64) {
+        if self.config.ack == AckMode::Checkpoint {
+            self.barriers.push_back((id, self.returned));
+        }
+    }
+
+    /// Acknowledges every message the committed checkpoint covers; the broker redelivers
+    /// the rest after a crash. Acks the client cannot queue now go with the next commit.
+    fn committed(&mut self, id: u64) {
+        let mut covered = None;
+        while self.barriers.front().is_some_and(|(b, _)| *b <= id) {
+            covered = self.barriers.pop_front().map(|(_, n)| n);
+        }
+        let (Some(covered), Some(client)) = (covered, &self.client) else {
+            return;
+        };
+        while let Some((number, publish)) = self.unacked.front()
+            && *number < covered
+        {
+            if client.client.try_ack(publish).is_err() {
+                break;
+            }
+            self.unacked.pop_front();
+        }
+    }
 }
 
 /// A client id made only of characters every broker accepts.
@@ -474,14 +531,18 @@ impl ClientTask {
         qos: QoS,
         inbox: Arc<Inbox>,
         stats: Arc<MqttStats>,
+        manual_acks: bool,
     ) -> Self {
-        let (client, events) = AsyncClient::new(options, 64);
+        let (client, events) = AsyncClient::new(options, 1024);
         let task = tokio::spawn(run_client(
             name,
             client.clone(),
             events,
-            filter,
-            qos,
+            Subscription {
+                filter,
+                qos,
+                manual_acks,
+            },
             inbox,
             Arc::clone(&stats),
         ));
@@ -502,22 +563,37 @@ impl Drop for ClientTask {
     }
 }
 
+/// What a source's client subscribes to, and whether it keeps messages to acknowledge later.
+struct Subscription {
+    filter: String,
+    qos: QoS,
+    manual_acks: bool,
+}
+
 /// Drives the connection: moves publishes into the inbox, subscribes after every connect,
 /// and reconnects with exponential backoff and jitter after any failure.
 async fn run_client(
     name: String,
     client: AsyncClient,
     mut events: EventLoop,
-    filter: String,
-    qos: QoS,
+    subscription: Subscription,
     inbox: Arc<Inbox>,
     stats: Arc<MqttStats>,
 ) {
+    let Subscription {
+        filter,
+        qos,
+        manual_acks,
+    } = subscription;
     let mut reconnects = Reconnects::new("source", &name, Arc::clone(&stats));
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                inbox.put(&publish.topic, &publish.payload).await;
+                let ack = (manual_acks && publish.qos != QoS::AtMostOnce).then(|| Publish {
+                    payload: Default::default(),
+                    ..publish.clone()
+                });
+                inbox.put(&publish.topic, &publish.payload, ack).await;
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 reconnects.connected();
