@@ -363,21 +363,30 @@ fn next_entry(
     rejected: &HashSet<(String, u64)>,
 ) -> Result<Option<ResultBatch>, String> {
     let name = cursor.queue.name();
-    for pending in cursor.queue.pending(from, 8).map_err(|e| e.to_string())? {
-        if pending.seq >= below {
+    let mut from = from;
+    loop {
+        let page = cursor.queue.pending(from, 8).map_err(|e| e.to_string())?;
+        let full = page.len() == 8;
+        for pending in page {
+            if pending.seq >= below {
+                return Ok(None);
+            }
+            from = pending.seq + 1;
+            if rejected.contains(&(name.to_owned(), pending.seq)) {
+                continue;
+            }
+            return Ok(Some(ResultBatch {
+                stream: name.to_owned(),
+                seq: pending.seq,
+                arrow_ipc: pending.payload,
+                enqueued_at_ms: pending.enqueued_at_ms,
+            }));
+        }
+        // A page of batches the cloud refused: look past them.
+        if !full {
             return Ok(None);
         }
-        if rejected.contains(&(name.to_owned(), pending.seq)) {
-            continue;
-        }
-        return Ok(Some(ResultBatch {
-            stream: name.to_owned(),
-            seq: pending.seq,
-            arrow_ipc: pending.payload,
-            enqueued_at_ms: pending.enqueued_at_ms,
-        }));
     }
-    Ok(None)
 }
 
 async fn send_batch(
