@@ -204,6 +204,26 @@ pub struct StatusArgs {
     json: bool,
 }
 
+/// A cloud in this process on a free loopback port, with its data in `dir`, and an admin
+/// caller for its fleet: for `weir soak` and the benchmarks.
+pub(crate) fn in_process(
+    runtime: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    heartbeat_interval: Duration,
+) -> anyhow::Result<(Cloud, weir_cloud::fleet::Caller)> {
+    let cloud = runtime.block_on(Cloud::start(CloudConfig {
+        data_dir: dir.to_owned(),
+        listen: ([127, 0, 0, 1], 0).into(),
+        heartbeat_interval,
+        ..CloudConfig::default()
+    }))?;
+    let admin = weir_cloud::fleet::Caller {
+        name: "weir".into(),
+        role: weir_cloud::Role::Admin,
+    };
+    Ok((cloud, admin))
+}
+
 pub fn cloud(args: CloudArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         None => serve(args.serve),

@@ -18,8 +18,8 @@ use anyhow::{Context, bail};
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type};
 use clap::Args;
-use weir_cloud::fleet::{Caller, DeployRequest};
-use weir_cloud::{Cloud, CloudConfig, Role};
+use weir_cloud::Cloud;
+use weir_cloud::fleet::DeployRequest;
 use weir_connectors::simulator::{SimulatorConfig, sample_value, sensor_id};
 
 #[derive(Debug, Args)]
@@ -63,16 +63,11 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("tokio runtime")?;
     let dir = tempfile::tempdir()?;
-    let cloud = runtime.block_on(Cloud::start(CloudConfig {
-        data_dir: dir.path().join("cloud"),
-        listen: ([127, 0, 0, 1], 0).into(),
-        heartbeat_interval: Duration::from_millis(500),
-        ..CloudConfig::default()
-    }))?;
-    let admin = Caller {
-        name: "soak".into(),
-        role: Role::Admin,
-    };
+    let (cloud, admin) = crate::cloud::in_process(
+        &runtime,
+        &dir.path().join("cloud"),
+        Duration::from_millis(500),
+    )?;
     let fleet = Arc::clone(cloud.fleet());
     let labels = [("site".to_owned(), "soak".to_owned())].into();
     let (_, token) = fleet.add_gateway(&admin, "soak-gw", labels)?;

@@ -57,6 +57,16 @@ fn coverage(fleet: &Fleet) -> Option<Coverage> {
     (!rows.is_empty()).then_some(rows)
 }
 
+/// The gateway's `weir_uplink_pending_batches` of `stream`, from its `/metrics` text.
+fn pending_batches(metrics: &str, stream: &str) -> u64 {
+    let series = format!("weir_uplink_pending_batches{{stream=\"{stream}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
 fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -87,7 +97,18 @@ fn an_outage_loses_nothing_and_live_results_overtake_the_backlog() {
 
     // The WAN goes down: the cloud is killed, the gateway goes on computing.
     fleet.cloud.kill();
-    std::thread::sleep(Duration::from_secs(8));
+    let outage = Instant::now();
+    // Down until the gateway holds 8 batches (one a second) for the cloud.
+    let deadline = outage + Duration::from_secs(60);
+    while pending_batches(&gateway.metrics(), "vibration_rms") < 8
+        || outage.elapsed() < Duration::from_secs(8)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no backlog builds up during the outage"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let back = now_s();
     fleet.start_cloud();
 

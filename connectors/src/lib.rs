@@ -89,6 +89,27 @@ pub trait Source: Send {
     fn committed(&mut self, _id: u64) {}
 }
 
+/// A source position as big-endian 64-bit words, the form the simulator and file sources
+/// checkpoint.
+pub mod position {
+    /// `words` as bytes.
+    pub fn encode(words: &[u64]) -> Vec<u8> {
+        words.iter().flat_map(|w| w.to_be_bytes()).collect()
+    }
+
+    /// Exactly `N` words, or `None` for bytes of another length.
+    pub fn decode<const N: usize>(bytes: &[u8]) -> Option<[u64; N]> {
+        if bytes.len() != N * 8 {
+            return None;
+        }
+        let mut words = [0; N];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_be_bytes(chunk.try_into().ok()?);
+        }
+        Some(words)
+    }
+}
+
 /// Batches a transactional sink holds for the checkpoint that will commit them.
 #[derive(Debug, Default)]
 pub struct Staged {

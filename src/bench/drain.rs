@@ -13,8 +13,7 @@ use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray, Timestamp
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use weir_cloud::fleet::Caller;
-use weir_cloud::{Cloud, CloudConfig, Role};
+use weir_cloud::CloudConfig;
 use weir_connectors::cloud::{Overflow, StreamPriority, StreamSpec};
 use weir_engine::uplink::UplinkStore;
 use weir_gateway::uplink::{SenderOptions, run_sender};
@@ -68,15 +67,11 @@ pub fn run(seconds: u64, sensors: usize) -> anyhow::Result<DrainResult> {
         .build()
         .context("tokio runtime")?;
     let dir = tempfile::tempdir()?;
-    let cloud = runtime.block_on(Cloud::start(CloudConfig {
-        data_dir: dir.path().join("cloud"),
-        listen: ([127, 0, 0, 1], 0).into(),
-        ..CloudConfig::default()
-    }))?;
-    let admin = Caller {
-        name: "bench".into(),
-        role: Role::Admin,
-    };
+    let (cloud, admin) = crate::cloud::in_process(
+        &runtime,
+        &dir.path().join("cloud"),
+        CloudConfig::default().heartbeat_interval,
+    )?;
     let (_, token) = cloud
         .fleet()
         .add_gateway(&admin, "drain-gw", Default::default())?;

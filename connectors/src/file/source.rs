@@ -391,20 +391,12 @@ impl Source for FileSource {
     /// The file offset of the first line of the batch's flush and the rows of that flush
     /// returned: 16 bytes. Decoding the same file from the same line gives the same flush.
     fn position(&self) -> Option<Vec<u8>> {
-        let mut bytes = self.position.0.to_be_bytes().to_vec();
-        bytes.extend_from_slice(&self.position.1.to_be_bytes());
-        Some(bytes)
+        Some(crate::position::encode(&[self.position.0, self.position.1]))
     }
 
     /// Resumes after `position`: earlier lines are skipped without decoding.
     fn seek(&mut self, position: &[u8]) -> Result<()> {
-        let word = |at: usize| {
-            position
-                .get(at..at + 8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-        };
-        let (Some(origin), Some(rows), 16) = (word(0), word(8), position.len()) else {
+        let Some([origin, rows]) = crate::position::decode(position) else {
             return Err(ConnectorError::config(
                 "file",
                 "the checkpointed position is not a file position",

@@ -482,31 +482,25 @@ impl Source for SimulatorSource {
     /// The event-time origin, the next tick and (realtime) when tick 0 was due: 24 bytes.
     fn position(&self) -> Option<Vec<u8>> {
         let start = self.start?;
-        let mut bytes = start.to_be_bytes().to_vec();
-        bytes.extend_from_slice(&self.returned.to_be_bytes());
-        bytes.extend_from_slice(&self.wall_origin.unwrap_or(i64::MIN).to_be_bytes());
-        Some(bytes)
+        // Signed times keep their bit patterns.
+        Some(crate::position::encode(&[
+            start as u64,
+            self.returned,
+            self.wall_origin.unwrap_or(i64::MIN) as u64,
+        ]))
     }
 
     /// Goes on with the tick after `position`. In realtime mode a tick is due when the wall
     /// clock reaches its event time, so a source resumed after a crash catches up at full
     /// speed and then keeps pace again.
     fn seek(&mut self, position: &[u8]) -> Result<()> {
-        let word = |at: usize| {
-            position
-                .get(at..at + 8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        };
-        let (Some(start), Some(tick), Some(origin)) = (
-            word(0).map(i64::from_be_bytes),
-            word(8).map(u64::from_be_bytes),
-            word(16).map(i64::from_be_bytes),
-        ) else {
+        let Some([start, tick, origin]) = crate::position::decode(position) else {
             return Err(ConnectorError::config(
                 "simulator",
                 "the checkpointed position is not a simulator position",
             ));
         };
+        let (start, origin) = (start as i64, origin as i64);
         self.start = Some(start);
         self.tick = tick;
         self.returned = tick;
