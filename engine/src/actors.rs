@@ -14,8 +14,10 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -35,11 +37,18 @@ use crate::supervisor::{PipelineEvent, PipelineSupervisor};
 #[rtype(result = "()")]
 pub struct Stop;
 
+/// A message sent downstream and not answered yet.
+type Request = Pin<Box<RecipientRequest<StreamMessage>>>;
+
 /// The sending half of one edge, with the bound on messages not yet handled downstream.
+///
+/// Every request stays in `in_flight` until it has been answered, even while it is awaited:
+/// a request whose mailbox was full still holds its message and delivers it only when
+/// polled, so dropping one would lose the message. A stopping actor [`Outbox::flush`]es.
 #[derive(Clone)]
 pub struct Outbox {
     recipient: Recipient<StreamMessage>,
-    in_flight: Rc<RefCell<VecDeque<RecipientRequest<StreamMessage>>>>,
+    in_flight: Rc<RefCell<VecDeque<Request>>>,
     limit: usize,
     metrics: Arc<StageMetrics>,
 }
@@ -58,39 +67,63 @@ impl Outbox {
         }
     }
 
-    /// Queues `message`; returns a request to await first when the edge is over its bound.
-    fn push(&self, message: StreamMessage) -> Option<RecipientRequest<StreamMessage>> {
+    /// Queues `message` without waiting.
+    fn push(&self, message: StreamMessage) {
         let mut in_flight = self.in_flight.borrow_mut();
-        in_flight.push_back(self.recipient.send(message));
-        let over = (in_flight.len() > self.limit)
-            .then(|| in_flight.pop_front())
-            .flatten();
+        in_flight.push_back(Box::pin(self.recipient.send(message)));
         self.metrics
             .mailbox_depth
             .store(in_flight.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        over
     }
 
-    fn drain(&self) -> Vec<RecipientRequest<StreamMessage>> {
-        self.in_flight.borrow_mut().drain(..).collect()
+    /// Waits for the oldest requests until at most `keep` are unanswered. A request leaves
+    /// the queue only once answered, so cancelling this wait loses nothing.
+    async fn settle(&self, keep: usize) -> Result<()> {
+        loop {
+            let answer = std::future::poll_fn(|cx| {
+                let mut in_flight = self.in_flight.borrow_mut();
+                if in_flight.len() <= keep {
+                    return Poll::Ready(None);
+                }
+                let Some(oldest) = in_flight.front_mut() else {
+                    return Poll::Ready(None);
+                };
+                match oldest.as_mut().poll(cx) {
+                    Poll::Ready(answer) => {
+                        in_flight.pop_front();
+                        self.metrics
+                            .mailbox_depth
+                            .store(in_flight.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        Poll::Ready(Some(answer))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match answer {
+                None => return Ok(()),
+                Some(answer) => answer.map_err(|e| {
+                    EngineError::Internal(format!("downstream actor is gone: {e}"))
+                })??,
+            }
+        }
     }
 
-    /// Sends messages in order, waiting only as much as the bound requires.
+    /// Waits until downstream has handled everything sent so far; what it answers no longer
+    /// matters to a stopping actor.
+    async fn flush(&self) {
+        while self.settle(0).await.is_err() {}
+    }
+
+    /// Sends messages in order, waiting only as much as the bound requires (for the end of
+    /// the stream: until everything is handled).
     pub async fn send_all(&self, messages: Vec<StreamMessage>) -> Result<()> {
-        let mut waits = Vec::new();
         let mut end = false;
         for message in messages {
             end |= matches!(message, StreamMessage::End);
-            waits.extend(self.push(message));
+            self.push(message);
         }
-        if end {
-            waits.extend(self.drain());
-        }
-        for wait in waits {
-            wait.await
-                .map_err(|e| EngineError::Internal(format!("downstream actor is gone: {e}")))??;
-        }
-        Ok(())
+        self.settle(if end { 0 } else { self.limit }).await
     }
 }
 
@@ -120,6 +153,8 @@ pub struct SourceActor {
     pub supervisor: Addr<PipelineSupervisor>,
     pub generation: u64,
     pub metrics: Arc<StageMetrics>,
+    /// The running read loop, cancelled by [`Stop`].
+    pub reading: Option<SpawnHandle>,
 }
 
 impl Actor for SourceActor {
@@ -139,23 +174,34 @@ impl Actor for SourceActor {
         };
         let supervisor = self.supervisor.clone();
         let generation = self.generation;
-        ctx.spawn(
-            async move {
-                let event = match run.run().await {
-                    Ok(()) => PipelineEvent::Finished { generation },
-                    Err(error) => PipelineEvent::Failed { generation, error },
-                };
-                supervisor.do_send(event);
-            }
-            .into_actor(self),
+        self.reading = Some(
+            ctx.spawn(
+                async move {
+                    let event = match run.run().await {
+                        Ok(()) => PipelineEvent::Finished { generation },
+                        Err(error) => PipelineEvent::Failed { generation, error },
+                    };
+                    supervisor.do_send(event);
+                }
+                .into_actor(self),
+            ),
         );
     }
 }
 
+/// Stops reading, then stops once downstream has everything already sent.
 impl Handler<Stop> for SourceActor {
-    type Result = ();
-    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
-        ctx.stop();
+    type Result = AtomicResponse<Self, ()>;
+    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) -> Self::Result {
+        if let Some(reading) = self.reading.take() {
+            ctx.cancel_future(reading);
+        }
+        let outbox = self.outbox.clone();
+        AtomicResponse::new(Box::pin(
+            async move { outbox.flush().await }
+                .into_actor(self)
+                .map(|(), _, ctx| ctx.stop()),
+        ))
     }
 }
 
@@ -276,9 +322,7 @@ impl SourceLoop {
                         current = Watermark(advanced);
                         let message = StreamMessage::Watermark { watermark: current, origin: Instant::now() };
                         // Sending borrows only the outbox; the pending read stays in place.
-                        if let Some(wait) = self.outbox.push(message) {
-                            wait.await.map_err(|e| EngineError::Internal(format!("downstream actor is gone: {e}")))??;
-                        }
+                        self.outbox.send_all(vec![message]).await?;
                     }
                 }
             }
@@ -336,10 +380,16 @@ impl Actor for OperatorActor {
     type Context = Context<Self>;
 }
 
+/// Stops once downstream has everything this operator already sent.
 impl Handler<Stop> for OperatorActor {
-    type Result = ();
-    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
-        ctx.stop();
+    type Result = AtomicResponse<Self, ()>;
+    fn handle(&mut self, _: Stop, _: &mut Self::Context) -> Self::Result {
+        let outbox = self.outbox.clone();
+        AtomicResponse::new(Box::pin(
+            async move { outbox.flush().await }
+                .into_actor(self)
+                .map(|(), _, ctx| ctx.stop()),
+        ))
     }
 }
 
@@ -350,10 +400,18 @@ impl Handler<Stop> for OperatorActor {
 pub struct StopAndSnapshot;
 
 impl Handler<StopAndSnapshot> for OperatorActor {
-    type Result = Result<Vec<u8>>;
-    fn handle(&mut self, _: StopAndSnapshot, ctx: &mut Self::Context) -> Self::Result {
-        ctx.stop();
-        Ok(self.operator.snapshot()?)
+    type Result = AtomicResponse<Self, Result<Vec<u8>>>;
+    fn handle(&mut self, _: StopAndSnapshot, _: &mut Self::Context) -> Self::Result {
+        let state = self.operator.snapshot().map_err(EngineError::from);
+        let outbox = self.outbox.clone();
+        AtomicResponse::new(Box::pin(
+            async move { outbox.flush().await }
+                .into_actor(self)
+                .map(move |(), _, ctx| {
+                    ctx.stop();
+                    state
+                }),
+        ))
     }
 }
 

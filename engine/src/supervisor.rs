@@ -287,6 +287,7 @@ impl PipelineSupervisor {
             supervisor: me,
             generation,
             metrics: source_metrics,
+            reading: None,
         });
         self.running = Some(Running {
             source,
