@@ -168,6 +168,11 @@ pub struct DeployArgs {
     /// More errors than this on a canary's pipeline fails the rollout.
     #[arg(long, default_value_t = 10)]
     max_errors: u64,
+    /// Deploy even where a new version cannot take over the running version's state (a
+    /// changed window, aggregate, detector or source): its open windows start empty.
+    /// Without it, such a deploy is refused and nothing changes.
+    #[arg(long)]
+    fresh: bool,
     #[command(flatten)]
     client: CloudClientArgs,
 }
@@ -176,6 +181,9 @@ pub struct DeployArgs {
 pub struct RollbackArgs {
     /// The deployment to return to its previous versions.
     deployment: String,
+    /// Roll back even where the earlier versions cannot take over the running state.
+    #[arg(long)]
+    fresh: bool,
     #[command(flatten)]
     client: CloudClientArgs,
 }
@@ -425,6 +433,7 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
                 "canary": args.canary,
                 "bake_s": args.bake.as_secs(),
                 "max_errors": args.max_errors,
+                "fresh": args.fresh,
             })),
         )
         .await?;
@@ -435,7 +444,10 @@ pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
 
 pub fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
     block_on(async move {
-        let path = format!("/api/v1/deployments/{}/rollback", args.deployment);
+        let path = format!(
+            "/api/v1/deployments/{}/rollback?fresh={}",
+            args.deployment, args.fresh
+        );
         let body = call(&args.client, reqwest::Method::POST, &path, None).await?;
         print_outcome("rolled back", &body);
         Ok(ExitCode::SUCCESS)
@@ -461,6 +473,12 @@ fn print_outcome(what: &str, body: &Value) {
         body["deployment"].as_str().unwrap_or("?"),
         versions.join(", ")
     );
+    for (pipeline, reason) in body["fresh"].as_object().into_iter().flatten() {
+        println!(
+            "{pipeline} starts fresh: {}",
+            reason.as_str().unwrap_or("?")
+        );
+    }
     if targets.is_empty() {
         println!("no gateway matches the selector yet");
     } else {

@@ -167,10 +167,16 @@ pub enum PipelinesCommand {
         client: AdminClientArgs,
     },
     /// Deploy a SQL file as a new version of pipeline NAME (created if absent). Open windows
-    /// carry over when the source and the stateful operators are unchanged.
+    /// carry over when the source and the stateful operators are unchanged; a version that
+    /// would lose them is refused unless --fresh.
     Replace {
         name: String,
         file: PathBuf,
+        /// Replace even if the new version cannot take over the running version's state (a
+        /// changed window, aggregate, detector or source): its open windows start empty.
+        /// Without it, such a replacement is refused and the running version stays.
+        #[arg(long)]
+        fresh: bool,
         #[command(flatten)]
         client: AdminClientArgs,
     },
@@ -209,9 +215,18 @@ pub fn pipelines(command: PipelinesCommand) -> anyhow::Result<ExitCode> {
                 print_deployed(&body);
                 Ok(ExitCode::SUCCESS)
             }
-            PipelinesCommand::Replace { name, file, client } => {
+            PipelinesCommand::Replace {
+                name,
+                file,
+                fresh,
+                client,
+            } => {
                 let (sql, label) = read_sql(&file)?;
-                let path = format!("/api/pipelines/{}?file={}", encode(&name), encode(&label));
+                let path = format!(
+                    "/api/pipelines/{}?file={}&fresh={fresh}",
+                    encode(&name),
+                    encode(&label)
+                );
                 let body = call(&http, &client, reqwest::Method::PUT, &path, Some(sql)).await?;
                 print_deployed(&body);
                 Ok(ExitCode::SUCCESS)

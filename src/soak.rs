@@ -82,6 +82,7 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
             canary: 0,
             bake: Duration::ZERO,
             max_errors: 0,
+            fresh: false,
         },
     )?;
     let url = format!("http://{}", cloud.address());

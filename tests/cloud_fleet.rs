@@ -486,3 +486,54 @@ fn gateways_and_the_cli_reach_a_tls_cloud_through_the_ca_they_were_given() {
         gateway_status(&fleet.status(), "secure-gw")["online"] == true
     });
 }
+
+#[test]
+fn a_deploy_that_would_lose_open_windows_needs_fresh_and_the_gateway_honours_it() {
+    let fleet = Fleet::new(false);
+    let token = fleet.add_gateway("line1", &["site=plant1"]);
+    let gateway = Gateway::start(&fleet, "line1", Some(&token));
+    let windowed = |seconds: u32| {
+        format!(
+            "CREATE SOURCE vib (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
+                                WATERMARK FOR ts AS ts - INTERVAL '0.2' SECOND)
+             WITH (connector = 'simulator', sensors = 2, rate_hz = 20, realtime = true);
+             CREATE SINK out WITH (connector = 'null');
+             CREATE PIPELINE peaks AS INSERT INTO out
+             SELECT sensor, window_start, max(v) AS peak
+             FROM TUMBLE(vib, ts, INTERVAL '{seconds}' SECOND) GROUP BY sensor, window_start;"
+        )
+    };
+    fleet.deploy("peaks", &windowed(1), "site=plant1");
+    wait_until("the gateway runs v1", || {
+        gateway.running() == pipelines(&[("peaks", 1)])
+    });
+
+    let file = fleet.dir.path().join("peaks.sql");
+    std::fs::write(&file, windowed(10)).expect("write sql");
+    let file = file.display().to_string();
+    let refused = fleet.cli_as(
+        &fleet.token,
+        &["deploy", &file, "--selector", "site=plant1"],
+    );
+    let stderr = text(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pipeline 'peaks': stateful operator") && stderr.contains("--fresh"),
+        "{stderr}"
+    );
+    let status = fleet.cli(&["status", "--json"]);
+    assert!(
+        status.contains("\"peaks\": 1") && !status.contains("\"peaks\": 2"),
+        "nothing changed: {status}"
+    );
+    assert_eq!(gateway.running(), pipelines(&[("peaks", 1)]));
+
+    let out = fleet.cli(&["deploy", &file, "--selector", "site=plant1", "--fresh"]);
+    assert!(
+        out.contains("peaks starts fresh: stateful operator"),
+        "{out}"
+    );
+    wait_until("the gateway accepts the fresh start and runs v2", || {
+        gateway.running() == pipelines(&[("peaks", 2)])
+    });
+}

@@ -199,6 +199,9 @@ struct Deploy {
     /// More errors than this on a canary's pipeline fails the rollout.
     #[serde(default = "default_max_errors")]
     max_errors: u64,
+    /// Deploy even where new versions cannot take over the running versions' state.
+    #[serde(default)]
+    fresh: bool,
 }
 
 fn default_bake_s() -> u64 {
@@ -230,18 +233,32 @@ async fn deploy(
             canary: body.canary,
             bake: std::time::Duration::from_secs(body.bake_s),
             max_errors: body.max_errors,
+            fresh: body.fresh,
         },
     )?;
     Ok((StatusCode::CREATED, Json(json!(outcome))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollback {
+    /// Roll back even where the earlier versions cannot take over the running state.
+    #[serde(default)]
+    fresh: bool,
 }
 
 async fn rollback(
     State(state): Shared,
     headers: HeaderMap,
     Path(name): Path<String>,
+    Query(query): Query<Rollback>,
 ) -> Result<Json<Value>> {
     let caller = caller(&state, &headers)?;
-    Ok(Json(json!(state.fleet.rollback(&caller, &name)?)))
+    Ok(Json(json!(state.fleet.rollback(
+        &caller,
+        &name,
+        query.fresh
+    )?)))
 }
 
 async fn list_deployments(State(state): Shared, headers: HeaderMap) -> Result<Json<Value>> {

@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
+use weir_planner::state_loss;
 use weir_proto::cloud::{
     DesiredManifest, DesiredState, EnrollResponse, PlanEnvelope, PlanResult, RunningPipeline,
     SignedPlan, StatusReport, Welcome,
 };
+use weir_proto::plan::PipelinePlan;
 
 use crate::error::{CloudError, Result};
 use crate::model::{
@@ -74,6 +76,9 @@ pub struct DeployRequest {
     pub bake: Duration,
     /// More errors than this on a canary's pipeline fails the rollout.
     pub max_errors: u64,
+    /// Deploy even where a new version cannot take over the state of the one it replaces:
+    /// those pipelines start with empty windows. Without it, such a deploy is refused.
+    pub fresh: bool,
 }
 
 /// What a deploy did.
@@ -88,6 +93,8 @@ pub struct DeployOutcome {
     pub targets: Vec<String>,
     /// The gateways that get the new versions first, in a staged rollout.
     pub canaries: Vec<String>,
+    /// Pipelines whose new version starts without the old one's state, and why.
+    pub fresh: BTreeMap<String, String>,
 }
 
 /// A connected gateway's stream, as the fleet sees it.
@@ -194,6 +201,32 @@ impl State {
         for hash in hashes {
             self.enrollments.remove(hash);
         }
+    }
+
+    /// Per pipeline of `to`, why its plan cannot take over the state of the version of the
+    /// same pipeline in `from`; pipelines that lose nothing are left out.
+    fn state_losses(
+        &self,
+        from: &BTreeMap<String, u64>,
+        to: &BTreeMap<String, u64>,
+    ) -> Result<BTreeMap<String, String>> {
+        let mut losses = BTreeMap::new();
+        for (pipeline, version) in to {
+            let plan = |version: &u64| {
+                self.versions
+                    .get(&(pipeline.clone(), *version))
+                    .map(|record| decode_plan(&record.payload))
+                    .transpose()
+            };
+            if let (Some(old), Some(new)) = (
+                from.get(pipeline).map(plan).transpose()?.flatten(),
+                plan(version)?,
+            ) && let Some(reason) = state_loss(&old, &new)
+            {
+                losses.insert(pipeline.clone(), reason);
+            }
+        }
+        Ok(losses)
     }
 
     fn max_version(&self, pipeline: &str) -> u64 {
@@ -672,6 +705,7 @@ impl Fleet {
         let mut pipelines = BTreeMap::new();
         let mut changed = Vec::new();
         let mut new_versions = Vec::new();
+        let mut fresh = BTreeMap::new();
         for plan in compiled.pipelines {
             let current = previous
                 .as_ref()
@@ -681,6 +715,19 @@ impl Fleet {
                 pipelines.insert(plan.name.clone(), current.version);
                 continue;
             }
+            // Gateways may run any version of this pipeline that a deployment holds.
+            let running: std::collections::BTreeSet<u64> = state
+                .deployments
+                .values()
+                .filter_map(|d| d.pipelines.get(&plan.name).copied())
+                .collect();
+            for version in running {
+                if let Some(record) = state.versions.get(&(plan.name.clone(), version))
+                    && let Some(reason) = state_loss(&decode_plan(&record.payload)?, &plan)
+                {
+                    fresh.insert(plan.name.clone(), reason);
+                }
+            }
             let version = state.max_version(&plan.name) + 1;
             let envelope = PlanEnvelope {
                 pipeline: plan.name.clone(),
@@ -689,6 +736,7 @@ impl Fleet {
                 sql: request.sql.clone(),
                 signed_at_ms: now,
                 plan: Some(plan.clone()),
+                fresh: fresh.contains_key(&plan.name),
             };
             let signed = self.signer.sign(&envelope);
             let record = PipelineVersion {
@@ -709,6 +757,9 @@ impl Fleet {
             pipelines.insert(plan.name.clone(), version);
             changed.push(plan.name.clone());
             new_versions.push(record);
+        }
+        if !request.fresh && !fresh.is_empty() {
+            return Err(state_loss_refused(&fresh));
         }
         let mut history = previous
             .as_ref()
@@ -809,12 +860,14 @@ impl Fleet {
             changed,
             targets,
             canaries,
+            fresh,
         })
     }
 
     /// Returns a deployment to its previous set of versions, as new versions (a gateway
     /// never goes back to a lower version number, so a rollback re-signs the old plans).
-    pub fn rollback(&self, caller: &Caller, name: &str) -> Result<DeployOutcome> {
+    /// Going back to versions that cannot take over the running ones' state needs `fresh`.
+    pub fn rollback(&self, caller: &Caller, name: &str, fresh: bool) -> Result<DeployOutcome> {
         caller.require(Role::Deployer, "rolling back")?;
         let mut state = self.lock();
         let Some(mut deployment) = state.deployments.get(name).cloned() else {
@@ -827,11 +880,15 @@ impl Fleet {
                 "deployment '{name}' has no earlier version to roll back to"
             )));
         };
+        let losses = state.state_losses(&deployment.pipelines, &target)?;
+        if !fresh && !losses.is_empty() {
+            return Err(state_loss_refused(&losses));
+        }
         let Resigned {
             pipelines,
             mut writes,
             records: new_versions,
-        } = self.resign(&state, &target, &caller.actor())?;
+        } = self.resign(&state, &target, &caller.actor(), !losses.is_empty())?;
         deployment.pipelines = pipelines.clone();
         deployment.rollout = None;
         deployment.updated_at_ms = now_ms();
@@ -867,12 +924,20 @@ impl Fleet {
             pipelines,
             targets,
             canaries: Vec::new(),
+            fresh: losses,
         })
     }
 
     /// New versions carrying the plans of `set`, signed now: how the fleet goes back without
-    /// a version number ever going down.
-    fn resign(&self, state: &State, set: &BTreeMap<String, u64>, actor: &str) -> Result<Resigned> {
+    /// a version number ever going down. `fresh` lets them replace versions whose state they
+    /// cannot take over; without it, each keeps the permission its plan was signed with.
+    fn resign(
+        &self,
+        state: &State,
+        set: &BTreeMap<String, u64>,
+        actor: &str,
+        fresh: bool,
+    ) -> Result<Resigned> {
         let now = now_ms();
         let mut pipelines = BTreeMap::new();
         let mut writes = Vec::new();
@@ -892,6 +957,7 @@ impl Fleet {
             let signed = self.signer.sign(&PlanEnvelope {
                 version,
                 signed_at_ms: now,
+                fresh: fresh || envelope.fresh,
                 ..envelope
             });
             let record = PipelineVersion {
@@ -980,7 +1046,7 @@ impl Fleet {
             let mut new_versions = Vec::new();
             let (action, detail) = if let Some(reason) = failure {
                 let stable = rollout.stable.clone();
-                let resigned = match self.resign(&state, &stable, "cloud") {
+                let resigned = match self.resign(&state, &stable, "cloud", true) {
                     Ok(resigned) => resigned,
                     Err(error) => {
                         tracing::error!(deployment = %name, %error, "cannot roll the canaries back; retrying");
@@ -1105,7 +1171,7 @@ impl Fleet {
             pipelines,
             mut writes,
             records,
-        } = self.resign(state, &set, "cloud")?;
+        } = self.resign(state, &set, "cloud", false)?;
         let lifted = pipelines.get(pipeline).copied().unwrap_or(version);
         if record.pipelines.get(pipeline) == Some(&version) {
             record.pipelines.insert(pipeline.to_owned(), lifted);
@@ -1592,6 +1658,27 @@ pub enum SessionUpdate {
     Ack(weir_proto::cloud::PlanAck),
 }
 
+/// The plan inside a stored, signed envelope.
+fn decode_plan(payload: &[u8]) -> Result<PipelinePlan> {
+    decode_envelope(payload)?
+        .plan
+        .ok_or_else(|| CloudError::Storage("a stored version has no plan".into()))
+}
+
+/// The error for a deploy or rollback that would lose pipelines' state without `--fresh`.
+fn state_loss_refused(losses: &BTreeMap<String, String>) -> CloudError {
+    let each: Vec<String> = losses
+        .iter()
+        .map(|(pipeline, reason)| format!("pipeline '{pipeline}': {reason}"))
+        .collect();
+    CloudError::Conflict(format!(
+        "the new versions cannot take over the running versions' state ({}), so open windows \
+         and detector history would start empty on every gateway. Nothing was changed; run \
+         again with --fresh to accept that",
+        each.join("; ")
+    ))
+}
+
 fn decode_envelope(payload: &[u8]) -> Result<PlanEnvelope> {
     use prost::Message as _;
     PlanEnvelope::decode(payload)
@@ -1764,6 +1851,7 @@ mod tests {
             canary: 0,
             bake: Duration::ZERO,
             max_errors: 0,
+            fresh: false,
         }
     }
 
@@ -1823,7 +1911,7 @@ mod tests {
             .deploy(&deployer, request("d", &changed, "", 0))
             .expect("deploy");
         assert_eq!(second.pipelines["copy"], 2);
-        let back = fleet.rollback(&deployer, "d").expect("rollback");
+        let back = fleet.rollback(&deployer, "d", false).expect("rollback");
         assert_eq!(
             back.pipelines["copy"], 3,
             "a rollback is a new, higher version"
@@ -1834,8 +1922,76 @@ mod tests {
         let plan = |payload: &[u8]| decode_envelope(payload).expect("envelope").plan;
         assert_eq!(plan(&v3.payload), plan(&v1.payload), "v3 carries v1's plan");
         drop(state);
-        let error = fleet.rollback(&deployer, "d").expect_err("no more history");
+        let error = fleet
+            .rollback(&deployer, "d", false)
+            .expect_err("no more history");
         assert!(error.to_string().contains("no earlier version"), "{error}");
+    }
+
+    #[test]
+    fn a_deploy_that_would_lose_window_state_needs_fresh_and_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = fleet(dir.path());
+        let deployer = caller(Role::Deployer);
+        let windowed = "
+            CREATE SOURCE vib (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
+                               WATERMARK FOR ts AS ts - INTERVAL '1' SECOND)
+            WITH (connector = 'simulator', sensors = 1, rate_hz = 10);
+            CREATE SINK out WITH (connector = 'null');
+            CREATE PIPELINE peaks AS INSERT INTO out
+            SELECT sensor, window_start, max(v) AS peak
+            FROM TUMBLE(vib, ts, INTERVAL '1' SECOND) WHERE v > 0 GROUP BY sensor, window_start;";
+        fleet
+            .deploy(&deployer, request("d", windowed, "", 0))
+            .expect("v1");
+        let filtered = fleet
+            .deploy(
+                &deployer,
+                request("d", &windowed.replace("v > 0", "v > 1"), "", 0),
+            )
+            .expect("a changed filter keeps the windows");
+        assert!(filtered.fresh.is_empty());
+        let longer = windowed
+            .replace("v > 0", "v > 1")
+            .replace("'1' SECOND)", "'10' SECOND)");
+        let error = fleet
+            .deploy(&deployer, request("d", &longer, "", 0))
+            .expect_err("a longer window cannot take over 1-second windows");
+        let text = error.to_string();
+        assert!(matches!(error, CloudError::Conflict(_)), "{text}");
+        assert!(
+            text.contains("'peaks'") && text.contains("--fresh"),
+            "{text}"
+        );
+        assert_eq!(fleet.versions(Some("peaks")).len(), 2, "nothing was stored");
+        let outcome = fleet
+            .deploy(
+                &deployer,
+                DeployRequest {
+                    fresh: true,
+                    ..request("d", &longer, "", 0)
+                },
+            )
+            .expect("with fresh");
+        assert!(outcome.fresh["peaks"].contains("changed"), "{outcome:?}");
+        let signed = |version: u64| {
+            let state = fleet.lock();
+            decode_envelope(&state.versions[&("peaks".to_owned(), version)].payload)
+                .expect("envelope")
+                .fresh
+        };
+        assert!(
+            signed(3),
+            "the gateway is told the operator accepted a fresh start"
+        );
+        assert!(!signed(2));
+        let error = fleet
+            .rollback(&deployer, "d", false)
+            .expect_err("going back to 1-second windows loses state too");
+        assert!(error.to_string().contains("--fresh"), "{error}");
+        let back = fleet.rollback(&deployer, "d", true).expect("rollback");
+        assert_eq!(back.pipelines["peaks"], 4);
+        assert!(back.fresh.contains_key("peaks") && signed(4));
     }
 
     #[test]

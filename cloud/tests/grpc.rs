@@ -209,6 +209,7 @@ async fn an_enrolled_gateway_receives_signed_plans_for_its_labels_only() {
         canary: 0,
         bake: Duration::ZERO,
         max_errors: 0,
+        fresh: false,
     };
     fleet
         .deploy(&admin(), deploy("site=plant2"))

@@ -205,8 +205,14 @@ impl PipelineFactory for PlanFactory {
             .as_ref()
             .map(|s| s.encode_to_vec())
             .unwrap_or_default();
+        // The shape of the state, as `weir_planner::state_compatibility` sees it: stateless
+        // operators count by position only, so a changed filter keeps the windows.
         for operator in &self.plan.operators {
-            bytes.extend(operator.encode_to_vec());
+            if weir_operators::build::is_stateful(operator) {
+                bytes.extend(operator.encode_to_vec());
+            } else {
+                bytes.push(0);
+            }
         }
         Some(fnv1a(bytes))
     }
@@ -425,6 +431,17 @@ impl Engine {
     /// What this engine offers sinks; for factories built outside [`Self::start_plan`].
     pub fn sink_context(&self) -> SinkContext {
         self.options.sinks.clone()
+    }
+
+    /// Whether `name`'s last committed checkpoint can be restored into what `factory`
+    /// builds; `None` when there is none to restore (or checkpoints are off).
+    pub fn checkpoint_fits(&self, name: &str, factory: &dyn PipelineFactory) -> Option<bool> {
+        let checkpoints = self.options.checkpoints.as_ref()?;
+        let fingerprint = factory.fingerprint()?;
+        match checkpoints.store.load(name) {
+            Ok(checkpoint) => checkpoint.map(|c| c.fingerprint == fingerprint),
+            Err(_) => None,
+        }
     }
 
     /// Deletes the checkpoint of a pipeline that was removed, so a later pipeline of the

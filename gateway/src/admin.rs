@@ -136,6 +136,9 @@ async fn detail(
 struct SqlFile {
     /// The file name to show in compile errors.
     file: Option<String>,
+    /// Replace even if the new version cannot take over the old one's state.
+    #[serde(default)]
+    fresh: bool,
 }
 
 async fn add(
@@ -155,7 +158,10 @@ async fn replace(
     sql: String,
 ) -> Result<Response, ErrorResponse> {
     let file = query.file.unwrap_or_else(|| "request".into());
-    let deployed = state.deployments.replace(&name, &sql, &file).await?;
+    let deployed = state
+        .deployments
+        .replace(&name, &sql, &file, query.fresh)
+        .await?;
     Ok(Json(json!({ "deployed": [deployed] })).into_response())
 }
 

@@ -550,7 +550,7 @@ impl Agent {
             };
             match self
                 .deployments
-                .apply_plan(plan, &envelope.sql, envelope.version)
+                .apply_plan(plan, &envelope.sql, envelope.version, envelope.fresh)
                 .await
             {
                 Ok(deployment) => {

@@ -17,8 +17,8 @@ use serde::Serialize;
 use weir_connectors::DeadLetterQueue;
 use weir_engine::metrics::LatencySummary;
 use weir_engine::{Engine, PipelineHandle, PipelineState, PlanFactory};
+use weir_planner::{state_compatibility, state_loss};
 use weir_proto::plan::PipelinePlan;
-use weir_proto::plan::operator_node::Kind;
 
 use crate::error::{GatewayError, Result};
 
@@ -149,12 +149,14 @@ impl Deployments {
                 )));
             }
         }
-        let mut started: Vec<(PipelinePlan, PipelineHandle, DeadLetterQueue)> = Vec::new();
+        let mut started = Vec::new();
         for plan in plans {
-            match self.start(&plan, None) {
-                Ok((handle, dead_letters)) => started.push((plan, handle, dead_letters)),
+            match self.start(&plan) {
+                Ok((handle, dead_letters, handover)) => {
+                    started.push((plan, handle, dead_letters, handover))
+                }
                 Err(error) => {
-                    for (_, handle, _) in &started {
+                    for (_, handle, _, _) in &started {
                         handle.stop_and_wait().await;
                         self.engine.forget(&handle.name);
                     }
@@ -166,7 +168,7 @@ impl Deployments {
         let now = SystemTime::now();
         Ok(started
             .into_iter()
-            .map(|(plan, handle, dead_letters)| {
+            .map(|(plan, handle, dead_letters, handover)| {
                 let name = plan.name.clone();
                 pipelines.insert(
                     name.clone(),
@@ -177,14 +179,14 @@ impl Deployments {
                         handle,
                         dead_letters,
                         deployed_at: now,
-                        state: StateHandover::New,
+                        state: handover.clone(),
                         managed: false,
                     },
                 );
                 Deployment {
                     name,
                     version: 1,
-                    state: StateHandover::New,
+                    state: handover,
                 }
             })
             .collect())
@@ -192,7 +194,13 @@ impl Deployments {
 
     /// Deploys `sql`'s pipeline `name` as a new version of it, or as a new pipeline if none
     /// has that name. The SQL must define exactly that one pipeline.
-    pub async fn replace(&self, name: &str, sql: &str, file: &str) -> Result<Deployment> {
+    pub async fn replace(
+        &self,
+        name: &str,
+        sql: &str,
+        file: &str,
+        fresh: bool,
+    ) -> Result<Deployment> {
         let mut plans = compile(sql, file)?;
         let name = name.to_ascii_lowercase();
         if plans.len() != 1 || plans[0].name != name {
@@ -214,17 +222,19 @@ impl Deployments {
                 "pipeline '{name}' is managed by the cloud; change it with `weir deploy`"
             )));
         }
-        self.install(plan, sql, None).await
+        self.install(plan, sql, None, fresh).await
     }
 
     /// Runs a plan the cloud sent as `version` of its pipeline: starts it, or replaces the
-    /// running version (keeping state where compatible). The same plan, under the same or a
-    /// new version number, changes nothing but the number.
+    /// running version (keeping state where compatible; where not, only if the operator
+    /// signed off on a `fresh` start). The same plan, under the same or a new version number,
+    /// changes nothing but the number.
     pub async fn apply_plan(
         &self,
         plan: PipelinePlan,
         sql: &str,
         version: u64,
+        fresh: bool,
     ) -> Result<Deployment> {
         let _changing = self.changes.lock().await;
         {
@@ -245,7 +255,7 @@ impl Deployments {
                 });
             }
         }
-        self.install(plan, sql, Some(version)).await
+        self.install(plan, sql, Some(version), fresh).await
     }
 
     /// Removes a pipeline the cloud no longer wants; local pipelines are left alone.
@@ -278,18 +288,20 @@ impl Deployments {
 
     /// Starts `plan`, or replaces the pipeline of that name with it. `cloud_version` marks
     /// the pipeline as cloud-managed at that version; local versions count up from the old.
-    /// The caller holds `changes`.
+    /// A replacement that cannot take over the old version's state is refused unless
+    /// `fresh`. The caller holds `changes`.
     async fn install(
         &self,
         plan: PipelinePlan,
         sql: &str,
         cloud_version: Option<u64>,
+        fresh: bool,
     ) -> Result<Deployment> {
         let name = plan.name.clone();
         let managed = cloud_version.is_some();
         let old = self.lock().remove(&name);
         let Some(old) = old else {
-            let (handle, dead_letters) = self.start(&plan, None)?;
+            let (handle, dead_letters, handover) = self.start(&plan)?;
             self.lock().insert(
                 name.clone(),
                 Deployed {
@@ -299,16 +311,26 @@ impl Deployments {
                     handle,
                     dead_letters,
                     deployed_at: SystemTime::now(),
-                    state: StateHandover::New,
+                    state: handover.clone(),
                     managed,
                 },
             );
             return Ok(Deployment {
                 name,
                 version: cloud_version.unwrap_or(1),
-                state: StateHandover::New,
+                state: handover,
             });
         };
+        if let Some(reason) = state_loss(&old.plan, &plan)
+            && !fresh
+        {
+            self.lock().insert(name.clone(), old);
+            return Err(GatewayError::Conflict(format!(
+                "pipeline '{name}' cannot keep its state: {reason}, so its open windows and \
+                 detector history would start empty. The running version is unchanged; deploy \
+                 again with `fresh` to start the new version without that state"
+            )));
+        }
         // Build the new version before stopping the old one: a version that cannot run
         // leaves the old one running.
         let factory = match PlanFactory::new(
@@ -473,11 +495,12 @@ impl Deployments {
             .collect()
     }
 
+    /// Starts `plan` as a new pipeline. It restores its last checkpoint if it has one that
+    /// fits; the handover says when one does not fit and is left behind.
     fn start(
         &self,
         plan: &PipelinePlan,
-        state: Option<Vec<Vec<u8>>>,
-    ) -> Result<(PipelineHandle, DeadLetterQueue)> {
+    ) -> Result<(PipelineHandle, DeadLetterQueue, StateHandover)> {
         let dead_letters = match &self.dead_letters_dir {
             Some(dir) => DeadLetterQueue::to_file(dir.join(format!("{}.jsonl", plan.name)))?,
             None => DeadLetterQueue::default(),
@@ -487,11 +510,20 @@ impl Deployments {
             dead_letters.clone(),
             self.engine.sink_context(),
         )?;
+        let handover = match self.engine.checkpoint_fits(&plan.name, &factory) {
+            Some(false) => {
+                let reason = "its last checkpoint is of a version with another source or other \
+                              stateful operators; it starts without that state";
+                tracing::warn!(pipeline = %plan.name, "{reason}");
+                StateHandover::Fresh(reason.into())
+            }
+            _ => StateHandover::New,
+        };
         let handle = self
             .engine
-            .start_with_state(plan.name.clone(), Arc::new(factory), state)?;
+            .start_with_state(plan.name.clone(), Arc::new(factory), None)?;
         tracing::info!(pipeline = %plan.name, "pipeline started");
-        Ok((handle, dead_letters))
+        Ok((handle, dead_letters, handover))
     }
 }
 
@@ -524,36 +556,6 @@ fn compile(sql: &str, file: &str) -> Result<Vec<PipelinePlan>> {
         )));
     }
     Ok(compiled.pipelines)
-}
-
-/// Whether operator state of `old` can be restored into `new`: the same source, and at each
-/// position either two stateless operators or two identical stateful ones. A changed filter
-/// threshold or sink keeps the windows; a changed window or aggregate does not.
-pub fn state_compatibility(
-    old: &PipelinePlan,
-    new: &PipelinePlan,
-) -> std::result::Result<(), String> {
-    let (Some(old_source), Some(new_source)) = (&old.source, &new.source) else {
-        return Err("a version has no source".into());
-    };
-    if old_source.name != new_source.name || old_source.schema != new_source.schema {
-        return Err("the source changed".into());
-    }
-    if old_source.watermark != new_source.watermark {
-        return Err("the watermark rule changed".into());
-    }
-    if old.operators.len() != new.operators.len() {
-        return Err("the operators changed".into());
-    }
-    for (a, b) in old.operators.iter().zip(&new.operators) {
-        let stateful = |kind: &Option<Kind>| {
-            matches!(kind, Some(Kind::WindowAggregate(_) | Kind::Detector(_)))
-        };
-        if (stateful(&a.kind) || stateful(&b.kind)) && a != b {
-            return Err(format!("stateful operator '{}' changed", b.id));
-        }
-    }
-    Ok(())
 }
 
 fn status(name: &str, deployed: &Deployed) -> PipelineStatus {

@@ -277,6 +277,26 @@ fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
                 Some(&windowed_sql(5.0, "20 SECONDS")),
             )
             .await;
+        assert_eq!(
+            status, 409,
+            "a longer window would lose the open ones: {body}"
+        );
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("'sums'") && error.contains("fresh"),
+            "{body}"
+        );
+        let (status, body) = admin
+            .call(reqwest::Method::GET, "/api/pipelines/sums", None)
+            .await;
+        assert_eq!((status, &body["version"]), (200, &2.into()), "{body}");
+        let (status, body) = admin
+            .call(
+                reqwest::Method::PUT,
+                "/api/pipelines/sums?file=sums.sql&fresh=true",
+                Some(&windowed_sql(5.0, "20 SECONDS")),
+            )
+            .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["deployed"][0]["state"], "fresh", "{body}");
         assert!(
@@ -399,6 +419,120 @@ fn a_compatible_replacement_keeps_open_windows() {
             "all five readings, across the replacement"
         );
         assert_eq!(results[0].1["total"], 15.0);
+        assert!(gateway.shutdown().await);
+    });
+}
+
+#[test]
+fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_fit_says_so() {
+    run(async {
+        let config = config(None);
+        let reading =
+            |ts: i64, v: f64| ("readings/a".to_owned(), format!(r#"{{"ts":{ts},"v":{v}}}"#));
+        let windowed_after = |gateway: &Gateway, n: u64| {
+            let deployments = gateway.deployments().clone();
+            move || {
+                deployments
+                    .list()
+                    .iter()
+                    .find(|p| p.name == "sums")
+                    .is_some_and(|p| p.stages[1].rows_in >= n)
+            }
+        };
+
+        // Three readings of the window [0 s, 10 s), then a graceful stop: its last checkpoint.
+        let gateway = Gateway::start(config.clone()).await.expect("gateway");
+        let admin = Admin::new(&gateway, None);
+        let (status, body) = admin
+            .call(
+                reqwest::Method::POST,
+                "/api/pipelines",
+                Some(&windowed_sql(0.0, "10 SECONDS")),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let mut publisher = Publisher::connect(gateway.broker_url().expect("broker")).await;
+        let stats = weir_connectors::mqtt::MqttStats::named("sums/readings");
+        let subscriptions = || {
+            stats
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        wait_until("the source to subscribe", || subscriptions() >= 1).await;
+        publisher
+            .send(vec![
+                reading(1000, 1.0),
+                reading(2000, 2.0),
+                reading(3000, 3.0),
+            ])
+            .await;
+        wait_until(
+            "the readings to reach the window",
+            windowed_after(&gateway, 3),
+        )
+        .await;
+        drop(publisher);
+        assert!(gateway.shutdown().await);
+
+        // A new filter threshold fits the checkpoint: the open window carries on.
+        let gateway = Gateway::start(config.clone()).await.expect("gateway");
+        let url = gateway.broker_url().expect("broker").to_owned();
+        let admin = Admin::new(&gateway, None);
+        let (status, body) = admin
+            .call(
+                reqwest::Method::POST,
+                "/api/pipelines",
+                Some(&windowed_sql(5.0, "10 SECONDS")),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["deployed"][0]["state"], "new", "{body}");
+        let (out, _sub) = subscribe(&url, "out/sums/#").await;
+        let mut publisher = Publisher::connect(&url).await;
+        wait_until("the source to subscribe again", || subscriptions() >= 2).await;
+        publisher
+            .send(vec![
+                reading(4000, 4.0),
+                reading(5000, 5.0),
+                reading(12_000, 1.0),
+            ])
+            .await;
+        wait_until("the first window's result", || {
+            !out.lock().expect("lock").is_empty()
+        })
+        .await;
+        let results = out.lock().expect("lock").clone();
+        assert_eq!(
+            (&results[0].1["n"], &results[0].1["total"]),
+            (&5.into(), &15.0.into()),
+            "all five readings, across the restart: {results:?}"
+        );
+        drop(publisher);
+        assert!(gateway.shutdown().await);
+
+        // A longer window does not fit: it starts without that state, and the answer says so.
+        let gateway = Gateway::start(config).await.expect("gateway");
+        let admin = Admin::new(&gateway, None);
+        let (status, body) = admin
+            .call(
+                reqwest::Method::POST,
+                "/api/pipelines",
+                Some(&windowed_sql(5.0, "20 SECONDS")),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["deployed"][0]["state"], "fresh", "{body}");
+        assert!(
+            body["deployed"][0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("last checkpoint")),
+            "{body}"
+        );
+        let listed = admin.pipelines().await;
+        assert_eq!(
+            listed["sums"]["state_handover"]["state"], "fresh",
+            "{listed:?}"
+        );
         assert!(gateway.shutdown().await);
     });
 }

@@ -53,6 +53,15 @@ pub fn build(node: &plan::OperatorNode, decoder: &ExprDecoder) -> Result<Box<dyn
     })
 }
 
+/// Whether the operator `node` describes keeps state between batches (open windows, a
+/// detector's history) that `snapshot` captures. The others start the same every time.
+pub fn is_stateful(node: &plan::OperatorNode) -> bool {
+    matches!(
+        node.kind,
+        Some(operator_node::Kind::WindowAggregate(_) | operator_node::Kind::Detector(_))
+    )
+}
+
 fn build_window(
     node: &plan::WindowAggregate,
     input: &DFSchema,

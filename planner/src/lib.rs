@@ -14,6 +14,7 @@
 //! What does not: executing anything. Plans are data; the engine runs them.
 
 mod catalog;
+mod compat;
 pub mod error;
 mod explain;
 mod lower;
@@ -38,6 +39,7 @@ use weir_operators::window::WindowKind;
 use weir_proto::plan::{self, PipelinePlan};
 
 use crate::catalog::Catalog;
+pub use crate::compat::{has_state, state_compatibility, state_loss};
 pub use crate::error::{Diagnostic, PlanError, Position, Result};
 pub use crate::explain::explain;
 use crate::lower::{LowerContext, WINDOW_END, WINDOW_START, WindowedTable};
