@@ -191,6 +191,11 @@ pub fn render(
         "Failed connection attempts and lost connections",
     );
     let mqtt_connects = counter_family(&mut registry, "mqtt_connects", "Successful connections");
+    let mqtt_redelivered = counter_family(
+        &mut registry,
+        "mqtt_redelivered",
+        "Messages the broker sent again after a reconnect that the source already held, dropped",
+    );
     for (client, stats) in MqttStats::all() {
         let labels = vec![("connector", client)];
         mqtt_up
@@ -208,6 +213,9 @@ pub fn render(
         mqtt_connects
             .get_or_create(&labels)
             .inc_by(MqttStats::get(&stats.connects));
+        mqtt_redelivered
+            .get_or_create(&labels)
+            .inc_by(MqttStats::get(&stats.redelivered));
     }
 
     let pending = gauge_family(

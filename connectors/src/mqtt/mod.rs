@@ -124,6 +124,9 @@ pub struct MqttStats {
     pub messages: AtomicU64,
     /// Messages or records dead-lettered (source) or refused by the client (sink).
     pub rejected: AtomicU64,
+    /// QoS 1 messages the broker sent again after a reconnect that the source already held
+    /// (`ack = 'checkpoint'`), dropped so they count once.
+    pub redelivered: AtomicU64,
 }
 
 impl MqttStats {

@@ -52,6 +52,32 @@ impl Mosquitto {
     /// Starts Mosquitto on `port` with `listener_config` lines for its listener, e.g.
     /// `password_file ...` or `certfile ...` / `keyfile ...` for TLS.
     pub fn start_with(port: u16, listener_config: &str) -> Result<Self> {
+        Self::launch(port, listener_config, "persistence false\n")
+    }
+
+    /// Starts Mosquitto on `port` with its sessions and in-flight messages saved in `dir`
+    /// when it stops ([`Self::stop`]) and loaded when it starts: a broker that comes back
+    /// after a restart with the persistent sessions it had.
+    pub fn start_persistent(port: u16, dir: &std::path::Path) -> Result<Self> {
+        // Started as root, Mosquitto drops to its own user, which must be able to write here.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).map_err(|e| {
+                ConnectorError::Internal(format!("cannot open {} to mosquitto: {e}", dir.display()))
+            })?;
+        }
+        Self::launch(
+            port,
+            "allow_anonymous true\n",
+            &format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 0\n",
+                dir.display()
+            ),
+        )
+    }
+
+    fn launch(port: u16, listener_config: &str, persistence: &str) -> Result<Self> {
         let binary = binary().ok_or_else(|| {
             ConnectorError::config(
                 "mosquitto",
@@ -61,7 +87,7 @@ impl Mosquitto {
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let config = tempfile_path::TempConfig::write(&format!(
             "per_listener_settings true\nlistener {port} 127.0.0.1\n{listener_config}\
-             persistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nqueue_qos0_messages true\n\
+             {persistence}max_queued_messages 0\nmax_inflight_messages 0\nqueue_qos0_messages true\n\
              message_size_limit 0\nlog_dest none\n"
         ))?;
         let child = Command::new(binary)
@@ -101,6 +127,16 @@ impl Mosquitto {
     /// The process id, e.g. to measure the broker's own CPU.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the broker as an operator would (SIGTERM): a persistent one saves its state.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
     }
 
     /// Kills the broker at once (SIGKILL), as a crash would.

@@ -14,13 +14,14 @@
 //! grows until its cap, and then the task stops reading the socket, so the broker holds the
 //! backlog rather than the gateway's memory.
 
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{Schema, SchemaRef};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
@@ -45,8 +46,18 @@ pub(crate) struct Messages {
     /// Per message: end of its topic, end of its payload (in `bytes`).
     ends: Vec<(usize, usize)>,
     /// With `ack = 'checkpoint'`: the QoS 1 messages to acknowledge later, in order, by
-    /// their index here (their headers; the payload is not kept).
-    acks: Vec<(usize, Publish)>,
+    /// their index here.
+    acks: Vec<(usize, Ack)>,
+}
+
+/// A QoS 1 message to acknowledge once its checkpoint commits.
+#[derive(Debug)]
+struct Ack {
+    /// Its header (the payload is not kept), which names the packet id.
+    header: Publish,
+    /// The broker session it came in: an acknowledgement is meaningless in another one, and
+    /// could even acknowledge another message that reuses the packet id.
+    session: u64,
 }
 
 impl Messages {
@@ -83,6 +94,9 @@ impl Messages {
 #[derive(Debug, Default)]
 pub(crate) struct Inbox {
     pending: Mutex<Messages>,
+    /// Counts broker sessions: the client task moves it on whenever the broker says it
+    /// kept no session for this client.
+    session: AtomicU64,
     /// Signalled when messages are added.
     arrived: Notify,
     /// Signalled when the source took the pending messages.
@@ -96,7 +110,7 @@ impl Inbox {
 
     /// Adds a message (with its header, to acknowledge it later), first waiting while the
     /// inbox is full.
-    async fn put(&self, topic: &str, payload: &[u8], ack: Option<Publish>) {
+    async fn put(&self, topic: &str, payload: &[u8], ack: Option<Ack>) {
         loop {
             {
                 let mut pending = self.lock();
@@ -239,9 +253,9 @@ pub struct MqttSource {
     oldest_pending: Option<Instant>,
     client: Option<ClientTask>,
     connection: Option<(MqttOptions, QoS)>,
-    /// `ack = 'checkpoint'`: headers of QoS 1 messages taken and not yet acknowledged, by
-    /// message number (counted from the start), oldest first.
-    unacked: std::collections::VecDeque<(u64, Publish)>,
+    /// `ack = 'checkpoint'`: QoS 1 messages taken and not yet acknowledged, by message
+    /// number (counted from the start), oldest first.
+    unacked: std::collections::VecDeque<(u64, Ack)>,
     /// Messages taken so far, and of those, the ones whose rows are in returned batches.
     decoded: u64,
     returned: u64,
@@ -491,10 +505,12 @@ impl Source for MqttSource {
         let (Some(covered), Some(client)) = (covered, &self.client) else {
             return;
         };
-        while let Some((number, publish)) = self.unacked.front()
+        let session = self.inbox.session.load(Ordering::Acquire);
+        while let Some((number, ack)) = self.unacked.front()
             && *number < covered
         {
-            if client.client.try_ack(publish).is_err() {
+            // A broker that lost its session has nothing to acknowledge.
+            if ack.session == session && client.client.try_ack(&ack.header).is_err() {
                 break;
             }
             self.unacked.pop_front();
@@ -570,6 +586,63 @@ struct Subscription {
     manual_acks: bool,
 }
 
+/// Packet ids of the QoS 1 messages a source with `ack = 'checkpoint'` has taken, so that a
+/// broker sending them again after a reconnect does not count them twice.
+///
+/// MQTT brokers resend every unacknowledged QoS 1 message of a persistent session after a
+/// reconnect, with its original packet id and the DUP flag, and never reuse the id of a
+/// message still unacknowledged. So a DUP message whose id the source holds is one it
+/// already has. One whose acknowledgement went out on a connection that then broke may not
+/// have reached the broker; such a message is acknowledged again instead of taken again.
+#[derive(Default)]
+struct Redeliveries {
+    /// Taken, not acknowledged yet.
+    held: HashSet<u16>,
+    /// Acknowledged on the current connection.
+    acked: HashSet<u16>,
+    /// Acknowledged on a connection that broke before the broker may have read it.
+    maybe_acked: HashSet<u16>,
+}
+
+/// What to do with an incoming QoS 1 publish.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivery {
+    New,
+    /// A copy of a message the source holds: drop it.
+    Held,
+    /// A copy of a message the source acknowledged: acknowledge it again and drop it.
+    Acked,
+}
+
+impl Redeliveries {
+    fn received(&mut self, pkid: u16, dup: bool) -> Delivery {
+        if dup && self.held.contains(&pkid) {
+            return Delivery::Held;
+        }
+        if self.maybe_acked.remove(&pkid) && dup {
+            self.acked.insert(pkid);
+            return Delivery::Acked;
+        }
+        self.held.insert(pkid);
+        Delivery::New
+    }
+
+    fn ack_sent(&mut self, pkid: u16) {
+        if self.held.remove(&pkid) {
+            self.acked.insert(pkid);
+        }
+    }
+
+    fn connection_lost(&mut self) {
+        self.maybe_acked.extend(self.acked.drain());
+    }
+
+    /// The broker kept no session: it sends nothing again, and ids start over.
+    fn session_lost(&mut self) {
+        *self = Self::default();
+    }
+}
+
 /// Drives the connection: moves publishes into the inbox, subscribes after every connect,
 /// and reconnects with exponential backoff and jitter after any failure.
 async fn run_client(
@@ -586,16 +659,49 @@ async fn run_client(
         manual_acks,
     } = subscription;
     let mut reconnects = Reconnects::new("source", &name, Arc::clone(&stats));
+    let mut redeliveries = Redeliveries::default();
+    let mut connected_before = false;
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let ack = (manual_acks && publish.qos != QoS::AtMostOnce).then(|| Publish {
-                    payload: Default::default(),
-                    ..publish.clone()
-                });
-                inbox.put(&publish.topic, &publish.payload, ack).await;
+                if !manual_acks || publish.qos == QoS::AtMostOnce {
+                    inbox.put(&publish.topic, &publish.payload, None).await;
+                    continue;
+                }
+                match redeliveries.received(publish.pkid, publish.dup) {
+                    Delivery::New => {
+                        let ack = Ack {
+                            header: Publish {
+                                payload: Default::default(),
+                                ..publish.clone()
+                            },
+                            session: inbox.session.load(Ordering::Acquire),
+                        };
+                        inbox.put(&publish.topic, &publish.payload, Some(ack)).await;
+                    }
+                    Delivery::Held => {
+                        stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Delivery::Acked => {
+                        stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                        let _ = client.try_ack(&publish);
+                    }
+                }
             }
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => redeliveries.ack_sent(pkid),
+            Ok(Event::Incoming(Packet::ConnAck(connack))) => {
+                if connected_before && !connack.session_present {
+                    redeliveries.session_lost();
+                    inbox.session.fetch_add(1, Ordering::AcqRel);
+                    if manual_acks {
+                        tracing::warn!(
+                            source = %name,
+                            "the broker kept no session for this client: messages taken and \
+                             not yet checkpointed will not be sent again"
+                        );
+                    }
+                }
+                connected_before = true;
                 reconnects.connected();
                 // A clean session forgets subscriptions; a persistent one keeps them, and
                 // subscribing again is harmless, so subscribe after every connect.
@@ -622,7 +728,54 @@ async fn run_client(
                 }
             }
             Ok(_) => {}
-            Err(error) => tokio::time::sleep(reconnects.failed(&error)).await,
+            Err(error) => {
+                redeliveries.connection_lost();
+                tokio::time::sleep(reconnects.failed(&error)).await;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Delivery, Redeliveries};
+
+    #[test]
+    fn a_copy_of_a_held_message_is_dropped_and_a_new_one_is_taken() {
+        let mut seen = Redeliveries::default();
+        assert_eq!(seen.received(1, false), Delivery::New);
+        assert_eq!(seen.received(2, false), Delivery::New);
+        seen.connection_lost();
+        // After the reconnect the broker sends both again, with DUP set.
+        assert_eq!(seen.received(1, true), Delivery::Held);
+        assert_eq!(seen.received(2, true), Delivery::Held);
+        // Acknowledged now: the broker may reuse the id for a new message (DUP clear).
+        seen.ack_sent(1);
+        assert_eq!(seen.received(1, false), Delivery::New);
+        // A DUP message the source never saw (its first copy was lost in transit) is new.
+        assert_eq!(seen.received(7, true), Delivery::New);
+    }
+
+    #[test]
+    fn an_acknowledgement_lost_with_the_connection_is_sent_again() {
+        let mut seen = Redeliveries::default();
+        assert_eq!(seen.received(3, false), Delivery::New);
+        seen.ack_sent(3);
+        seen.connection_lost();
+        assert_eq!(seen.received(3, true), Delivery::Acked);
+        // And again if that connection breaks too.
+        seen.connection_lost();
+        assert_eq!(seen.received(3, true), Delivery::Acked);
+        // Once the broker reuses the id, it is a new message.
+        assert_eq!(seen.received(3, false), Delivery::New);
+    }
+
+    #[test]
+    fn a_broker_without_the_session_sends_nothing_again() {
+        let mut seen = Redeliveries::default();
+        assert_eq!(seen.received(1, false), Delivery::New);
+        seen.session_lost();
+        assert_eq!(seen.received(1, false), Delivery::New);
+        assert_eq!(seen.received(1, true), Delivery::Held);
     }
 }
