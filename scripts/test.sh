@@ -12,6 +12,10 @@ if [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null 2>&1; t
 fi
 command -v openssl >/dev/null 2>&1 || test_packages+=(openssl)
 install_packages "${test_packages[@]}"
+# Results in an object store are tested against moto's S3 server (PyPI).
+if ! command -v moto_server >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check "moto[server]==5.2.5"
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi

@@ -54,6 +54,12 @@ struct ServeArgs {
     /// Allow plain HTTP on a non-loopback address (only behind a TLS-terminating proxy).
     #[arg(long)]
     insecure: bool,
+    /// Where uplinked results are stored as Parquet: a directory (default DIR/results), or
+    /// s3://BUCKET/PREFIX on S3 or an S3-compatible store such as MinIO, configured by the
+    /// AWS_* environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT,
+    /// AWS_ALLOW_HTTP=true for a plain-HTTP endpoint).
+    #[arg(long, value_name = "LOCATION", env = "WEIR_RESULTS")]
+    results: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +276,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             heartbeat_interval: args.heartbeat,
             tls,
             insecure: args.insecure,
+            results: args.results.clone(),
         })
         .await?;
         let url = format!("{scheme}://{}", cloud.address());

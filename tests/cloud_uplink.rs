@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use support::{Fleet, Gateway, text, wait_until};
+use support::{Fleet, Gateway, S3Server, text, wait_until};
 
 const SQL: &str = "
 CREATE SOURCE vib (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
@@ -444,4 +444,54 @@ fn a_broker_restart_mid_stream_redelivers_what_was_not_checkpointed_and_it_count
         "the broker sent held messages again: {metrics}"
     );
     broker.kill();
+}
+
+#[test]
+fn results_in_an_s3_bucket_are_queryable_and_survive_a_cloud_restart_once_each() {
+    let s3 = S3Server::start("weir-results");
+    let mut fleet = Fleet::with_cloud(
+        false,
+        vec!["--results".into(), "s3://weir-results/site-a".into()],
+        s3.env(),
+    );
+    let token = fleet.add_gateway("plant1-s3", &["site=plant1"]);
+    let mut gateway = Gateway::new(&fleet, "plant1-s3");
+    gateway.restart(&fleet.url(), Some(&token));
+    fleet.deploy("rms", SQL, "site=plant1");
+    wait_until("3 windows of every sensor are stored in the bucket", || {
+        coverage(&fleet).is_some_and(|seen| seen.len() == 4 && seen.values().all(|c| c.1 >= 3))
+    });
+    // Plain Parquet files under the prefix, partitioned by stream and day.
+    let (status, listing) = s3.http("GET", "/weir-results?list-type=2&prefix=site-a/");
+    assert_eq!(status, 200, "{listing}");
+    assert!(
+        listing.contains("<Key>site-a/vibration_rms/date=") && listing.contains(".parquet</Key>"),
+        "{listing}"
+    );
+
+    // The cloud restarts: it learns what it holds from the files' footers in the bucket,
+    // so what the gateway sends again is recognised, and the windows go on once each.
+    fleet.cloud.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = now_s();
+    fleet.start_cloud();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        let seen = coverage(&fleet).unwrap_or_default();
+        if seen.len() == 4 && seen.values().all(|c| c.3 >= before + 2) && complete(&seen) {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "windows after the restart: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for (sensor, (rows, windows, _, _)) in &seen {
+        assert_eq!(rows, windows, "{sensor}: every window once");
+    }
+    let status = fleet.status();
+    let duplicates = status["gateways"][0]["streams"][0]["duplicates"].as_u64();
+    assert!(duplicates.is_some(), "{status}");
+    drop(gateway);
 }

@@ -350,5 +350,5 @@ async fn query(
 
 async fn streams(State(state): Shared, headers: HeaderMap) -> Result<Json<Value>> {
     caller(&state, &headers)?.require(Role::Viewer, "listing result streams")?;
-    Ok(Json(json!(state.results.tables()?)))
+    Ok(Json(json!(state.results.tables().await?)))
 }

@@ -225,28 +225,23 @@ impl GatewayControl for ControlService {
                         if !results.has_buffered(&id) {
                             continue;
                         }
-                        let stored = {
-                            let results = Arc::clone(&results);
-                            let id = id.clone();
-                            tokio::task::spawn_blocking(move || results.flush(&id, false)).await
-                        };
+                        let stored = results.flush(&id, false).await;
                         match stored {
-                            Ok(Ok(stored)) if !stored.streams.is_empty() => {
+                            Ok(stored) if !stored.streams.is_empty() => {
                                 if replies.send(reply(uplink_reply::Kind::Stored(stored))).await.is_err() {
                                     break;
                                 }
                             }
-                            Ok(Ok(_)) => {}
+                            Ok(_) => {}
                             // Logged by the store; the batches stay buffered and unacknowledged.
-                            Ok(Err(_)) | Err(_) => {}
+                            Err(_) => {}
                         }
                     }
                 }
             }
             // Write what is buffered even though no acknowledgement can reach the gateway:
             // the gateway sends the batches again and they are dropped as duplicates.
-            let flushed = tokio::task::spawn_blocking(move || results.flush(&id, true)).await;
-            if let Ok(Err(error)) = flushed {
+            if let Err(error) = results.flush(&id, true).await {
                 tracing::warn!(gateway = %gateway.name, %error, "results of a closed uplink not written");
             }
         });

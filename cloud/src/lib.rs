@@ -58,6 +58,9 @@ pub struct CloudConfig {
     pub tls: tls::TlsMode,
     /// Serve without TLS on a non-loopback address (behind a TLS-terminating proxy).
     pub insecure: bool,
+    /// Where uplinked results go: a directory, or `s3://bucket/prefix` (see
+    /// [`results::ResultLocation::parse`]). `None`: `<data_dir>/results`.
+    pub results: Option<String>,
 }
 
 impl Default for CloudConfig {
@@ -68,6 +71,7 @@ impl Default for CloudConfig {
             heartbeat_interval: Duration::from_secs(5),
             tls: tls::TlsMode::Off,
             insecure: false,
+            results: None,
         }
     }
 }
@@ -135,10 +139,13 @@ impl Cloud {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|error| CloudError::Storage(format!("gRPC reflection: {error}")))?;
-        let results = Arc::new(results::ResultStore::open(
-            &config.data_dir.join("results"),
-            results::ResultOptions::default(),
-        )?);
+        let location = match &config.results {
+            Some(location) => results::ResultLocation::parse(location)?,
+            None => results::ResultLocation::local(&config.data_dir.join("results"))?,
+        };
+        let results = Arc::new(
+            results::ResultStore::open(location, results::ResultOptions::default()).await?,
+        );
         let api = api::router(Arc::new(api::ApiState {
             fleet: Arc::clone(&fleet),
             results: Arc::clone(&results),

@@ -1,17 +1,22 @@
 //! Results the gateways uplink: stored once, as Parquet, and queryable with SQL.
 //!
 //! ```text
-//!  <data>/results/<stream>/date=2026-12-02/<gateway-id>-<first>-<last>-<n>.parquet
+//!  <location>/<stream>/date=2026-12-02/<gateway-id>-<first>-<last>-<n>.parquet
 //!     each file: rows of one gateway and stream, a `gateway` column added in front,
 //!     key-value metadata weir.gateway = id, weir.seqs = "41-57,60-61"
 //! ```
+//!
+//! The location is a directory of the cloud's disk (`<data>/results` by default) or, to
+//! scale out, a bucket of an object store with the S3 API (AWS S3, MinIO, ...), through the
+//! `object_store` crate that DataFusion reads with too.
 //!
 //! A batch is identified by (gateway, stream, sequence number). The store keeps, per gateway
 //! and stream, the set of sequence numbers it holds, and drops (and counts) any batch it has
 //! seen. Batches are buffered per gateway and stream and written as one file once there are
 //! enough rows or the oldest waited long enough; only then are they acknowledged, so an
-//! acknowledged batch is on disk: the file is written under a temporary name, synced and
-//! renamed. The files are the truth: at start the store reads each file's footer to learn
+//! acknowledged batch is stored: an object store puts a whole object or nothing, and on a
+//! local disk the file is written under a temporary name, renamed and synced. The files are
+//! the truth: at start the store reads each file's footer to learn
 //! what it holds, and a crash between writing and acknowledging only means the gateway sends
 //! the batches again and they are dropped as duplicates.
 //!
@@ -19,7 +24,6 @@
 //! as a partition column so a `WHERE date = '...'` reads only that day.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,17 +35,110 @@ use arrow::ipc::reader::StreamReader;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::ListingOptions;
 use datafusion::execution::context::{SQLOptions, SessionContext};
+use futures::TryStreamExt as _;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt as _};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
-use parquet::file::metadata::KeyValue;
+use parquet::file::metadata::{KeyValue, ParquetMetaDataReader};
 use parquet::file::properties::WriterProperties;
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use url::Url;
 use weir_proto::cloud::{SeqRange, SeqRanges, StreamHolding, StreamRanges};
 
 use crate::error::{CloudError, Result};
 
 const SEQS_KEY: &str = "weir.seqs";
 const GATEWAY_KEY: &str = "weir.gateway";
+
+/// Where results are stored: a directory of the cloud's disk, or a bucket (and prefix) of
+/// an object store with the S3 API.
+#[derive(Clone)]
+pub struct ResultLocation {
+    store: Arc<dyn ObjectStore>,
+    /// What DataFusion finds `store` under: `file:///` or `s3://bucket/`.
+    base: Url,
+    /// Where in `store` the streams are.
+    prefix: ObjectPath,
+    /// The directory, when on local disk: written files are synced there.
+    local: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ResultLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl ResultLocation {
+    /// A directory on the cloud's disk, created if missing.
+    pub fn local(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(CloudError::io(format!(
+            "creating the results directory {}",
+            dir.display()
+        )))?;
+        let dir = dir.canonicalize().map_err(CloudError::io(format!(
+            "resolving the results directory {}",
+            dir.display()
+        )))?;
+        let prefix = ObjectPath::from_filesystem_path(&dir).map_err(|e| {
+            CloudError::Invalid(format!("results directory {}: {e}", dir.display()))
+        })?;
+        Ok(Self {
+            store: Arc::new(LocalFileSystem::new()),
+            base: Url::parse("file:///").map_err(|e| CloudError::Invalid(e.to_string()))?,
+            prefix,
+            local: Some(dir),
+        })
+    }
+
+    /// `s3://bucket[/prefix]`, with credentials, region and endpoint from the standard AWS
+    /// environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`;
+    /// for MinIO and other S3-compatible stores `AWS_ENDPOINT` and, over plain HTTP,
+    /// `AWS_ALLOW_HTTP=true`). Anything else is a local directory.
+    pub fn parse(location: &str) -> Result<Self> {
+        let Some(rest) = location.strip_prefix("s3://") else {
+            return Self::local(Path::new(location));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(CloudError::Invalid(format!(
+                "results location '{location}': no bucket; use s3://bucket/prefix"
+            )));
+        }
+        let store = object_store::aws::AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map_err(|e| CloudError::Invalid(format!("results location '{location}': {e}")))?;
+        let base = Url::parse(&format!("s3://{bucket}/"))
+            .map_err(|e| CloudError::Invalid(format!("results location '{location}': {e}")))?;
+        Ok(Self {
+            store: Arc::new(store),
+            base,
+            prefix: ObjectPath::from(prefix.trim_matches('/')),
+            local: None,
+        })
+    }
+
+    /// For logs: the directory or `s3://bucket/prefix`.
+    pub fn describe(&self) -> String {
+        match &self.local {
+            Some(dir) => dir.display().to_string(),
+            None => format!("{}{}", self.base, self.prefix),
+        }
+    }
+
+    fn path(&self, parts: &[&str]) -> ObjectPath {
+        parts
+            .iter()
+            .fold(self.prefix.clone(), |path, part| path.join(*part))
+    }
+
+    /// The URL of a stream's folder, for DataFusion.
+    fn table_url(&self, stream: &str) -> String {
+        format!("{}{}/", self.base, self.path(&[stream]))
+    }
+}
 
 /// When buffered batches are written.
 #[derive(Debug, Clone, Copy)]
@@ -152,6 +249,8 @@ pub struct ResultCounters {
 /// One gateway's stream: what is stored and what waits to be written.
 #[derive(Default)]
 struct StreamState {
+    /// Held while the buffer is written, so two flushes never write the same batches.
+    writing: Arc<tokio::sync::Mutex<()>>,
     stored: SeqSet,
     buffer: Vec<RecordBatch>,
     buffered: SeqSet,
@@ -182,7 +281,7 @@ type Key = (String, String);
 
 /// The store; see the module docs.
 pub struct ResultStore {
-    dir: PathBuf,
+    location: ResultLocation,
     options: ResultOptions,
     streams: Mutex<HashMap<Key, Arc<Mutex<StreamState>>>>,
     pub counters: ResultCounters,
@@ -193,26 +292,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ResultStore {
-    /// Opens the store in `dir`, learning what it holds from the files' footers.
-    pub fn open(dir: &Path, options: ResultOptions) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(CloudError::io(format!(
-            "creating the results directory {}",
-            dir.display()
-        )))?;
+    /// Opens the store at `location`, learning what it holds from the files' footers.
+    pub async fn open(location: ResultLocation, options: ResultOptions) -> Result<Self> {
         let store = Self {
-            dir: dir.to_owned(),
+            location,
             options,
             streams: Mutex::default(),
             counters: ResultCounters::default(),
         };
         let mut files = 0;
-        for (stream, path) in store.files()? {
-            if path.extension().is_some_and(|e| e == "tmp") {
-                // A write that never finished: its batches were not acknowledged.
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            match read_footer(&path) {
+        for (stream, object) in store.files().await? {
+            match store.read_footer(&object).await {
                 Ok((gateway, seqs)) => {
                     let state = store.state(&gateway, &stream);
                     let mut state = lock(&state);
@@ -222,35 +312,49 @@ impl ResultStore {
                     files += 1;
                 }
                 Err(error) => {
-                    tracing::warn!(file = %path.display(), %error, "not a results file; ignored")
+                    tracing::warn!(file = %object.location, %error, "not a results file; ignored")
                 }
             }
         }
         store.counters.files.store(files, Ordering::Relaxed);
+        tracing::info!(location = %store.location.describe(), files, "results store open");
         Ok(store)
     }
 
-    /// Every (stream, file) under the results directory.
-    fn files(&self) -> Result<Vec<(String, PathBuf)>> {
-        let mut found = Vec::new();
-        for stream in read_dir(&self.dir)? {
-            let Some(name) = stream
-                .file_name()
-                .and_then(|n| n.to_str())
-                .map(str::to_owned)
-            else {
-                continue;
-            };
-            if !stream.is_dir() {
-                continue;
-            }
-            for day in read_dir(&stream)?.into_iter().filter(|d| d.is_dir()) {
-                for file in read_dir(&day)? {
-                    found.push((name.clone(), file));
-                }
-            }
-        }
-        Ok(found)
+    /// Every (stream, Parquet file) at the location. Anything else (a write that never
+    /// finished leaves a temporary file on local disk) is skipped: its batches were not
+    /// acknowledged.
+    async fn files(&self) -> Result<Vec<(String, object_store::ObjectMeta)>> {
+        let prefix = &self.location.prefix;
+        let objects: Vec<object_store::ObjectMeta> = self
+            .location
+            .store
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.storage_error("listing", e))?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|object| {
+                let parts: Vec<String> = object
+                    .location
+                    .prefix_match(prefix)?
+                    .map(|part| part.as_ref().to_owned())
+                    .collect();
+                let [stream, day, name] = parts.as_slice() else {
+                    return None;
+                };
+                (day.starts_with("date=") && name.ends_with(".parquet"))
+                    .then(|| (stream.clone(), object))
+            })
+            .collect())
+    }
+
+    fn storage_error(&self, what: &str, error: object_store::Error) -> CloudError {
+        CloudError::Storage(format!(
+            "{what} results at {}: {error}",
+            self.location.describe()
+        ))
     }
 
     fn state(&self, gateway: &str, stream: &str) -> Arc<Mutex<StreamState>> {
@@ -311,8 +415,8 @@ impl ResultStore {
 
     /// Writes the buffers of `gateway_id` that are due (all of them with `force`) and returns
     /// what is now stored, for the acknowledgement. A write that fails leaves the batches
-    /// buffered for the next try; nothing is acknowledged that is not on disk.
-    pub fn flush(&self, gateway_id: &str, force: bool) -> Result<SeqRanges> {
+    /// buffered for the next try; nothing is acknowledged that is not stored.
+    pub async fn flush(&self, gateway_id: &str, force: bool) -> Result<SeqRanges> {
         let due: Vec<(String, Arc<Mutex<StreamState>>)> = lock(&self.streams)
             .iter()
             .filter(|((gateway, _), _)| gateway == gateway_id)
@@ -321,26 +425,41 @@ impl ResultStore {
         let mut stored = Vec::new();
         let mut failure = None;
         for (stream, state) in due {
-            let mut state = lock(&state);
-            let ready = state.rows >= self.options.flush_rows
-                || state
-                    .since
-                    .is_some_and(|t| t.elapsed() >= self.options.flush_after);
-            if state.buffered.is_empty() || !(force || ready) {
-                continue;
-            }
-            match self.write_file(gateway_id, &stream, &state.buffer, &state.buffered) {
+            let writing = Arc::clone(&lock(&state).writing);
+            let _writing = writing.lock().await;
+            // What is due, taken under the lock; new batches may arrive while it is written.
+            let (batches, seqs) = {
+                let state = lock(&state);
+                let ready = state.rows >= self.options.flush_rows
+                    || state
+                        .since
+                        .is_some_and(|t| t.elapsed() >= self.options.flush_after);
+                if state.buffered.is_empty() || !(force || ready) {
+                    continue;
+                }
+                (state.buffer.clone(), state.buffered.clone())
+            };
+            match self.write_file(gateway_id, &stream, &batches, &seqs).await {
                 Ok(rows) => {
-                    let written = std::mem::take(&mut state.buffered);
-                    for (s, e) in written.ranges() {
+                    let mut state = lock(&state);
+                    for (s, e) in seqs.ranges() {
                         state.stored.insert_range(s, e);
                     }
-                    state.buffer.clear();
-                    state.rows = 0;
-                    state.since = None;
+                    let buffered = std::mem::take(&mut state.buffered);
+                    state.buffered = buffered
+                        .ranges()
+                        .flat_map(|(s, e)| s..=e)
+                        .filter(|seq| !seqs.contains(*seq))
+                        .fold(SeqSet::default(), |mut set, seq| {
+                            set.insert(seq);
+                            set
+                        });
+                    state.buffer.drain(..batches.len());
+                    state.rows = state.buffer.iter().map(RecordBatch::num_rows).sum();
+                    state.since = (!state.buffer.is_empty()).then(Instant::now);
                     self.counters.rows.fetch_add(rows as u64, Ordering::Relaxed);
                     self.counters.files.fetch_add(1, Ordering::Relaxed);
-                    stored.push(stream_ranges(&stream, written.ranges().collect()));
+                    stored.push(stream_ranges(&stream, seqs.ranges().collect()));
                 }
                 Err(error) => {
                     self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -388,57 +507,107 @@ impl ResultStore {
         streams
     }
 
-    fn write_file(
+    async fn write_file(
         &self,
         gateway_id: &str,
         stream: &str,
         batches: &[RecordBatch],
         seqs: &SeqSet,
     ) -> Result<usize> {
-        let day = chrono::Utc::now().format("%Y-%m-%d");
-        let dir = self.dir.join(stream).join(format!("date={day}"));
-        std::fs::create_dir_all(&dir)
-            .map_err(CloudError::io(format!("creating {}", dir.display())))?;
+        let day = format!("date={}", chrono::Utc::now().format("%Y-%m-%d"));
         let (first, last) = (
             seqs.ranges().next().map_or(0, |r| r.0),
             seqs.max().unwrap_or(0),
         );
         let unique = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
         let name = format!("{gateway_id}-{first:020}-{last:020}-{unique}.parquet");
-        let path = dir.join(&name);
-        let temporary = dir.join(format!("{name}.tmp"));
-        let rows = write_parquet(&temporary, gateway_id, batches, seqs).inspect_err(|_| {
-            let _ = std::fs::remove_file(&temporary);
-        })?;
-        std::fs::rename(&temporary, &path)
-            .map_err(CloudError::io(format!("renaming {}", temporary.display())))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(CloudError::io(format!("syncing {}", dir.display())))?;
+        let path = self.location.path(&[stream, &day, &name]);
+        let (bytes, rows) = write_parquet(gateway_id, batches, seqs)?;
+        // Whole or not at all: S3 by its API, the local store by a rename.
+        self.location
+            .store
+            .put(&path, bytes.into())
+            .await
+            .map_err(|e| self.storage_error("writing", e))?;
+        if let Some(dir) = &self.location.local {
+            let day_dir = dir.join(stream).join(&day);
+            let synced = std::fs::File::open(day_dir.join(&name))
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::File::open(&day_dir)?.sync_all());
+            synced.map_err(CloudError::io(format!("syncing {}", day_dir.display())))?;
+        }
         Ok(rows)
     }
 
     /// Names of the streams with stored results: the tables of [`Self::query`].
-    pub fn tables(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = read_dir(&self.dir)?
-            .into_iter()
-            .filter(|p| p.is_dir())
-            .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+    pub async fn tables(&self) -> Result<Vec<String>> {
+        let listing = self
+            .location
+            .store
+            .list_with_delimiter(Some(&self.location.prefix))
+            .await
+            .map_err(|e| self.storage_error("listing", e))?;
+        let mut names: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_owned))
             .filter(|n| check_stream(n).is_ok())
             .collect();
         names.sort();
         Ok(names)
     }
 
+    /// Reads a file's footer: the gateway and sequence numbers it holds.
+    async fn read_footer(
+        &self,
+        object: &object_store::ObjectMeta,
+    ) -> std::result::Result<(String, SeqSet), String> {
+        // A Parquet file ends with its footer, the footer's length (4 bytes LE) and "PAR1".
+        let store = &self.location.store;
+        let size = object.size;
+        if size < 12 {
+            return Err("too short for Parquet".into());
+        }
+        let tail = store
+            .get_range(&object.location, size - 8..size)
+            .await
+            .map_err(|e| e.to_string())?;
+        if &tail[4..] != b"PAR1" {
+            return Err("no Parquet footer".into());
+        }
+        let length = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+        let start = (size - 8)
+            .checked_sub(length)
+            .ok_or("the footer length exceeds the file")?;
+        let footer = store
+            .get_range(&object.location, start..size - 8)
+            .await
+            .map_err(|e| e.to_string())?;
+        let metadata =
+            ParquetMetaDataReader::decode_metadata(&footer).map_err(|e| e.to_string())?;
+        let pairs = metadata.file_metadata().key_value_metadata();
+        let value = |key: &str| {
+            pairs
+                .and_then(|kv| kv.iter().find(|k| k.key == key))
+                .and_then(|k| k.value.clone())
+        };
+        let gateway = value(GATEWAY_KEY).ok_or("no weir.gateway metadata")?;
+        let seqs = value(SEQS_KEY)
+            .and_then(|text| SeqSet::parse(&text))
+            .ok_or("no readable weir.seqs metadata")?;
+        Ok((gateway, seqs))
+    }
+
     /// Runs a read-only SQL query over the stored results.
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>> {
         let context = SessionContext::new();
-        let tables = self.tables()?;
+        context.register_object_store(&self.location.base, Arc::clone(&self.location.store));
+        let tables = self.tables().await?;
         for table in &tables {
             let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
                 .with_file_extension(".parquet")
                 .with_table_partition_cols(vec![("date".to_owned(), DataType::Utf8)]);
-            let path = format!("{}/", self.dir.join(table).display());
+            let path = self.location.table_url(table);
             context
                 .register_listing_table(table.as_str(), path, options, None, None)
                 .await
@@ -504,12 +673,6 @@ fn check_stream(stream: &str) -> Result<()> {
     }
 }
 
-fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries =
-        std::fs::read_dir(dir).map_err(CloudError::io(format!("listing {}", dir.display())))?;
-    Ok(entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
-}
-
 fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>> {
     let invalid = |e: arrow::error::ArrowError| {
         CloudError::Invalid(format!("the batch is not a valid Arrow IPC stream: {e}"))
@@ -534,16 +697,13 @@ fn with_gateway(batch: RecordBatch, gateway: &str) -> Result<RecordBatch> {
         .map_err(|e| CloudError::Invalid(format!("the batch cannot be stored: {e}")))
 }
 
-/// Writes `batches` (one schema or compatible ones) to `path`, synced; returns the rows.
+/// `batches` (one schema or compatible ones) as one Parquet file, and its rows.
 fn write_parquet(
-    path: &Path,
     gateway_id: &str,
     batches: &[RecordBatch],
     seqs: &SeqSet,
-) -> Result<usize> {
+) -> Result<(Vec<u8>, usize)> {
     let schema: SchemaRef = merged_schema(batches)?;
-    let file =
-        File::create(path).map_err(CloudError::io(format!("creating {}", path.display())))?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_key_value_metadata(Some(vec![
@@ -551,21 +711,17 @@ fn write_parquet(
             KeyValue::new(GATEWAY_KEY.to_owned(), gateway_id.to_owned()),
         ]))
         .build();
-    let parquet_error = |e: parquet::errors::ParquetError| {
-        CloudError::Storage(format!("writing {}: {e}", path.display()))
-    };
-    let mut writer =
-        ArrowWriter::try_new(file, Arc::clone(&schema), Some(properties)).map_err(parquet_error)?;
+    let parquet_error =
+        |e: parquet::errors::ParquetError| CloudError::Storage(format!("encoding Parquet: {e}"));
+    let mut writer = ArrowWriter::try_new(Vec::new(), Arc::clone(&schema), Some(properties))
+        .map_err(parquet_error)?;
     let mut rows = 0;
     for batch in batches {
         let batch = conform(batch, &schema)?;
         rows += batch.num_rows();
         writer.write(&batch).map_err(parquet_error)?;
     }
-    let file = writer.into_inner().map_err(parquet_error)?;
-    file.sync_all()
-        .map_err(CloudError::io(format!("syncing {}", path.display())))?;
-    Ok(rows)
+    Ok((writer.into_inner().map_err(parquet_error)?, rows))
 }
 
 /// One schema for the batches of a buffer: a new pipeline version may add columns, and
@@ -601,27 +757,15 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
         .map_err(|e| CloudError::Invalid(format!("the batch cannot be stored: {e}")))
 }
 
-fn read_footer(path: &Path) -> std::result::Result<(String, SeqSet), String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let reader = SerializedFileReader::new(file).map_err(|e| e.to_string())?;
-    let metadata = reader.metadata().file_metadata().key_value_metadata();
-    let value = |key: &str| {
-        metadata
-            .and_then(|kv| kv.iter().find(|k| k.key == key))
-            .and_then(|k| k.value.clone())
-    };
-    let gateway = value(GATEWAY_KEY).ok_or("no weir.gateway metadata")?;
-    let seqs = value(SEQS_KEY)
-        .and_then(|text| SeqSet::parse(&text))
-        .ok_or("no readable weir.seqs metadata")?;
-    Ok((gateway, seqs))
-}
-
 #[cfg(test)]
 mod tests {
     use arrow::array::{Float64Array, Int64Array};
 
     use super::*;
+
+    fn local(dir: &Path) -> ResultLocation {
+        ResultLocation::local(dir).expect("results directory")
+    }
 
     fn ipc(first: i64, rows: i64) -> Vec<u8> {
         let batch = RecordBatch::try_from_iter(vec![
@@ -675,15 +819,17 @@ mod tests {
         assert_eq!(SeqSet::parse("x"), None);
     }
 
-    #[test]
-    fn batches_are_stored_once_and_survive_a_restart() {
+    #[tokio::test]
+    async fn batches_are_stored_once_and_survive_a_restart() {
         let dir = tempfile::tempdir().expect("dir");
         let options = ResultOptions {
             flush_after: Duration::ZERO,
             ..ResultOptions::default()
         };
         {
-            let store = ResultStore::open(dir.path(), options).expect("open");
+            let store = ResultStore::open(local(dir.path()), options)
+                .await
+                .expect("open");
             assert_eq!(
                 store.receive("g1", "plant1-a", "rms", 0, &ipc(0, 3)).ok(),
                 Some(Received::Buffered)
@@ -695,12 +841,14 @@ mod tests {
             store
                 .receive("g1", "plant1-a", "rms", 1, &ipc(3, 2))
                 .expect("receive");
-            let stored = store.flush("g1", false).expect("flush");
+            let stored = store.flush("g1", false).await.expect("flush");
             assert_eq!(ranges(&stored), vec![("rms".to_owned(), vec![(0, 1)])]);
             assert!(!store.has_buffered("g1"));
             assert_eq!(store.counters.duplicates.load(Ordering::Relaxed), 1);
         }
-        let store = ResultStore::open(dir.path(), options).expect("reopen");
+        let store = ResultStore::open(local(dir.path()), options)
+            .await
+            .expect("reopen");
         assert_eq!(
             store.receive("g1", "plant1-a", "rms", 1, &ipc(3, 2)).ok(),
             Some(Received::Duplicate { stored: true })
@@ -729,35 +877,37 @@ mod tests {
         );
     }
 
-    #[test]
-    fn stored_results_are_queryable_and_only_reading_is_allowed() {
+    #[tokio::test]
+    async fn stored_results_are_queryable_and_only_reading_is_allowed() {
         let dir = tempfile::tempdir().expect("dir");
         let options = ResultOptions {
             flush_after: Duration::ZERO,
             ..ResultOptions::default()
         };
-        let store = ResultStore::open(dir.path(), options).expect("open");
+        let store = ResultStore::open(local(dir.path()), options)
+            .await
+            .expect("open");
         store
             .receive("g1", "plant1-a", "rms", 0, &ipc(0, 3))
             .expect("receive");
         store
             .receive("g2", "plant1-b", "rms", 0, &ipc(10, 2))
             .expect("receive");
-        store.flush("g1", true).expect("flush");
-        store.flush("g2", true).expect("flush");
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let batches = runtime
-            .block_on(store.query(
+        store.flush("g1", true).await.expect("flush");
+        store.flush("g2", true).await.expect("flush");
+        let batches = store.query(
                 "SELECT gateway, count(*) AS rows, sum(n) AS total FROM rms GROUP BY gateway ORDER BY gateway",
-            ))
+            )
+            .await
             .expect("query");
         let text = arrow::util::pretty::pretty_format_batches(&batches)
             .expect("format")
             .to_string();
         assert!(text.contains("| plant1-a | 3    | 3     |"), "{text}");
         assert!(text.contains("| plant1-b | 2    | 21    |"), "{text}");
-        let refused = runtime
-            .block_on(store.query("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'"))
+        let refused = store
+            .query("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'")
+            .await
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -765,18 +915,21 @@ mod tests {
             refused.contains("not supported") || refused.contains("DDL"),
             "{refused}"
         );
-        let unknown = runtime
-            .block_on(store.query("SELECT * FROM nope"))
+        let unknown = store
+            .query("SELECT * FROM nope")
+            .await
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(unknown.contains("streams: rms"), "{unknown}");
     }
 
-    #[test]
-    fn garbage_and_bad_stream_names_are_refused_without_a_trace() {
+    #[tokio::test]
+    async fn garbage_and_bad_stream_names_are_refused_without_a_trace() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = ResultStore::open(dir.path(), ResultOptions::default()).expect("open");
+        let store = ResultStore::open(local(dir.path()), ResultOptions::default())
+            .await
+            .expect("open");
         assert!(store.receive("g1", "a", "rms", 0, b"not arrow").is_err());
         assert!(store.receive("g1", "a", "../etc", 0, &ipc(0, 1)).is_err());
         assert!(!store.has_buffered("g1"));

@@ -54,16 +54,26 @@ pub struct Fleet {
     pub cloud: Running,
     pub token: String,
     pub tls: bool,
+    /// Extra arguments and environment of `weir cloud`.
+    pub cloud_args: Vec<String>,
+    pub cloud_env: Vec<(String, String)>,
 }
 
 impl Fleet {
     pub fn new(tls: bool) -> Self {
+        Self::with_cloud(tls, Vec::new(), Vec::new())
+    }
+
+    /// A fleet whose `weir cloud` runs with `args` and `env` besides the usual ones.
+    pub fn with_cloud(tls: bool, args: Vec<String>, env: Vec<(String, String)>) -> Self {
         let mut fleet = Self {
             dir: tempfile::tempdir().expect("temp dir"),
             cloud_port: free_port(),
             cloud: Running(None),
             token: String::new(),
             tls,
+            cloud_args: args,
+            cloud_env: env,
         };
         fleet.start_cloud();
         let token_file = fleet.dir.path().join("cloud").join("admin.token");
@@ -92,6 +102,8 @@ impl Fleet {
             .arg(format!("127.0.0.1:{}", self.cloud_port))
             .arg("--data")
             .arg(self.dir.path().join("cloud"))
+            .args(&self.cloud_args)
+            .envs(self.cloud_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -261,5 +273,70 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A server speaking the S3 API on a free loopback port, with one empty bucket: moto's
+/// `moto_server` (installed by `./scripts/test.sh` from PyPI), stopped on drop.
+pub struct S3Server {
+    pub port: u16,
+    _process: Running,
+}
+
+impl S3Server {
+    pub fn start(bucket: &str) -> Self {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]') runs");
+        let server = Self {
+            port,
+            _process: Running(Some(child)),
+        };
+        wait_for_port(port);
+        let (status, body) = server.http("PUT", &format!("/{bucket}"));
+        assert_eq!(status, 200, "creating bucket {bucket}: {body}");
+        server
+    }
+
+    /// The `weir cloud` environment for this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+            ("AWS_ACCESS_KEY_ID", "weir-test".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "weir-test-secret".to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// One plain HTTP/1.1 request; (status, body).
+    pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("S3 server");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_owned());
+        (status, body)
     }
 }
