@@ -350,6 +350,19 @@ struct Index {
     reaggregate: Option<Arc<Reaggregate>>,
     /// Budget, priority and re-aggregation were set, by a sink or from the stored settings.
     configured: bool,
+    /// Entries the cloud may hold without having acknowledged them: sent on a stream whose
+    /// answer never came. Re-aggregating one could store its windows twice, so they are
+    /// left alone until the cloud says, when the next stream opens, what it holds.
+    unsettled: std::collections::BTreeSet<u64>,
+    /// Entries below this were there when the queue opened: a previous process may have
+    /// sent them. Unsettled, too, until the next stream opens.
+    unsettled_below: u64,
+}
+
+impl Index {
+    fn settled(&self, seq: u64) -> bool {
+        seq >= self.unsettled_below && !self.unsettled.contains(&seq)
+    }
 }
 
 /// One stream's queue; see the module docs.
@@ -475,6 +488,8 @@ impl UplinkQueue {
                 bytes,
                 reaggregate: None,
                 configured: false,
+                unsettled: Default::default(),
+                unsettled_below: next_seq,
             }),
             counters,
         })
@@ -614,7 +629,11 @@ impl UplinkQueue {
         let half = index.budget.max_bytes / 2;
         let mut chosen = Vec::new();
         let mut chosen_bytes = 0;
-        for &(seq, size, at) in &index.entries {
+        for &(seq, size, at) in index
+            .entries
+            .iter()
+            .filter(|(seq, _, _)| index.settled(*seq))
+        {
             if chosen_bytes >= half {
                 break;
             }
@@ -713,6 +732,20 @@ impl UplinkQueue {
 
     /// Deletes every entry up to and including `through_seq`: the cloud has stored them.
     /// Returns how many were deleted.
+    /// Notes that entry `seq` is on its way to the cloud: until the cloud says whether it
+    /// stored it, it is not re-aggregated.
+    pub fn sent(&self, seq: u64) {
+        self.lock().unsettled.insert(seq);
+    }
+
+    /// The cloud has said what it holds (the answer to a stream's opening, applied with
+    /// [`Self::ack_ranges`]): what is still queued, it does not have.
+    pub fn settle(&self) {
+        let mut index = self.lock();
+        index.unsettled.clear();
+        index.unsettled_below = 0;
+    }
+
     pub fn ack(&self, through_seq: u64) -> Result<usize> {
         let mut index = self.lock();
         let done = index
@@ -730,6 +763,7 @@ impl UplinkQueue {
         );
         self.write(writes, "deleting acknowledged batches")?;
         let freed: u64 = index.entries.drain(..done).map(|(_, bytes, _)| bytes).sum();
+        index.unsettled = index.unsettled.split_off(&through_seq.saturating_add(1));
         index.bytes -= freed;
         self.counters
             .acknowledged
@@ -794,6 +828,7 @@ impl UplinkQueue {
         }
         self.write(writes, "deleting acknowledged batches")?;
         let mut freed = 0;
+        index.unsettled.retain(|seq| !wanted(seq));
         index.entries.retain(|&(seq, bytes, _)| {
             let gone = wanted(&seq);
             if gone {
@@ -1441,5 +1476,79 @@ mod tests {
         let store = UplinkStore::open(dir.path()).expect("reopen");
         let streams = store.streams().expect("streams");
         assert_eq!(streams[0].stats().merged, stats.merged);
+    }
+
+    #[test]
+    fn batches_the_cloud_may_hold_are_not_re_aggregated_until_it_says() {
+        let dir = tempfile::tempdir().expect("dir");
+        let one = encode(&second(0, 4)).expect("encode").len() as u64 + 8;
+        let spec = StreamSpec {
+            name: "rms".into(),
+            priority: StreamPriority::Bulk,
+            max_bytes: 20 * one,
+            max_age: Duration::from_secs(3600),
+            overflow: OverflowPolicy::Reaggregate,
+            reaggregate: Some(
+                Reaggregate::parse(Duration::from_secs(60), "rms:rms(samples), samples:sum")
+                    .expect("spec"),
+            ),
+        };
+        // The seconds appended, by their sequence number; merged entries get new ones.
+        let seconds = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let append = |queue: &UplinkQueue, at: i64| {
+            if let Appended::Stored { seq } = queue.append(&second(at, 4)).expect("append") {
+                seconds.borrow_mut().insert(seq);
+            }
+        };
+        // The seconds still queued as they were appended.
+        let fine = |queue: &UplinkQueue| -> Vec<u64> {
+            let pending = queue.pending(0, 1000).expect("pending");
+            pending
+                .iter()
+                .map(|p| p.seq)
+                .filter(|seq| seconds.borrow().contains(seq))
+                .collect()
+        };
+        {
+            let store = UplinkStore::open(dir.path()).expect("open");
+            let queue = store.open_stream(&spec).expect("stream");
+            for at in 0..4 {
+                append(&queue, at);
+            }
+            // Sent, then the WAN broke before the answer: the cloud may have stored them.
+            queue.sent(0);
+            queue.sent(1);
+            for at in 4..30 {
+                append(&queue, at);
+            }
+            assert!(queue.stats().merged > 0);
+            let kept = fine(&queue);
+            assert!(kept.starts_with(&[0, 1]), "{kept:?}");
+            assert!(!kept.contains(&2), "unsent seconds merge: {kept:?}");
+        }
+        // After a restart, what was queued before may have been sent by the old process.
+        let store = UplinkStore::open(dir.path()).expect("reopen");
+        let queue = store.open_stream(&spec).expect("stream");
+        let before = fine(&queue);
+        for at in 30..60 {
+            append(&queue, at);
+        }
+        let after = fine(&queue);
+        assert_eq!(
+            queue.stats().dropped_oldest,
+            0,
+            "merging the new seconds made room"
+        );
+        assert!(
+            before.iter().all(|seq| after.contains(seq)),
+            "{before:?} {after:?}"
+        );
+        // The cloud answered: now everything still queued may merge.
+        queue.settle();
+        for at in 60..90 {
+            append(&queue, at);
+        }
+        let settled = fine(&queue);
+        assert!(!settled.contains(&0), "{settled:?}");
     }
 }

@@ -201,6 +201,10 @@ pub async fn run_sender(
         return Err("uplink: the cloud did not say what it has stored".into());
     };
     acknowledge(&queues, &stored);
+    // Whatever of the queues the cloud did not name, it does not have.
+    for queue in &queues {
+        queue.settle();
+    }
 
     let mut cursors: BTreeMap<String, Cursor> = BTreeMap::new();
     for queue in queues {
@@ -316,6 +320,7 @@ async fn fill(
             let cursor = cursors.get_mut(name).ok_or("stream vanished")?;
             if let Some(batch) = next_entry(cursor, cursor.live_next, u64::MAX, rejected)? {
                 cursor.live_next = batch.seq + 1;
+                cursor.queue.sent(batch.seq);
                 send_batch(outbound, in_flight, batch).await?;
                 sent = true;
                 break;
@@ -343,6 +348,7 @@ async fn fill(
             {
                 cursor.backlog_next = batch.seq + 1;
                 pacer.spend(batch.arrow_ipc.len() as u64);
+                cursor.queue.sent(batch.seq);
                 send_batch(outbound, in_flight, batch).await?;
                 sent = true;
                 break;
