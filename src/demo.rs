@@ -75,7 +75,7 @@ async fn run(config: GatewayConfig, args: DemoArgs) -> anyhow::Result<ExitCode> 
     let subscriber = subscribe(&broker_url, Arc::clone(&board), args.json).await?;
     gateway
         .deployments()
-        .add(PIPELINES, "examples/gateway/vibration.sql")
+        .add(PIPELINES, "examples/gateway/vibration.sql", false)
         .await?;
 
     let start_ms = SystemTime::now()

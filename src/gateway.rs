@@ -160,9 +160,13 @@ pub enum PipelinesCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Start the pipelines of a SQL file; fails if one of them is already deployed.
+    /// Start the pipelines of a SQL file; fails if one of them is already deployed, or has a
+    /// checkpoint (of an earlier version) this SQL cannot restore, unless --fresh.
     Add {
         file: PathBuf,
+        /// Start even without the state of a checkpoint this SQL cannot restore.
+        #[arg(long)]
+        fresh: bool,
         #[command(flatten)]
         client: AdminClientArgs,
     },
@@ -208,9 +212,13 @@ pub fn pipelines(command: PipelinesCommand) -> anyhow::Result<ExitCode> {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            PipelinesCommand::Add { file, client } => {
+            PipelinesCommand::Add {
+                file,
+                fresh,
+                client,
+            } => {
                 let (sql, label) = read_sql(&file)?;
-                let path = format!("/api/pipelines?file={}", encode(&label));
+                let path = format!("/api/pipelines?file={}&fresh={fresh}", encode(&label));
                 let body = call(&http, &client, reqwest::Method::POST, &path, Some(sql)).await?;
                 print_deployed(&body);
                 Ok(ExitCode::SUCCESS)

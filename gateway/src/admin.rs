@@ -136,7 +136,8 @@ async fn detail(
 struct SqlFile {
     /// The file name to show in compile errors.
     file: Option<String>,
-    /// Replace even if the new version cannot take over the old one's state.
+    /// Replace (or add) even if the new version cannot take over the old one's state (or
+    /// its checkpoint).
     #[serde(default)]
     fresh: bool,
 }
@@ -147,7 +148,7 @@ async fn add(
     sql: String,
 ) -> Result<Response, ErrorResponse> {
     let file = query.file.unwrap_or_else(|| "request".into());
-    let deployed = state.deployments.add(&sql, &file).await?;
+    let deployed = state.deployments.add(&sql, &file, query.fresh).await?;
     Ok((StatusCode::CREATED, Json(json!({ "deployed": deployed }))).into_response())
 }
 

@@ -131,7 +131,10 @@ impl Deployments {
     /// Starts every pipeline of `sql`. Fails, changing nothing, if the SQL does not compile,
     /// defines no pipeline, names one that is deployed, or one cannot start. `file` names the
     /// SQL in error messages.
-    pub async fn add(&self, sql: &str, file: &str) -> Result<Vec<Deployment>> {
+    /// Starts the pipelines of `sql`. One whose last checkpoint (left by a version with
+    /// another source or other stateful operators) it cannot restore is refused, and none
+    /// starts, unless `fresh`.
+    pub async fn add(&self, sql: &str, file: &str, fresh: bool) -> Result<Vec<Deployment>> {
         let plans = compile(sql, file)?;
         let _changing = self.changes.lock().await;
         {
@@ -151,7 +154,7 @@ impl Deployments {
         }
         let mut started = Vec::new();
         for plan in plans {
-            match self.start(&plan) {
+            match self.start(&plan, fresh) {
                 Ok((handle, dead_letters, handover)) => {
                     started.push((plan, handle, dead_letters, handover))
                 }
@@ -301,7 +304,7 @@ impl Deployments {
         let managed = cloud_version.is_some();
         let old = self.lock().remove(&name);
         let Some(old) = old else {
-            let (handle, dead_letters, handover) = self.start(&plan)?;
+            let (handle, dead_letters, handover) = self.start(&plan, fresh)?;
             self.lock().insert(
                 name.clone(),
                 Deployed {
@@ -437,7 +440,7 @@ impl Deployments {
                     continue;
                 }
             };
-            match self.add(&sql, &label).await {
+            match self.add(&sql, &label, false).await {
                 Ok(deployed) => started += deployed.len(),
                 Err(error) => tracing::error!("{label}: pipelines not started:\n{error}"),
             }
@@ -496,11 +499,13 @@ impl Deployments {
     }
 
     /// Starts `plan` as a new pipeline. It restores its last checkpoint if it has one that
-    /// fits; the handover says when one does not fit and is left behind.
+    /// fits; one that does not fit is refused unless `fresh`, and then left behind.
     fn start(
         &self,
         plan: &PipelinePlan,
+        fresh: bool,
     ) -> Result<(PipelineHandle, DeadLetterQueue, StateHandover)> {
+        let name = &plan.name;
         let dead_letters = match &self.dead_letters_dir {
             Some(dir) => DeadLetterQueue::to_file(dir.join(format!("{}.jsonl", plan.name)))?,
             None => DeadLetterQueue::default(),
@@ -510,7 +515,16 @@ impl Deployments {
             dead_letters.clone(),
             self.engine.sink_context(),
         )?;
-        let handover = match self.engine.checkpoint_fits(&plan.name, &factory) {
+        let handover = match self.engine.checkpoint_fits(name, &factory) {
+            Some(false) if !fresh => {
+                return Err(GatewayError::Conflict(format!(
+                    "pipeline '{name}' has a checkpoint taken by a version with another source \
+                     or other stateful operators, which this SQL cannot restore: starting it \
+                     would lose those windows and positions. Deploy the SQL the checkpoint was \
+                     taken with, or add it with `fresh` (weir pipelines add FILE --fresh) to \
+                     start without that state"
+                )));
+            }
             Some(false) => {
                 let reason = "its last checkpoint is of a version with another source or other \
                               stateful operators; it starts without that state";

@@ -424,7 +424,7 @@ fn a_compatible_replacement_keeps_open_windows() {
 }
 
 #[test]
-fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_fit_says_so() {
+fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_fit_needs_fresh() {
     run(async {
         let config = config(None);
         let reading =
@@ -510,14 +510,25 @@ fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_
         drop(publisher);
         assert!(gateway.shutdown().await);
 
-        // A longer window does not fit: it starts without that state, and the answer says so.
+        // A longer window does not fit the checkpoint: refused, unless asked to start fresh.
         let gateway = Gateway::start(config).await.expect("gateway");
         let admin = Admin::new(&gateway, None);
+        let longer = windowed_sql(5.0, "20 SECONDS");
+        let (status, body) = admin
+            .call(reqwest::Method::POST, "/api/pipelines", Some(&longer))
+            .await;
+        assert_eq!(status, 409, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("'sums' has a checkpoint") && error.contains("--fresh"),
+            "{body}"
+        );
+        assert!(admin.pipelines().await.is_empty(), "nothing started");
         let (status, body) = admin
             .call(
                 reqwest::Method::POST,
-                "/api/pipelines",
-                Some(&windowed_sql(5.0, "20 SECONDS")),
+                "/api/pipelines?fresh=true",
+                Some(&longer),
             )
             .await;
         assert_eq!(status, 201, "{body}");
