@@ -211,51 +211,59 @@ fn a_gateway_killed_twenty_times_still_delivers_every_window_once_with_the_same_
 }
 
 #[test]
-fn an_outage_beyond_budget_keeps_a_coarser_history_that_sums_correctly() {
+fn an_outage_beyond_budget_does_what_each_overflow_policy_says() {
     let mut fleet = Fleet::new(false);
     let token = fleet.add_gateway("plant1-r", &["site=plant1"]);
     let mut gateway = Gateway::new(&fleet, "plant1-r");
     gateway.restart(&fleet.url(), Some(&token));
-    // 20 s of 4 sensors at 100 Hz into a stream whose budget holds a few seconds only.
-    let sql = "
-        CREATE SOURCE vib (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
-                           WATERMARK FOR ts AS ts - INTERVAL '0.1' SECOND)
-        WITH (connector = 'simulator', sensors = 4, rate_hz = 100, block_size = 10,
-              duration_s = 20, faults = false, start = '2026-01-01T00:00:00Z', realtime = true);
-        CREATE SINK coarse_rms WITH (connector = 'cloud', max_bytes = '6KiB',
-            overflow = 'reaggregate', reaggregate_to = '1m', merge = 'rms:rms(samples), samples:sum');
-        CREATE PIPELINE coarse_rms AS INSERT INTO coarse_rms
-        SELECT sensor, window_start, window_end, sqrt(avg(v * v)) AS rms, count(v) AS samples
-        FROM TUMBLE(vib, ts, INTERVAL '1' SECOND)
-        GROUP BY sensor, window_start, window_end;";
-    fleet.deploy("coarse_rms", sql, "site=plant1");
-    wait_until("the pipeline runs on the gateway", || {
-        gateway
-            .running()
-            .iter()
-            .any(|(name, _)| name == "coarse_rms")
+    // 20 s of 4 sensors at 100 Hz into streams whose budgets hold a few seconds only, one
+    // per overflow policy.
+    let pipeline = |name: &str| {
+        format!(
+            "CREATE PIPELINE {name} AS INSERT INTO {name}
+             SELECT sensor, window_start, window_end, sqrt(avg(v * v)) AS rms, count(v) AS samples
+             FROM TUMBLE(vib, ts, INTERVAL '1' SECOND)
+             GROUP BY sensor, window_start, window_end;"
+        )
+    };
+    let sql = format!(
+        "CREATE SOURCE vib (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE,
+                            WATERMARK FOR ts AS ts - INTERVAL '0.1' SECOND)
+         WITH (connector = 'simulator', sensors = 4, rate_hz = 100, block_size = 10,
+               duration_s = 20, faults = false, start = '2026-01-01T00:00:00Z', realtime = true);
+         CREATE SINK coarse_rms WITH (connector = 'cloud', max_bytes = '6KiB',
+             overflow = 'reaggregate', reaggregate_to = '1m', merge = 'rms:rms(samples), samples:sum');
+         CREATE SINK latest_rms WITH (connector = 'cloud', max_bytes = '6KiB', overflow = 'drop_oldest');
+         CREATE SINK earliest_rms WITH (connector = 'cloud', max_bytes = '6KiB', overflow = 'drop_newest');
+         {} {} {}",
+        pipeline("coarse_rms"),
+        pipeline("latest_rms"),
+        pipeline("earliest_rms")
+    );
+    let names = ["coarse_rms", "latest_rms", "earliest_rms"];
+    fleet.deploy("budgets", &sql, "site=plant1");
+    wait_until("the pipelines run on the gateway", || {
+        gateway.running().len() == names.len()
     });
     fleet.cloud.kill();
     // The whole run happens while the cloud is away.
-    let finished = || {
-        gateway
-            .running()
-            .iter()
-            .all(|(name, _)| name != "coarse_rms")
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !finished() {
-        assert!(Instant::now() < deadline, "the pipeline did not finish");
+    while !gateway.running().is_empty() {
+        assert!(Instant::now() < deadline, "the pipelines did not finish");
         std::thread::sleep(Duration::from_millis(200));
     }
     fleet.start_cloud();
-    let totals = || -> Vec<Value> {
+    let totals = |stream: &str| -> Vec<Value> {
         let output = fleet.cli_as(
             &fleet.token,
             &[
                 "query",
-                "SELECT sensor, sum(samples) AS samples, count(*) AS rows FROM coarse_rms \
-                 GROUP BY sensor ORDER BY sensor",
+                &format!(
+                    "SELECT sensor, sum(samples) AS samples, count(*) AS rows, \
+                     to_unixtime(min(window_start)) - 1767225600 AS first, \
+                     to_unixtime(max(window_start)) - 1767225600 AS last \
+                     FROM {stream} GROUP BY sensor ORDER BY sensor"
+                ),
                 "--json",
             ],
         );
@@ -264,27 +272,61 @@ fn an_outage_beyond_budget_keeps_a_coarser_history_that_sums_correctly() {
             .filter_map(|line| serde_json::from_str(line).ok())
             .collect()
     };
-    wait_until(
-        "every sample of the run is accounted for in the cloud",
-        || {
-            let rows = totals();
-            rows.len() == 4 && rows.iter().all(|r| r["samples"] == 2000)
-        },
-    );
-    // Fewer rows than seconds: the oldest seconds were merged into a minute window.
-    let rows = totals();
-    assert!(
-        rows.iter()
-            .all(|r| r["rows"].as_u64().is_some_and(|n| n < 20)),
-        "nothing was merged: {rows:?}"
-    );
-    wait_until("status counts the merges", || {
+    let stream_status = |stream: &str| -> Value {
         let status = fleet.status();
         status["gateways"][0]["streams"]
             .as_array()
             .into_iter()
             .flatten()
-            .any(|s| s["stream"] == "coarse_rms" && s["merged"].as_u64().is_some_and(|m| m > 0))
+            .find(|s| s["stream"] == stream)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let number = |row: &Value, key: &str| row[key].as_i64().unwrap_or(-1);
+
+    // Re-aggregate: every sample is accounted for, in fewer rows than seconds.
+    wait_until("every sample of the run is in the cloud, merged", || {
+        let rows = totals("coarse_rms");
+        rows.len() == 4 && rows.iter().all(|r| r["samples"] == 2000)
+    });
+    let rows = totals("coarse_rms");
+    assert!(
+        rows.iter().all(|r| number(r, "rows") < 20),
+        "nothing was merged: {rows:?}"
+    );
+
+    // Drop oldest: the last seconds arrive, the first ones are gone.
+    wait_until("the stream that drops the oldest is drained", || {
+        stream_status("latest_rms")["pending"] == 0 && !totals("latest_rms").is_empty()
+    });
+    for row in totals("latest_rms") {
+        let (kept, first, last) = (
+            number(&row, "rows"),
+            number(&row, "first"),
+            number(&row, "last"),
+        );
+        assert!(kept < 20 && last == 19 && first == 20 - kept, "{row}");
+        assert_eq!(number(&row, "samples"), kept * 100, "{row}");
+    }
+
+    // Drop newest: the first seconds arrive, the later ones were refused.
+    wait_until("the stream that refuses the newest is drained", || {
+        stream_status("earliest_rms")["pending"] == 0 && !totals("earliest_rms").is_empty()
+    });
+    for row in totals("earliest_rms") {
+        let (kept, first, last) = (
+            number(&row, "rows"),
+            number(&row, "first"),
+            number(&row, "last"),
+        );
+        assert!(kept < 20 && first == 0 && last == kept - 1, "{row}");
+    }
+
+    // Every policy's count reaches the cloud.
+    wait_until("status counts the merges, drops and refusals", || {
+        number(&stream_status("coarse_rms"), "merged") > 0
+            && number(&stream_status("latest_rms"), "dropped_oldest") > 0
+            && number(&stream_status("earliest_rms"), "refused_newest") > 0
     });
 }
 
