@@ -79,9 +79,12 @@ impl QosChoice {
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated: json-rows, blocks, json-rows-ckpt and blocks-ckpt
     /// (the same with a checkpoint every second), mqtt-rows, mqtt-blocks-realtime,
-    /// mqtt-backlog, or all; or cloud-fanout or uplink-drain on its own.
+    /// mqtt-backlog, or all; or cloud-fanout, uplink-drain or recovery on its own.
     #[arg(long, default_value = "all")]
     scenario: String,
+    /// recovery: how many times the gateway is killed (SIGKILL) under load.
+    #[arg(long, default_value_t = 20)]
+    kills: u32,
     /// Simulated gateway agents of cloud-fanout, each with its own gRPC connection.
     #[arg(long, default_value_t = 1000)]
     gateways: usize,
@@ -334,6 +337,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.scenario == "uplink-drain" {
         return uplink_drain(&args);
+    }
+    if args.scenario == "recovery" {
+        return crate::soak::recovery_bench(args.kills, args.json);
     }
     let selected = scenarios(&args.scenario)?;
     if args.sensors == 0 || args.seconds == 0 || args.realtime_sensors == 0 || args.backlog == 0 {

@@ -61,10 +61,13 @@ enum Command {
         weir bench --scenario mqtt-backlog --backlog 200000 --backlog-qos 1 --broker mosquitto\n  \
         weir bench --scenario cloud-fanout --gateways 10000\n  \
         weir bench --scenario blocks,blocks-ckpt --seconds 150\n  \
-        weir bench --scenario uplink-drain --seconds 3600 --sensors 100\n\n\
+        weir bench --scenario uplink-drain --seconds 3600 --sensors 100\n  \
+        weir bench --scenario recovery --kills 20\n\n\
         blocks-ckpt and json-rows-ckpt are blocks and json-rows with a checkpoint every second\n\
         into RocksDB. uplink-drain fills an uplink queue with --seconds of --sensors sensors'\n\
         1-second windows and drains it to an in-process cloud over gRPC until all is stored.\n\
+        recovery kills a gateway under load --kills times (SIGKILL) and reports the time from\n\
+        each kill to the first new result of the restarted gateway, checking every result.\n\
         The MQTT scenarios publish from a separate `weir` process through the embedded broker\n\
         (rumqttd, inside the measured process) and/or Mosquitto (a child process), and run each\n\
         scenario and broker in a fresh process. mqtt-rows and mqtt-backlog compare the pipeline\n\

@@ -54,7 +54,117 @@ enum Stop {
 /// 2026-01-01T00:00:00Z, the simulator's start of event time.
 const ORIGIN_S: i64 = 1_767_225_600;
 
+/// What a soak run found.
+struct Outcome {
+    checked: usize,
+    lost: usize,
+    duplicated: u64,
+    unexpected: usize,
+    wrong: usize,
+    /// From each stop to the first new result of the restarted gateway, sorted.
+    recoveries: Vec<Duration>,
+}
+
+impl Outcome {
+    fn ok(&self) -> bool {
+        self.lost == 0 && self.duplicated == 0 && self.unexpected == 0 && self.wrong == 0
+    }
+
+    /// The recovery time at quantile `p` (0..=1), in milliseconds.
+    fn recovery_ms(&self, p: f64) -> f64 {
+        self.recoveries
+            .get(((self.recoveries.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    }
+}
+
 pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
+    let outcome = run(&args)?;
+    let (p50, max) = (outcome.recovery_ms(0.5), outcome.recovery_ms(1.0));
+    let Outcome {
+        checked,
+        lost,
+        duplicated,
+        unexpected,
+        wrong,
+        ref recoveries,
+    } = outcome;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "kills": args.kills, "signal": format!("{:?}", args.signal).to_lowercase(),
+                "checked": checked, "lost": lost,
+                "duplicated": duplicated, "unexpected": unexpected, "wrong_values": wrong,
+                "ok": outcome.ok(), "recoveries_measured": recoveries.len(),
+                "recovery_p50_ms": p50, "recovery_max_ms": max,
+            })
+        );
+    } else {
+        println!(
+            "{} kills: {checked} windows checked, {lost} lost, {duplicated} duplicated, {unexpected} unexpected, {wrong} with other values",
+            args.kills
+        );
+        println!(
+            "stop to the first new result at the restarted gateway's sink: p50 {p50:.0} ms, max {max:.0} ms ({} restarts)",
+            recoveries.len()
+        );
+    }
+    Ok(if outcome.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `weir bench --scenario recovery`: `kills` SIGKILLs of a gateway under the soak's load, and
+/// the time from each to the first new result of the restarted gateway; the results are
+/// checked as in `weir soak`.
+pub fn recovery_bench(kills: u32, json: bool) -> anyhow::Result<ExitCode> {
+    let args = SoakArgs {
+        kills,
+        seconds: None,
+        sensors: 4,
+        rate_hz: 100,
+        signal: Stop::Kill,
+        json,
+    };
+    let outcome = run(&args)?;
+    let (p50, p99, max) = (
+        outcome.recovery_ms(0.5),
+        outcome.recovery_ms(0.99),
+        outcome.recovery_ms(1.0),
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "scenario": "recovery", "kills": kills,
+                "recoveries": outcome.recoveries.len(),
+                "p50_ms": p50, "p99_ms": p99, "max_ms": max,
+                "checked": outcome.checked, "correct": outcome.ok(),
+            })
+        );
+    } else {
+        println!(
+            "| scenario | kills | recoveries | p50 ms | p99 ms | max ms | windows | correct |"
+        );
+        println!("|---|--:|--:|--:|--:|--:|--:|---|");
+        println!(
+            "| recovery | {kills} | {} | {p50:.0} | {p99:.0} | {max:.0} | {} | {} |",
+            outcome.recoveries.len(),
+            outcome.checked,
+            outcome.ok()
+        );
+    }
+    Ok(if outcome.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn run(args: &SoakArgs) -> anyhow::Result<Outcome> {
     let seconds = args
         .seconds
         .unwrap_or_else(|| u64::from(args.kills) * 9 / 10 + 15);
@@ -75,7 +185,7 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
         &admin,
         DeployRequest {
             name: None,
-            sql: sql(&args, seconds),
+            sql: sql(args, seconds),
             file: "soak.sql".into(),
             selector: "site=soak".into(),
             priority: 0,
@@ -128,7 +238,7 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let expected = expected(&args, seconds);
+    let expected = expected(args, seconds);
     let deadline = Instant::now() + Duration::from_secs(seconds + 60);
     let rows = loop {
         let rows = runtime.block_on(stored(&cloud))?;
@@ -158,40 +268,14 @@ pub fn soak(args: SoakArgs) -> anyhow::Result<ExitCode> {
             })
         })
         .count();
-    let ok = lost == 0 && duplicated == 0 && unexpected == 0 && wrong == 0;
     recoveries.sort();
-    let percentile = |p: f64| {
-        recoveries
-            .get(((recoveries.len() as f64 - 1.0) * p).round() as usize)
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
-    let (recovery_p50, recovery_max) = (percentile(0.5), percentile(1.0));
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "kills": args.kills, "signal": format!("{:?}", args.signal).to_lowercase(),
-                "checked": expected.len(), "lost": lost,
-                "duplicated": duplicated, "unexpected": unexpected, "wrong_values": wrong,
-                "ok": ok, "recoveries_measured": recoveries.len(),
-                "recovery_p50_ms": recovery_p50, "recovery_max_ms": recovery_max,
-            })
-        );
-    } else {
-        println!(
-            "{} kills: {} windows checked, {lost} lost, {duplicated} duplicated, {unexpected} unexpected, {wrong} with other values",
-            args.kills,
-            expected.len()
-        );
-        println!(
-            "stop to the first new result at the restarted gateway's sink: p50 {recovery_p50:.0} ms, max {recovery_max:.0} ms ({} restarts)",
-            recoveries.len()
-        );
-    }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    Ok(Outcome {
+        checked: expected.len(),
+        lost,
+        duplicated,
+        unexpected,
+        wrong,
+        recoveries,
     })
 }
 
