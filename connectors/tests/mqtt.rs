@@ -176,9 +176,14 @@ async fn publish(url: &str, messages: &[(&str, Vec<u8>)]) {
     let _ = client.disconnect().await;
 }
 
+/// `(topic, payload)` of messages received.
+type RawMessages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Subscribes and collects `(topic, payload)` of every message received.
 struct Subscriber {
     messages: Arc<Mutex<Vec<(String, String, bool)>>>,
+    /// The same messages with their payloads as bytes.
+    raw: RawMessages,
     task: JoinHandle<()>,
 }
 
@@ -203,7 +208,8 @@ impl Subscriber {
             }
         }
         let messages = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&messages);
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let (sink, raw_sink) = (Arc::clone(&messages), Arc::clone(&raw));
         let task = tokio::spawn(async move {
             let _client = client;
             while let Ok(event) = events.poll().await {
@@ -213,14 +219,26 @@ impl Subscriber {
                         String::from_utf8_lossy(&p.payload).into_owned(),
                         p.retain,
                     ));
+                    raw_sink
+                        .lock()
+                        .expect("lock")
+                        .push((p.topic.clone(), p.payload.to_vec()));
                 }
             }
         });
-        Self { messages, task }
+        Self {
+            messages,
+            raw,
+            task,
+        }
     }
 
     fn messages(&self) -> Vec<(String, String, bool)> {
         self.messages.lock().expect("lock").clone()
+    }
+
+    fn raw(&self) -> Vec<(String, Vec<u8>)> {
+        self.raw.lock().expect("lock").clone()
     }
 }
 
@@ -670,14 +688,33 @@ async fn sparkplug_births_and_aliased_data(broker: TestBroker, name: &str) {
         dead_letters.clone(),
     );
     running.subscribed(1).await;
+    let commands = Subscriber::start(&url, "spBv1.0/plant1/NCMD/#").await;
+    // Data before any birth: its alias means nothing yet, and the node is asked for a rebirth,
+    // as a Sparkplug host application would.
+    publish(
+        &url,
+        &[(
+            "spBv1.0/plant1/NDATA/edge1",
+            sparkplug_payload(5, 1_000, vec![sparkplug_metric(None, 1, 9.0)]),
+        )],
+    )
+    .await;
+    wait_until("a rebirth request", || !commands.raw().is_empty()).await;
+    let (topic, payload) = commands.raw().remove(0);
+    assert_eq!(topic, "spBv1.0/plant1/NCMD/edge1");
+    let request = <weir_proto::sparkplug::Payload as prost::Message>::decode(payload.as_slice())
+        .expect("an NCMD is a Sparkplug payload");
+    let metric = &request.metrics[0];
+    assert_eq!(metric.name.as_deref(), Some("Node Control/Rebirth"));
+    assert_eq!(
+        metric.value,
+        Some(weir_proto::sparkplug::payload::metric::Value::BooleanValue(
+            true
+        ))
+    );
     publish(
         &url,
         &[
-            // Data before any birth: its alias means nothing yet.
-            (
-                "spBv1.0/plant1/NDATA/edge1",
-                sparkplug_payload(5, 1_000, vec![sparkplug_metric(None, 1, 9.0)]),
-            ),
             (
                 "spBv1.0/plant1/NBIRTH/edge1",
                 sparkplug_payload(

@@ -191,6 +191,11 @@ pub fn render(
         "Failed connection attempts and lost connections",
     );
     let mqtt_connects = counter_family(&mut registry, "mqtt_connects", "Successful connections");
+    let mqtt_rebirths = counter_family(
+        &mut registry,
+        "mqtt_sparkplug_rebirth_requests",
+        "Sparkplug rebirth requests (NCMD) sent to edge nodes",
+    );
     let mqtt_redelivered = counter_family(
         &mut registry,
         "mqtt_redelivered",
@@ -213,6 +218,9 @@ pub fn render(
         mqtt_connects
             .get_or_create(&labels)
             .inc_by(MqttStats::get(&stats.connects));
+        mqtt_rebirths
+            .get_or_create(&labels)
+            .inc_by(MqttStats::get(&stats.rebirths));
         mqtt_redelivered
             .get_or_create(&labels)
             .inc_by(MqttStats::get(&stats.redelivered));

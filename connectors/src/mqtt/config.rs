@@ -389,6 +389,11 @@ pub struct MqttSourceConfig {
     /// `checkpoint` (once the checkpoint covering it is on disk, so a crash loses nothing:
     /// the broker redelivers; needs qos 1 and a persistent session).
     pub ack: AckMode,
+    /// Sparkplug: after a sequence gap, or data from a node or device whose birth was not
+    /// seen, ask the edge node for a rebirth (NCMD `Node Control/Rebirth`), as a Sparkplug
+    /// host application does. Off for a gateway that only listens.
+    #[serde(deserialize_with = "lenient::value")]
+    pub rebirth: bool,
 }
 
 /// When the `mqtt` source acknowledges QoS 1 messages.
@@ -412,6 +417,7 @@ impl Default for MqttSourceConfig {
             batch_size: 8192,
             linger: Duration::from_millis(10),
             ack: AckMode::Receipt,
+            rebirth: true,
         }
     }
 }

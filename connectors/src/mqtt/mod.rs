@@ -127,6 +127,8 @@ pub struct MqttStats {
     /// QoS 1 messages the broker sent again after a reconnect that the source already held
     /// (`ack = 'checkpoint'`), dropped so they count once.
     pub redelivered: AtomicU64,
+    /// Sparkplug rebirth requests (NCMD) sent to edge nodes.
+    pub rebirths: AtomicU64,
 }
 
 impl MqttStats {

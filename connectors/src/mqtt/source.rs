@@ -423,6 +423,50 @@ impl MqttSource {
         }
         stats.rejected.fetch_add(rejected, Ordering::Relaxed);
         taken.clear();
+        if let PayloadDecoder::Sparkplug(decoder) = &mut self.decoder
+            && self.config.rebirth
+        {
+            for (group, node) in decoder.rebirth_needed() {
+                self.request_rebirth(&group, &node);
+            }
+        }
+    }
+
+    /// Publishes NCMD `Node Control/Rebirth` = true to the edge node `group`/`node`, which
+    /// answers with new births, so its aliases and sequence numbers can be trusted again.
+    fn request_rebirth(&self, group: &str, node: &str) {
+        use prost::Message as _;
+        use weir_proto::sparkplug::payload::{Metric, metric};
+        let Some(client) = &self.client else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let payload = weir_proto::sparkplug::Payload {
+            timestamp: Some(now),
+            metrics: vec![Metric {
+                name: Some("Node Control/Rebirth".into()),
+                timestamp: Some(now),
+                datatype: Some(weir_proto::sparkplug::DataType::Boolean as u32),
+                value: Some(metric::Value::BooleanValue(true)),
+                ..Metric::default()
+            }],
+            ..weir_proto::sparkplug::Payload::default()
+        };
+        let topic = format!("spBv1.0/{group}/NCMD/{node}");
+        match client
+            .client
+            .try_publish(&topic, QoS::AtMostOnce, false, payload.encode_to_vec())
+        {
+            Ok(()) => {
+                self.stats.rebirths.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(source = %self.name, %group, %node, "asked the Sparkplug edge node for a rebirth");
+            }
+            Err(error) => {
+                tracing::warn!(source = %self.name, %group, %node, %error, "cannot ask the Sparkplug edge node for a rebirth")
+            }
+        }
     }
 
     fn flush(&mut self) -> Result<Option<RecordBatch>> {
