@@ -46,7 +46,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Publishes `messages` tick by tick until `config.ticks` are done (then disconnects after
-/// everything queued was sent) or the future is dropped.
+/// everything queued was sent and, with QoS 1, acknowledged) or the future is dropped.
 pub async fn publish_sensors(
     config: PublisherConfig,
     mut messages: SensorMessages,
@@ -63,6 +63,8 @@ pub async fn publish_sensors(
     options.set_inflight(1000);
     let (client, mut events) = AsyncClient::new(options, 8192);
     let (done_sender, done) = tokio::sync::oneshot::channel::<()>();
+    // This run's acknowledgements (`stats` may be shared by several publishers).
+    let (acks_sender, mut acks) = tokio::sync::watch::channel(0u64);
     let acknowledged = Arc::clone(&stats);
     let _events = AbortOnDrop(tokio::spawn(async move {
         let mut done_sender = Some(done_sender);
@@ -70,6 +72,7 @@ pub async fn publish_sensors(
             match events.poll().await {
                 Ok(Event::Incoming(rumqttc::Packet::PubAck(_))) => {
                     acknowledged.acknowledged.fetch_add(1, Ordering::Relaxed);
+                    acks_sender.send_modify(|n| *n += 1);
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     if let Some(sender) = done_sender.take() {
@@ -95,6 +98,7 @@ pub async fn publish_sensors(
     let qos = config.qos.level();
     let mut outgoing: Vec<(usize, Vec<u8>)> = Vec::new();
     let mut tick = 0u64;
+    let mut sent = 0u64;
     while config.ticks.is_none_or(|ticks| tick < ticks) {
         if config.realtime {
             clock.tick().await;
@@ -109,9 +113,20 @@ pub async fn publish_sensors(
                 .await
                 .map_err(|e| ConnectorError::Internal(format!("sensor publisher: {e}")))?;
             stats.messages.fetch_add(1, Ordering::Relaxed);
+            sent += 1;
         }
         stats.samples.fetch_add(samples, Ordering::Relaxed);
         tick += 1;
+    }
+    // Disconnecting drops what the broker has not acknowledged yet.
+    if qos != rumqttc::QoS::AtMostOnce {
+        let all = tokio::time::timeout(Duration::from_secs(60), acks.wait_for(|n| *n >= sent));
+        if !matches!(all.await, Ok(Ok(_))) {
+            return Err(ConnectorError::Internal(format!(
+                "sensor publisher: the broker acknowledged {} of {sent} QoS 1 messages within 60 s",
+                *acks.borrow()
+            )));
+        }
     }
     client
         .disconnect()
