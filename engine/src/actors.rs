@@ -21,7 +21,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use arrow::array::AsArray;
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::TimestampNanosecondType;
 use weir_connectors::{DeadLetterQueue, Sink, Source, SourceEvent};
 use weir_operators::{Collector, EventTime, Operator, Watermark};
@@ -153,6 +153,10 @@ pub struct SourceActor {
     pub supervisor: Addr<PipelineSupervisor>,
     pub generation: u64,
     pub metrics: Arc<StageMetrics>,
+    /// Rows with an event time further ahead of the wall clock than this are dead-lettered
+    /// instead of pushing the watermark into the future.
+    pub max_ahead: Option<Duration>,
+    pub dead_letters: DeadLetterQueue,
     /// The running read loop, cancelled by [`Stop`].
     pub reading: Option<SpawnHandle>,
 }
@@ -171,6 +175,8 @@ impl Actor for SourceActor {
             checkpoints: self.checkpoints.take(),
             outbox: self.outbox.clone(),
             metrics: Arc::clone(&self.metrics),
+            max_ahead: self.max_ahead,
+            dead_letters: self.dead_letters.clone(),
         };
         let supervisor = self.supervisor.clone();
         let generation = self.generation;
@@ -212,6 +218,8 @@ struct SourceLoop {
     checkpoints: Option<SourceCheckpoints>,
     outbox: Outbox,
     metrics: Arc<StageMetrics>,
+    max_ahead: Option<Duration>,
+    dead_letters: DeadLetterQueue,
 }
 
 impl SourceLoop {
@@ -265,6 +273,12 @@ impl SourceLoop {
                 event = &mut next => {
                     match event? {
                         SourceEvent::Batch(batch) => {
+                            let batch = match (column, self.max_ahead) {
+                                (Some(column), Some(ahead)) => {
+                                    without_future_rows(batch, column, ahead, &self.metrics, &self.dead_letters)
+                                }
+                                _ => batch,
+                            };
                             let origin = Instant::now();
                             let rows = batch.num_rows() as u64;
                             StageMetrics::add(&self.metrics.rows_out, rows);
@@ -345,6 +359,49 @@ impl SourceLoop {
             states: Vec::new(),
         })
     }
+}
+
+/// `batch` without the rows whose event time is more than `ahead` past the wall clock (a
+/// sensor with a wrong clock): they would move the watermark so far that every other row
+/// became late. They are dead-lettered and counted as invalid.
+fn without_future_rows(
+    batch: RecordBatch,
+    column: usize,
+    ahead: Duration,
+    metrics: &StageMetrics,
+    dead_letters: &DeadLetterQueue,
+) -> RecordBatch {
+    let Some(times) = batch
+        .column(column)
+        .as_primitive_opt::<TimestampNanosecondType>()
+    else {
+        return batch;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let limit = now.saturating_add(ahead.as_nanos().min(i64::MAX as u128) as i64);
+    if arrow::compute::max(times).is_none_or(|max| max <= limit) {
+        return batch;
+    }
+    let keep: BooleanArray = times
+        .iter()
+        .map(|t| Some(t.is_none_or(|t| t <= limit)))
+        .collect();
+    let (Ok(kept), Ok(future)) = (
+        arrow::compute::filter_record_batch(&batch, &keep),
+        arrow::compute::not(&keep)
+            .and_then(|future| arrow::compute::filter_record_batch(&batch, &future)),
+    ) else {
+        return batch;
+    };
+    StageMetrics::add(&metrics.invalid_rows, future.num_rows() as u64);
+    let reason = format!(
+        "event time more than {} ahead of the gateway clock",
+        humantime::format_duration(ahead)
+    );
+    dead_letters.push(&metrics.name, &reason, &rows_as_json(&future));
+    kept
 }
 
 /// A request for the last barrier; `None` once nobody can ask any more.

@@ -62,6 +62,9 @@ pub struct EngineOptions {
     /// Take checkpoints (the gateway does, into its uplink store); `None`: a pipeline that
     /// restarts starts with empty state.
     pub checkpoints: Option<CheckpointOptions>,
+    /// Rows whose event time is further ahead of the wall clock than this are dead-lettered
+    /// rather than moving the watermark into the future; `None`: no bound (replaying data).
+    pub max_event_ahead: Option<Duration>,
 }
 
 impl Default for EngineOptions {
@@ -77,6 +80,7 @@ impl Default for EngineOptions {
             max_restarts: 10,
             sinks: SinkContext::default(),
             checkpoints: None,
+            max_event_ahead: None,
         }
     }
 }

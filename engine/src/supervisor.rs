@@ -278,6 +278,8 @@ impl PipelineSupervisor {
         let source_metrics = stage(0);
         let (source, watermark, idle_timeout) =
             (parts.source, parts.watermark, self.options.idle_timeout);
+        let (max_ahead, source_dead_letters) =
+            (self.options.max_event_ahead, parts.dead_letters.clone());
         let source = SourceActor::start_in_arbiter(&arbiter(0), move |_| SourceActor {
             source: Some(source),
             watermark,
@@ -287,6 +289,8 @@ impl PipelineSupervisor {
             supervisor: me,
             generation,
             metrics: source_metrics,
+            max_ahead,
+            dead_letters: source_dead_letters,
             reading: None,
         });
         self.running = Some(Running {

@@ -274,7 +274,9 @@ fn a_slow_sink_slows_the_source_instead_of_growing_memory() {
 }
 
 /// Yields one batch of event times, then waits forever, like a sensor that went quiet.
+/// Sends one batch with these event times, then nothing.
 struct QuietSource {
+    times: Vec<i64>,
     sent: bool,
 }
 
@@ -297,8 +299,7 @@ impl Source for QuietSource {
                 std::future::pending::<()>().await;
             }
             self.sent = true;
-            let times =
-                arrow::array::TimestampNanosecondArray::from(vec![0, 5_000_000, 10_000_000]);
+            let times = arrow::array::TimestampNanosecondArray::from(self.times.clone());
             Ok(SourceEvent::Batch(
                 RecordBatch::try_new(time_schema(), vec![Arc::new(times)]).expect("batch"),
             ))
@@ -341,6 +342,20 @@ impl Operator for WatermarkProbe {
 
 struct QuietFactory {
     seen: Arc<std::sync::atomic::AtomicI64>,
+    times: Vec<i64>,
+    rows: Arc<AtomicU64>,
+    dead_letters: DeadLetterQueue,
+}
+
+impl QuietFactory {
+    fn new(times: Vec<i64>) -> Self {
+        Self {
+            seen: Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+            times,
+            rows: Arc::default(),
+            dead_letters: DeadLetterQueue::default(),
+        }
+    }
 }
 
 impl PipelineFactory for QuietFactory {
@@ -350,7 +365,10 @@ impl PipelineFactory for QuietFactory {
 
     fn build(&self) -> weir_engine::Result<PipelineParts> {
         Ok(PipelineParts {
-            source: Box::new(QuietSource { sent: false }),
+            source: Box::new(QuietSource {
+                times: self.times.clone(),
+                sent: false,
+            }),
             watermark: Some(weir_engine::WatermarkRule {
                 column: 0,
                 delay_ns: 2_000_000,
@@ -359,10 +377,10 @@ impl PipelineFactory for QuietFactory {
                 seen: Arc::clone(&self.seen),
             })],
             sink: Box::new(CountingSink {
-                rows: Arc::new(AtomicU64::new(0)),
+                rows: Arc::clone(&self.rows),
                 delay: Duration::ZERO,
             }),
-            dead_letters: DeadLetterQueue::default(),
+            dead_letters: self.dead_letters.clone(),
         })
     }
 }
@@ -375,15 +393,9 @@ fn an_idle_source_advances_its_watermark_by_the_wall_clock() {
             ..EngineOptions::default()
         };
         let engine = Engine::new(options);
-        let seen = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
-        let _handle = engine
-            .start(
-                "quiet".into(),
-                Arc::new(QuietFactory {
-                    seen: Arc::clone(&seen),
-                }),
-            )
-            .expect("starts");
+        let factory = Arc::new(QuietFactory::new(vec![0, 5_000_000, 10_000_000]));
+        let seen = Arc::clone(&factory.seen);
+        let _handle = engine.start("quiet".into(), factory).expect("starts");
         // First from the data: max event time 10 ms minus the 2 ms delay.
         eventually("the data watermark", || {
             seen.load(Ordering::SeqCst) >= 8_000_000
@@ -396,4 +408,53 @@ fn an_idle_source_advances_its_watermark_by_the_wall_clock() {
         .await;
         engine.shutdown().await;
     });
+}
+
+#[test]
+fn a_row_from_a_clock_far_ahead_is_dead_lettered_instead_of_moving_the_watermark() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as i64;
+    let hour = 3_600_000_000_000_i64;
+    let times = vec![now - 1_000_000_000, now, now + hour];
+    let run = |max_event_ahead: Option<Duration>| {
+        let factory = Arc::new(QuietFactory::new(times.clone()));
+        system().block_on(async {
+            let engine = Engine::new(EngineOptions {
+                idle_timeout: Duration::from_secs(60),
+                max_event_ahead,
+                ..EngineOptions::default()
+            });
+            let _handle = engine
+                .start("clocks".into(), Arc::clone(&factory) as _)
+                .expect("starts");
+            eventually("the batch to pass", || {
+                factory.seen.load(Ordering::SeqCst) > i64::MIN
+            })
+            .await;
+            engine.shutdown().await;
+        });
+        factory
+    };
+
+    let bounded = run(Some(Duration::from_secs(300)));
+    let watermark = bounded.seen.load(Ordering::SeqCst);
+    assert_eq!(watermark, now - 2_000_000, "from the latest believable row");
+    assert_eq!(bounded.rows.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        bounded.dead_letters.counts_by_reason(),
+        [(
+            "event time more than 5m ahead of the gateway clock".to_owned(),
+            1
+        )]
+    );
+
+    // Without the bound, the one row pushes event time an hour ahead.
+    let unbounded = run(None);
+    assert_eq!(
+        unbounded.seen.load(Ordering::SeqCst),
+        now + hour - 2_000_000
+    );
+    assert_eq!(unbounded.rows.load(Ordering::SeqCst), 3);
 }

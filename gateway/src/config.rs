@@ -212,6 +212,11 @@ pub struct EngineSection {
     /// and the `cloud` sinks' results, in one atomic write); `"0s"` turns checkpoints off.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// Rows whose event time is further ahead of the gateway's clock than this (a sensor
+    /// with a wrong clock) are dead-lettered instead of moving the watermark so far that
+    /// every other row becomes late; `"0s"` turns the bound off.
+    #[serde(with = "humantime_serde")]
+    pub max_event_ahead: Duration,
 }
 
 impl Default for EngineSection {
@@ -223,6 +228,7 @@ impl Default for EngineSection {
             idle_timeout: engine.idle_timeout,
             max_restarts: engine.max_restarts,
             checkpoint_interval: Duration::from_secs(1),
+            max_event_ahead: Duration::from_secs(300),
         }
     }
 }
@@ -234,6 +240,7 @@ impl EngineSection {
             in_flight: self.in_flight,
             idle_timeout: self.idle_timeout,
             max_restarts: self.max_restarts,
+            max_event_ahead: (!self.max_event_ahead.is_zero()).then_some(self.max_event_ahead),
             ..weir_engine::EngineOptions::default()
         }
     }
