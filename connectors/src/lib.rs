@@ -132,4 +132,11 @@ pub trait Sink: Send {
     fn take_staged(&mut self) -> Option<Staged> {
         None
     }
+
+    /// Whether `write_batch` can wait on something outside the process, such as a broker
+    /// that is away. The engine gives such a sink a thread of its own, so that while it
+    /// waits (which is backpressure on its own pipeline) it holds up no other pipeline.
+    fn may_block(&self) -> bool {
+        false
+    }
 }

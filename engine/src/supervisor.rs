@@ -43,6 +43,8 @@ struct Running {
     /// Asks the source for a last checkpoint, so a graceful stop commits what the sink holds
     /// with the state that covers it; `None` without checkpoints.
     last_checkpoint: Option<tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>>,
+    /// The sink's own thread, for a sink that may block ([`weir_connectors::Sink::may_block`]).
+    sink_thread: Option<Arbiter>,
 }
 
 impl Running {
@@ -78,6 +80,10 @@ impl Running {
             }
         }
         let _ = self.sink.send(Stop).await;
+        if let Some(thread) = self.sink_thread {
+            thread.stop();
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         if snapshot { states } else { None }
     }
 
@@ -87,6 +93,10 @@ impl Running {
             operator.do_send(Stop);
         }
         self.sink.do_send(Stop);
+        // Its thread ends once the sink has handled the stop (or given up waiting).
+        if let Some(thread) = self.sink_thread {
+            thread.stop();
+        }
     }
 }
 
@@ -235,8 +245,12 @@ impl PipelineSupervisor {
         let pipeline = Arc::clone(&self.metrics);
         let sink_stage = stage(self.metrics.stages.len() - 1);
         let sink_parts = parts.sink;
+        let sink_thread = sink_parts.may_block().then(Arbiter::new);
+        let sink_home = sink_thread
+            .as_ref()
+            .map_or_else(|| arbiter(parts.operators.len() + 1), Arbiter::handle);
         let (sink_me, sink_pipeline) = (me.clone(), Arc::clone(&pipeline));
-        let sink = SinkActor::start_in_arbiter(&arbiter(parts.operators.len() + 1), move |ctx| {
+        let sink = SinkActor::start_in_arbiter(&sink_home, move |ctx| {
             ctx.set_mailbox_capacity(capacity);
             SinkActor {
                 sink: sink_parts,
@@ -298,6 +312,7 @@ impl PipelineSupervisor {
             operators,
             sink,
             last_checkpoint: checkpointing.is_some().then_some(last_checkpoint),
+            sink_thread,
         });
         let _ = self.state.send(PipelineState::Running);
     }

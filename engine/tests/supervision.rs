@@ -458,3 +458,79 @@ fn a_row_from_a_clock_far_ahead_is_dead_lettered_instead_of_moving_the_watermark
     );
     assert_eq!(unbounded.rows.load(Ordering::SeqCst), 3);
 }
+
+/// Waits in `write_batch` until released, as a sink whose broker is away does.
+struct StuckSink {
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    released: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Sink for StuckSink {
+    fn write_batch(&mut self, _: &RecordBatch) -> weir_connectors::Result<()> {
+        self.entered.store(true, Ordering::SeqCst);
+        while !self.released.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> weir_connectors::Result<()> {
+        Ok(())
+    }
+
+    fn may_block(&self) -> bool {
+        true
+    }
+}
+
+#[derive(Default)]
+struct StuckFactory {
+    entered: Arc<std::sync::atomic::AtomicBool>,
+    released: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PipelineFactory for StuckFactory {
+    fn stage_names(&self) -> Vec<String> {
+        vec!["source".into(), "flaky".into(), "sink".into()]
+    }
+
+    fn build(&self) -> weir_engine::Result<PipelineParts> {
+        Ok(PipelineParts {
+            source: Box::new(TestSource {
+                remaining: None,
+                rows: 10,
+            }),
+            watermark: None,
+            operators: vec![Box::new(FlakyOperator { panics: false })],
+            sink: Box::new(StuckSink {
+                entered: Arc::clone(&self.entered),
+                released: Arc::clone(&self.released),
+            }),
+            dead_letters: DeadLetterQueue::default(),
+        })
+    }
+}
+
+#[test]
+fn a_sink_waiting_on_its_broker_holds_up_no_other_pipeline() {
+    system().block_on(async {
+        // One worker thread: without a thread of its own, the waiting sink would hold it.
+        let engine = Engine::new(EngineOptions {
+            workers: 1,
+            ..EngineOptions::default()
+        });
+        let stuck = Arc::new(StuckFactory::default());
+        let _waiting = engine
+            .start("waiting".into(), Arc::clone(&stuck) as _)
+            .expect("starts");
+        eventually("the sink to wait", || stuck.entered.load(Ordering::SeqCst)).await;
+        let (other, rows, _) = factory(None, 10, Duration::ZERO, 0);
+        let _other = engine.start("other".into(), other).expect("starts");
+        eventually("the other pipeline to keep producing", || {
+            rows.load(Ordering::SeqCst) >= 10_000
+        })
+        .await;
+        stuck.released.store(true, Ordering::SeqCst);
+        engine.shutdown().await;
+    });
+}

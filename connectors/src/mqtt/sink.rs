@@ -6,7 +6,9 @@
 //! nothing. Publishing hands messages to the client's bounded request queue; when the broker
 //! is away and the queue is full, `write_batch` waits (that is backpressure: the pipeline
 //! slows down instead of buffering without bound) and gives up with an error after
-//! [`PUBLISH_TIMEOUT`], so the pipeline's supervisor sees a broker that stays down.
+//! [`PUBLISH_TIMEOUT`], so the pipeline's supervisor sees a broker that stays down. The sink
+//! says it [may block](crate::Sink::may_block), so the engine runs it on a thread of its own
+//! and the wait holds up no other pipeline.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -227,6 +229,11 @@ impl Sink for MqttSink {
         // Messages are already queued to the client, which sends them as fast as the broker
         // takes them; there is nothing buffered here.
         Ok(())
+    }
+
+    /// Waits while the broker is away and the client's queue is full.
+    fn may_block(&self) -> bool {
+        true
     }
 }
 
