@@ -194,6 +194,31 @@ CREATE SINK seq_out WITH (connector = 'mqtt', topic = 'out/seq/{sensor}');
 CREATE PIPELINE copy_seq AS INSERT INTO seq_out SELECT sensor, seq FROM seq_in;
 ";
 
+/// A reading of sensor `a` at `ts` ms.
+fn reading(ts: i64, v: f64) -> (String, String) {
+    ("readings/a".to_owned(), format!(r#"{{"ts":{ts},"v":{v}}}"#))
+}
+
+/// Readings at 4 s and 5 s in the window [0 s, 10 s), then one at 12 s whose watermark
+/// closes it; returns what the sink published once the first result is there.
+async fn finish_the_first_window(
+    publisher: &mut Publisher,
+    out: &Arc<Mutex<Vec<(String, Value)>>>,
+) -> Vec<(String, Value)> {
+    publisher
+        .send(vec![
+            reading(4000, 4.0),
+            reading(5000, 5.0),
+            reading(12_000, 1.0),
+        ])
+        .await;
+    wait_until("the first window's result", || {
+        !out.lock().expect("lock").is_empty()
+    })
+    .await;
+    out.lock().expect("lock").clone()
+}
+
 fn windowed_sql(threshold: f64, window: &str) -> String {
     format!(
         "
@@ -368,8 +393,6 @@ fn a_compatible_replacement_keeps_open_windows() {
         };
         wait_until("the source to subscribe", subscribed(1)).await;
         let mut publisher = Publisher::connect(&url).await;
-        let reading =
-            |ts: i64, v: f64| ("readings/a".to_owned(), format!(r#"{{"ts":{ts},"v":{v}}}"#));
         // Window [0 s, 10 s): three readings before the replacement...
         publisher
             .send(vec![
@@ -400,18 +423,7 @@ fn a_compatible_replacement_keeps_open_windows() {
         assert_eq!(body["deployed"][0]["state"], "kept", "{body}");
         wait_until("the new version to subscribe", subscribed(2)).await;
         // ...two after, then one in the next window that moves the watermark past 10 s.
-        publisher
-            .send(vec![
-                reading(4000, 4.0),
-                reading(5000, 5.0),
-                reading(12_000, 1.0),
-            ])
-            .await;
-        wait_until("the first window's result", || {
-            !out.lock().expect("lock").is_empty()
-        })
-        .await;
-        let results = out.lock().expect("lock").clone();
+        let results = finish_the_first_window(&mut publisher, &out).await;
         assert_eq!(results.len(), 1, "{results:?}");
         assert_eq!(results[0].0, "out/sums/a");
         assert_eq!(
@@ -427,8 +439,6 @@ fn a_compatible_replacement_keeps_open_windows() {
 fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_fit_needs_fresh() {
     run(async {
         let config = config(None);
-        let reading =
-            |ts: i64, v: f64| ("readings/a".to_owned(), format!(r#"{{"ts":{ts},"v":{v}}}"#));
         let windowed_after = |gateway: &Gateway, n: u64| {
             let deployments = gateway.deployments().clone();
             move || {
@@ -490,18 +500,7 @@ fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_
         let (out, _sub) = subscribe(&url, "out/sums/#").await;
         let mut publisher = Publisher::connect(&url).await;
         wait_until("the source to subscribe again", || subscriptions() >= 2).await;
-        publisher
-            .send(vec![
-                reading(4000, 4.0),
-                reading(5000, 5.0),
-                reading(12_000, 1.0),
-            ])
-            .await;
-        wait_until("the first window's result", || {
-            !out.lock().expect("lock").is_empty()
-        })
-        .await;
-        let results = out.lock().expect("lock").clone();
+        let results = finish_the_first_window(&mut publisher, &out).await;
         assert_eq!(
             (&results[0].1["n"], &results[0].1["total"]),
             (&5.into(), &15.0.into()),
