@@ -5,8 +5,9 @@
 //! ignored. An empty field is null. Timestamps are parsed like JSON ones (RFC 3339 or epoch
 //! numbers in the configured unit); `NaN` and `inf` are refused as in JSON.
 //!
-//! Quoting follows RFC 4180 (`"a ""quoted"", field"`), but a record is one line: a quoted field
-//! cannot contain a newline, because sources split their input on newlines before decoding.
+//! Quoting follows RFC 4180 (`"a ""quoted"", field"`), and a quoted field may span lines:
+//! sources split their input into records with [`record_end`], which skips newlines inside
+//! quotes.
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -20,6 +21,37 @@ use crate::error::{ConnectorError, Result};
 use crate::time::{TimeUnit, parse_timestamp};
 
 const NOT_MAPPED: usize = usize::MAX;
+
+/// Where the first record of `input` ends: the index of the first newline outside a quoted
+/// field. `None` if no record is complete yet (more input may close a quote).
+pub fn record_end(input: &[u8]) -> Option<usize> {
+    let mut quoted = false;
+    for at in memchr::memchr2_iter(b'"', b'\n', input) {
+        match input[at] {
+            // A doubled quote inside quotes toggles twice: it stays quoted.
+            b'"' => quoted = !quoted,
+            _ if !quoted => return Some(at),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The records of `input`, each without its newline; the last needs none.
+pub fn records(input: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = input;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (record, next) = match record_end(rest) {
+            Some(end) => (&rest[..end], &rest[end + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = next;
+        Some(record)
+    })
+}
 
 /// Decodes CSV lines into batches of a fixed schema; see the module docs.
 #[derive(Debug)]
@@ -268,6 +300,22 @@ fn split_fields(
 mod tests {
     use super::*;
     use crate::decode::test_support::{table, vibration_schema};
+
+    #[test]
+    fn records_end_at_newlines_outside_quotes() {
+        let input = b"a,\"x\ny\"\nb,\"\"\"q\"\"\"\nlast";
+        let split: Vec<&[u8]> = records(input).collect();
+        assert_eq!(
+            split,
+            [&b"a,\"x\ny\""[..], &b"b,\"\"\"q\"\"\""[..], &b"last"[..]]
+        );
+        assert_eq!(
+            record_end(b"open,\"quote\n"),
+            None,
+            "more input may close it"
+        );
+        assert_eq!(record_end(b"\n"), Some(0));
+    }
 
     fn decoder(header: &str) -> CsvDecoder {
         let mut decoder = CsvDecoder::new(vibration_schema(), Some("ts"), DecodeOptions::default())

@@ -71,6 +71,14 @@ enum LineDecoder {
 }
 
 impl LineDecoder {
+    /// Where the first record of `input` ends: its newline (for CSV, one outside quotes).
+    fn record_end(&self, input: &[u8]) -> Option<usize> {
+        match self {
+            Self::Json(_) => memchr::memchr(b'\n', input),
+            Self::Csv { .. } => crate::decode::csv::record_end(input),
+        }
+    }
+
     /// Decodes one line; a malformed record becomes a dead letter, a bad CSV header an error.
     fn decode_line(
         &mut self,
@@ -278,7 +286,12 @@ impl FileSource {
         while self.decoder.len() < self.config.batch_size {
             let start = self.base + self.consumed as u64;
             let pending = &self.buffer[self.consumed..];
-            let Some(newline) = memchr::memchr(b'\n', pending) else {
+            let end = if self.skipping_line {
+                memchr::memchr(b'\n', pending)
+            } else {
+                self.decoder.record_end(pending)
+            };
+            let Some(newline) = end else {
                 if self.skipping_line {
                     self.consumed = self.buffer.len();
                 }
@@ -509,6 +522,37 @@ mod tests {
             table(last)[last.num_rows() + 2],
             "| s5     | 2024-01-01T13:53:19 | 49999.5 |"
         );
+    }
+
+    #[tokio::test]
+    async fn a_quoted_csv_field_may_span_lines() {
+        let file = write_file(concat!(
+            "ts,sensor,v\n",
+            "1704067200,\"pump 1\nwest hall\",1.5\n",
+            "1704067201,\"say \"\"hi\"\"\r\n, twice\",2.5\r\n",
+            "1704067202,plain,3.5\n",
+            "1704067203,\"never closed,4.5\n",
+        ));
+        let dlq = DeadLetterQueue::default();
+        let config = FileSourceConfig {
+            format: FileFormat::Csv,
+            time_unit: TimeUnit::Seconds,
+            ..FileSourceConfig::default()
+        };
+        let batches = drain(&mut source(&file, config, &dlq)).await;
+        let sensors: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                let column = b.column(0).as_string::<i32>();
+                (0..b.num_rows()).map(move |i| column.value(i).to_owned())
+            })
+            .collect();
+        assert_eq!(
+            sensors,
+            ["pump 1\nwest hall", "say \"hi\"\r\n, twice", "plain"]
+        );
+        // A quote that is never closed takes the rest of the file, which is then refused.
+        assert_eq!(dlq.count(), 1, "{:?}", dlq.counts_by_reason());
     }
 
     #[tokio::test]

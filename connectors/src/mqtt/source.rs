@@ -202,7 +202,7 @@ impl PayloadDecoder {
             },
             Self::Csv(decoder) => {
                 let mut rows = 0;
-                for line in payload.split(|&b| b == b'\n') {
+                for line in crate::decode::csv::records(payload) {
                     let line = line.trim_ascii();
                     if line.is_empty() {
                         continue;
