@@ -284,6 +284,9 @@ pub struct ResultStore {
     location: ResultLocation,
     options: ResultOptions,
     streams: Mutex<HashMap<Key, Arc<Mutex<StreamState>>>>,
+    /// Per stream, the schema of all its files together: known from the footers read at
+    /// start and from each file written, so a query does not read every footer again.
+    schemas: Mutex<HashMap<String, SchemaRef>>,
     pub counters: ResultCounters,
 }
 
@@ -298,12 +301,14 @@ impl ResultStore {
             location,
             options,
             streams: Mutex::default(),
+            schemas: Mutex::default(),
             counters: ResultCounters::default(),
         };
         let mut files = 0;
         for (stream, object) in store.files().await? {
             match store.read_footer(&object).await {
-                Ok((gateway, seqs)) => {
+                Ok((gateway, seqs, schema)) => {
+                    store.learn_schema(&stream, &schema);
                     let state = store.state(&gateway, &stream);
                     let mut state = lock(&state);
                     for (s, e) in seqs.ranges() {
@@ -348,6 +353,25 @@ impl ResultStore {
                     .then(|| (stream.clone(), object))
             })
             .collect())
+    }
+
+    /// Widens `stream`'s schema by the columns of a file of it.
+    fn learn_schema(&self, stream: &str, file: &Schema) {
+        // Without the file's own metadata (its sequence numbers), which differs per file.
+        let file = Schema::new(file.fields().clone());
+        let mut schemas = lock(&self.schemas);
+        let merged = match schemas.get(stream) {
+            Some(known) => Schema::try_merge([known.as_ref().clone(), file.clone()]),
+            None => Ok(file),
+        };
+        match merged {
+            Ok(merged) => {
+                schemas.insert(stream.to_owned(), Arc::new(merged));
+            }
+            Err(error) => {
+                tracing::warn!(%stream, %error, "a results file disagrees on a column's type; its other columns are read as before")
+            }
+        }
     }
 
     fn storage_error(&self, what: &str, error: object_store::Error) -> CloudError {
@@ -522,7 +546,7 @@ impl ResultStore {
         let unique = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
         let name = format!("{gateway_id}-{first:020}-{last:020}-{unique}.parquet");
         let path = self.location.path(&[stream, &day, &name]);
-        let (bytes, rows) = write_parquet(gateway_id, batches, seqs)?;
+        let (bytes, rows, schema) = write_parquet(gateway_id, batches, seqs)?;
         // Whole or not at all: S3 by its API, the local store by a rename.
         self.location
             .store
@@ -536,6 +560,7 @@ impl ResultStore {
                 .and_then(|()| std::fs::File::open(&day_dir)?.sync_all());
             synced.map_err(CloudError::io(format!("syncing {}", day_dir.display())))?;
         }
+        self.learn_schema(stream, &schema);
         Ok(rows)
     }
 
@@ -561,7 +586,7 @@ impl ResultStore {
     async fn read_footer(
         &self,
         object: &object_store::ObjectMeta,
-    ) -> std::result::Result<(String, SeqSet), String> {
+    ) -> std::result::Result<(String, SeqSet, Schema), String> {
         // A Parquet file ends with its footer, the footer's length (4 bytes LE) and "PAR1".
         let store = &self.location.store;
         let size = object.size;
@@ -595,7 +620,10 @@ impl ResultStore {
         let seqs = value(SEQS_KEY)
             .and_then(|text| SeqSet::parse(&text))
             .ok_or("no readable weir.seqs metadata")?;
-        Ok((gateway, seqs))
+        let schema =
+            parquet::arrow::parquet_to_arrow_schema(metadata.file_metadata().schema_descr(), pairs)
+                .map_err(|e| e.to_string())?;
+        Ok((gateway, seqs, schema))
     }
 
     /// Runs a read-only SQL query over the stored results.
@@ -608,8 +636,11 @@ impl ResultStore {
                 .with_file_extension(".parquet")
                 .with_table_partition_cols(vec![("date".to_owned(), DataType::Utf8)]);
             let path = self.location.table_url(table);
+            // Known from the footers; `None` (files another tool put there) lets DataFusion
+            // infer it.
+            let schema = lock(&self.schemas).get(table).cloned();
             context
-                .register_listing_table(table.as_str(), path, options, None, None)
+                .register_listing_table(table.as_str(), path, options, schema, None)
                 .await
                 .map_err(|e| CloudError::Storage(format!("reading stream '{table}': {e}")))?;
         }
@@ -702,7 +733,7 @@ fn write_parquet(
     gateway_id: &str,
     batches: &[RecordBatch],
     seqs: &SeqSet,
-) -> Result<(Vec<u8>, usize)> {
+) -> Result<(Vec<u8>, usize, Schema)> {
     let schema: SchemaRef = merged_schema(batches)?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
@@ -721,7 +752,8 @@ fn write_parquet(
         rows += batch.num_rows();
         writer.write(&batch).map_err(parquet_error)?;
     }
-    Ok((writer.into_inner().map_err(parquet_error)?, rows))
+    let bytes = writer.into_inner().map_err(parquet_error)?;
+    Ok((bytes, rows, schema.as_ref().clone()))
 }
 
 /// One schema for the batches of a buffer: a new pipeline version may add columns, and
@@ -922,6 +954,55 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(unknown.contains("streams: rms"), "{unknown}");
+    }
+
+    #[tokio::test]
+    async fn a_column_added_by_a_new_version_is_queryable_before_and_after_a_restart() {
+        let dir = tempfile::tempdir().expect("dir");
+        let options = ResultOptions {
+            flush_after: Duration::ZERO,
+            ..ResultOptions::default()
+        };
+        let with_peak = {
+            let batch = RecordBatch::try_from_iter(vec![
+                ("n", Arc::new(Int64Array::from(vec![7])) as ArrayRef),
+                ("peak", Arc::new(Float64Array::from(vec![9.5])) as ArrayRef),
+            ])
+            .expect("batch");
+            let mut bytes = Vec::new();
+            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())
+                .expect("ipc");
+            writer.write(&batch).expect("write");
+            writer.finish().expect("finish");
+            drop(writer);
+            bytes
+        };
+        let sql = "SELECT n, peak FROM rms ORDER BY n";
+        {
+            let store = ResultStore::open(local(dir.path()), options)
+                .await
+                .expect("open");
+            store.receive("g1", "a", "rms", 0, &ipc(0, 2)).expect("v1");
+            store.flush("g1", true).await.expect("flush");
+            store.receive("g1", "a", "rms", 1, &with_peak).expect("v2");
+            store.flush("g1", true).await.expect("flush");
+            let text =
+                arrow::util::pretty::pretty_format_batches(&store.query(sql).await.expect("query"))
+                    .expect("format")
+                    .to_string();
+            assert!(
+                text.contains("| 0 |      |") && text.contains("| 7 | 9.5  |"),
+                "{text}"
+            );
+        }
+        let store = ResultStore::open(local(dir.path()), options)
+            .await
+            .expect("reopen");
+        let text =
+            arrow::util::pretty::pretty_format_batches(&store.query(sql).await.expect("query"))
+                .expect("format")
+                .to_string();
+        assert!(text.contains("| 7 | 9.5  |"), "{text}");
     }
 
     #[tokio::test]
