@@ -514,7 +514,9 @@ fn results_in_an_s3_bucket_are_queryable_and_survive_a_cloud_restart_once_each()
     // The cloud restarts: it learns what it holds from the files' footers in the bucket,
     // so what the gateway sends again is recognised, and the windows go on once each.
     fleet.cloud.kill();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_until("the gateway holds results for the cloud", || {
+        pending_batches(&gateway.metrics(), "vibration_rms") >= 2
+    });
     let before = now_s();
     fleet.start_cloud();
     let deadline = Instant::now() + Duration::from_secs(60);

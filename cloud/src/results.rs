@@ -815,10 +815,14 @@ mod tests {
             ),
         ])
         .expect("batch");
+        ipc_of(&batch)
+    }
+
+    fn ipc_of(batch: &RecordBatch) -> Vec<u8> {
         let mut bytes = Vec::new();
         let mut writer =
             arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema()).expect("ipc");
-        writer.write(&batch).expect("write");
+        writer.write(batch).expect("write");
         writer.finish().expect("finish");
         drop(writer);
         bytes
@@ -963,20 +967,13 @@ mod tests {
             flush_after: Duration::ZERO,
             ..ResultOptions::default()
         };
-        let with_peak = {
-            let batch = RecordBatch::try_from_iter(vec![
+        let with_peak = ipc_of(
+            &RecordBatch::try_from_iter(vec![
                 ("n", Arc::new(Int64Array::from(vec![7])) as ArrayRef),
                 ("peak", Arc::new(Float64Array::from(vec![9.5])) as ArrayRef),
             ])
-            .expect("batch");
-            let mut bytes = Vec::new();
-            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut bytes, &batch.schema())
-                .expect("ipc");
-            writer.write(&batch).expect("write");
-            writer.finish().expect("finish");
-            drop(writer);
-            bytes
-        };
+            .expect("batch"),
+        );
         let sql = "SELECT n, peak FROM rms ORDER BY n";
         {
             let store = ResultStore::open(local(dir.path()), options)
