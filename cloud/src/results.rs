@@ -799,6 +799,14 @@ mod tests {
         ResultLocation::local(dir).expect("results directory")
     }
 
+    /// Options that write every buffer at the next flush.
+    fn flush_at_once() -> ResultOptions {
+        ResultOptions {
+            flush_after: Duration::ZERO,
+            ..ResultOptions::default()
+        }
+    }
+
     fn ipc(first: i64, rows: i64) -> Vec<u8> {
         let batch = RecordBatch::try_from_iter(vec![
             (
@@ -858,10 +866,7 @@ mod tests {
     #[tokio::test]
     async fn batches_are_stored_once_and_survive_a_restart() {
         let dir = tempfile::tempdir().expect("dir");
-        let options = ResultOptions {
-            flush_after: Duration::ZERO,
-            ..ResultOptions::default()
-        };
+        let options = flush_at_once();
         {
             let store = ResultStore::open(local(dir.path()), options)
                 .await
@@ -916,10 +921,7 @@ mod tests {
     #[tokio::test]
     async fn stored_results_are_queryable_and_only_reading_is_allowed() {
         let dir = tempfile::tempdir().expect("dir");
-        let options = ResultOptions {
-            flush_after: Duration::ZERO,
-            ..ResultOptions::default()
-        };
+        let options = flush_at_once();
         let store = ResultStore::open(local(dir.path()), options)
             .await
             .expect("open");
@@ -963,10 +965,7 @@ mod tests {
     #[tokio::test]
     async fn a_column_added_by_a_new_version_is_queryable_before_and_after_a_restart() {
         let dir = tempfile::tempdir().expect("dir");
-        let options = ResultOptions {
-            flush_after: Duration::ZERO,
-            ..ResultOptions::default()
-        };
+        let options = flush_at_once();
         let with_peak = ipc_of(
             &RecordBatch::try_from_iter(vec![
                 ("n", Arc::new(Int64Array::from(vec![7])) as ArrayRef),

@@ -68,6 +68,16 @@ impl Admin {
         )
     }
 
+    /// Adds pipelines from `sql`.
+    async fn post(&self, path: &str, sql: &str) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(sql)).await
+    }
+
+    /// Replaces a pipeline with `sql`.
+    async fn put(&self, path: &str, sql: &str) -> (u16, Value) {
+        self.call(reqwest::Method::PUT, path, Some(sql)).await
+    }
+
     async fn pipelines(&self) -> BTreeMap<String, Value> {
         let (status, body) = self
             .call(reqwest::Method::GET, "/api/pipelines", None)
@@ -242,11 +252,7 @@ fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
         let url = gateway.broker_url().expect("broker").to_owned();
         let admin = Admin::new(&gateway, None);
         let (status, body) = admin
-            .call(
-                reqwest::Method::POST,
-                "/api/pipelines?file=seq.sql",
-                Some(SEQUENCE_SQL),
-            )
+            .post("/api/pipelines?file=seq.sql", SEQUENCE_SQL)
             .await;
         assert_eq!(status, 201, "{body}");
         let (out, _sub) = subscribe(&url, "out/seq/#").await;
@@ -278,28 +284,25 @@ fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
 
         // Meanwhile: add, replace (compatible), replace (incompatible), remove.
         let (status, body) = admin
-            .call(
-                reqwest::Method::POST,
+            .post(
                 "/api/pipelines?file=sums.sql",
-                Some(&windowed_sql(0.0, "10 SECONDS")),
+                &windowed_sql(0.0, "10 SECONDS"),
             )
             .await;
         assert_eq!(status, 201, "{body}");
         let (status, body) = admin
-            .call(
-                reqwest::Method::PUT,
+            .put(
                 "/api/pipelines/sums?file=sums.sql",
-                Some(&windowed_sql(5.0, "10 SECONDS")),
+                &windowed_sql(5.0, "10 SECONDS"),
             )
             .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["deployed"][0]["state"], "kept", "{body}");
         assert_eq!(body["deployed"][0]["version"], 2);
         let (status, body) = admin
-            .call(
-                reqwest::Method::PUT,
+            .put(
                 "/api/pipelines/sums?file=sums.sql",
-                Some(&windowed_sql(5.0, "20 SECONDS")),
+                &windowed_sql(5.0, "20 SECONDS"),
             )
             .await;
         assert_eq!(
@@ -316,10 +319,9 @@ fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
             .await;
         assert_eq!((status, &body["version"]), (200, &2.into()), "{body}");
         let (status, body) = admin
-            .call(
-                reqwest::Method::PUT,
+            .put(
                 "/api/pipelines/sums?file=sums.sql&fresh=true",
-                Some(&windowed_sql(5.0, "20 SECONDS")),
+                &windowed_sql(5.0, "20 SECONDS"),
             )
             .await;
         assert_eq!(status, 200, "{body}");
@@ -373,11 +375,7 @@ fn a_compatible_replacement_keeps_open_windows() {
         let url = gateway.broker_url().expect("broker").to_owned();
         let admin = Admin::new(&gateway, None);
         let (status, body) = admin
-            .call(
-                reqwest::Method::POST,
-                "/api/pipelines",
-                Some(&windowed_sql(0.0, "10 SECONDS")),
-            )
+            .post("/api/pipelines", &windowed_sql(0.0, "10 SECONDS"))
             .await;
         assert_eq!(status, 201, "{body}");
         let (out, _sub) = subscribe(&url, "out/sums/#").await;
@@ -413,11 +411,7 @@ fn a_compatible_replacement_keeps_open_windows() {
         };
         wait_until("the readings to reach the window", rows_in("sums")).await;
         let (status, body) = admin
-            .call(
-                reqwest::Method::PUT,
-                "/api/pipelines/sums",
-                Some(&windowed_sql(5.0, "10 SECONDS")),
-            )
+            .put("/api/pipelines/sums", &windowed_sql(5.0, "10 SECONDS"))
             .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["deployed"][0]["state"], "kept", "{body}");
@@ -454,11 +448,7 @@ fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_
         let gateway = Gateway::start(config.clone()).await.expect("gateway");
         let admin = Admin::new(&gateway, None);
         let (status, body) = admin
-            .call(
-                reqwest::Method::POST,
-                "/api/pipelines",
-                Some(&windowed_sql(0.0, "10 SECONDS")),
-            )
+            .post("/api/pipelines", &windowed_sql(0.0, "10 SECONDS"))
             .await;
         assert_eq!(status, 201, "{body}");
         let mut publisher = Publisher::connect(gateway.broker_url().expect("broker")).await;
@@ -489,11 +479,7 @@ fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_
         let url = gateway.broker_url().expect("broker").to_owned();
         let admin = Admin::new(&gateway, None);
         let (status, body) = admin
-            .call(
-                reqwest::Method::POST,
-                "/api/pipelines",
-                Some(&windowed_sql(5.0, "10 SECONDS")),
-            )
+            .post("/api/pipelines", &windowed_sql(5.0, "10 SECONDS"))
             .await;
         assert_eq!(status, 201, "{body}");
         assert_eq!(body["deployed"][0]["state"], "new", "{body}");
@@ -513,9 +499,7 @@ fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_
         let gateway = Gateway::start(config).await.expect("gateway");
         let admin = Admin::new(&gateway, None);
         let longer = windowed_sql(5.0, "20 SECONDS");
-        let (status, body) = admin
-            .call(reqwest::Method::POST, "/api/pipelines", Some(&longer))
-            .await;
+        let (status, body) = admin.post("/api/pipelines", &longer).await;
         assert_eq!(status, 409, "{body}");
         let error = body["error"].as_str().unwrap_or_default();
         assert!(
@@ -523,13 +507,7 @@ fn after_a_restart_windows_resume_from_the_checkpoint_and_a_version_they_do_not_
             "{body}"
         );
         assert!(admin.pipelines().await.is_empty(), "nothing started");
-        let (status, body) = admin
-            .call(
-                reqwest::Method::POST,
-                "/api/pipelines?fresh=true",
-                Some(&longer),
-            )
-            .await;
+        let (status, body) = admin.post("/api/pipelines?fresh=true", &longer).await;
         assert_eq!(status, 201, "{body}");
         assert_eq!(body["deployed"][0]["state"], "fresh", "{body}");
         assert!(
@@ -552,21 +530,13 @@ fn bad_sql_is_refused_with_line_and_column_and_running_pipelines_carry_on() {
     run(async {
         let gateway = Gateway::start(config(None)).await.expect("gateway");
         let admin = Admin::new(&gateway, None);
-        let (status, _) = admin
-            .call(reqwest::Method::POST, "/api/pipelines", Some(SEQUENCE_SQL))
-            .await;
+        let (status, _) = admin.post("/api/pipelines", SEQUENCE_SQL).await;
         assert_eq!(status, 201);
         let bad = "CREATE SOURCE s (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, v DOUBLE)\n\
                    WITH (connector = 'mqtt', topic = 'x/{sensor}');\n\
                    CREATE SINK o WITH (connector = 'mqtt', topic = 'y');\n\
                    CREATE PIPELINE p AS INSERT INTO o SELECT sensr FROM s;\n";
-        let (status, body) = admin
-            .call(
-                reqwest::Method::POST,
-                "/api/pipelines?file=bad.sql",
-                Some(bad),
-            )
-            .await;
+        let (status, body) = admin.post("/api/pipelines?file=bad.sql", bad).await;
         assert_eq!(status, 400, "{body}");
         let error = body["error"].as_str().expect("message");
         assert!(error.starts_with("bad.sql:4:43: error:"), "{error}");
@@ -574,24 +544,12 @@ fn bad_sql_is_refused_with_line_and_column_and_running_pipelines_carry_on() {
         assert_eq!(body["diagnostics"][0]["line"], 4);
         assert_eq!(body["diagnostics"][0]["column"], 43);
 
-        let (status, body) = admin
-            .call(reqwest::Method::POST, "/api/pipelines", Some(SEQUENCE_SQL))
-            .await;
+        let (status, body) = admin.post("/api/pipelines", SEQUENCE_SQL).await;
         assert_eq!(status, 409, "adding it twice: {body}");
-        let (status, body) = admin
-            .call(
-                reqwest::Method::PUT,
-                "/api/pipelines/other",
-                Some(SEQUENCE_SQL),
-            )
-            .await;
+        let (status, body) = admin.put("/api/pipelines/other", SEQUENCE_SQL).await;
         assert_eq!(status, 400, "{body}");
         let (status, body) = admin
-            .call(
-                reqwest::Method::POST,
-                "/api/pipelines",
-                Some("CREATE SINK x WITH (connector = 'null');"),
-            )
+            .post("/api/pipelines", "CREATE SINK x WITH (connector = 'null');")
             .await;
         assert_eq!(status, 400, "{body}");
 
@@ -621,9 +579,7 @@ fn metrics_health_and_the_token() {
         assert_eq!(status, 401);
 
         let admin = Admin::new(&gateway, Some("s3cret"));
-        let (status, _) = admin
-            .call(reqwest::Method::POST, "/api/pipelines", Some(SEQUENCE_SQL))
-            .await;
+        let (status, _) = admin.post("/api/pipelines", SEQUENCE_SQL).await;
         assert_eq!(status, 201);
         let url = gateway.broker_url().expect("broker").to_owned();
         let stats = weir_connectors::mqtt::MqttStats::named("copy_seq/seq_in");
