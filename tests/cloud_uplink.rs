@@ -380,9 +380,20 @@ fn publish_numbered(
     let _ = publisher.wait();
 }
 
+/// The gateway's `weir_pipeline_checkpoints_total` of the `acked` pipeline.
+fn acked_checkpoints(gateway: &Gateway) -> u64 {
+    gateway
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_pipeline_checkpoints_total{pipeline=\"acked\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// (rows, distinct values) in the cloud's `acked` stream, once `expected` distinct values
-/// are there or a minute has passed.
-fn stored_acked(fleet: &Fleet, expected: u64) -> (u64, u64) {
+/// are there (or a minute has passed) and everything the gateway took before is stored: two
+/// more checkpoints committed, and nothing left in its uplink.
+fn stored_acked(fleet: &Fleet, gateway: &Gateway, expected: u64) -> (u64, u64) {
     let stored = || -> (u64, u64) {
         let output = fleet.cli_as(
             &fleet.token,
@@ -403,15 +414,16 @@ fn stored_acked(fleet: &Fleet, expected: u64) -> (u64, u64) {
         )
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, distinct) = stored();
-        if distinct >= expected || Instant::now() > deadline {
-            // A duplicate stored after the last distinct value shows up a moment later.
-            std::thread::sleep(Duration::from_secs(2));
-            return stored();
-        }
+    while stored().1 < expected && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
     }
+    // A duplicate would still be on its way: wait until all that was taken is stored.
+    let checkpoints = acked_checkpoints(gateway);
+    wait_until("the gateway has committed and uplinked all it took", || {
+        acked_checkpoints(gateway) >= checkpoints + 2
+            && pending_batches(&gateway.metrics(), "acked") == 0
+    });
+    stored()
 }
 
 #[test]
@@ -437,7 +449,7 @@ fn mqtt_messages_are_acknowledged_only_once_their_checkpoint_is_on_disk() {
         }
     });
     assert_eq!(
-        stored_acked(&fleet, 300),
+        stored_acked(&fleet, &gateway, 300),
         (300, 300),
         "every message once in the cloud"
     );
@@ -471,7 +483,7 @@ fn a_broker_restart_mid_stream_redelivers_what_was_not_checkpointed_and_it_count
                 .expect("mosquitto again");
     }
     assert_eq!(
-        stored_acked(&fleet, 300),
+        stored_acked(&fleet, &gateway, 300),
         (300, 300),
         "every message once in the cloud, across three broker restarts"
     );
