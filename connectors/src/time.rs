@@ -84,6 +84,35 @@ pub fn epoch_to_nanos(value: i64, unit: TimeUnit) -> Option<i64> {
 /// Converts a decimal epoch number written as text (`1704067200`, `-1.5`, `1.7e12`) in `unit`
 /// to nanoseconds. Exact: sub-nanosecond digits are rounded half away from zero.
 pub fn parse_epoch(text: &[u8], unit: TimeUnit) -> Option<i64> {
+    match parse_integer_epoch(text, unit) {
+        Some(nanos) => Some(nanos),
+        None => parse_decimal_epoch(text, unit),
+    }
+}
+
+/// The common case of [`parse_epoch`] without wide arithmetic: a plain integer of at most 18
+/// digits, which fits an `i64` before scaling. `None` for anything else, including overflow,
+/// which the general path then rejects too.
+#[inline]
+fn parse_integer_epoch(text: &[u8], unit: TimeUnit) -> Option<i64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + i64::from(b - b'0');
+    }
+    (if negative { -value } else { value }).checked_mul(unit.nanos())
+}
+
+fn parse_decimal_epoch(text: &[u8], unit: TimeUnit) -> Option<i64> {
     let (negative, digits) = match text.split_first() {
         Some((b'-', rest)) => (true, rest),
         Some((b'+', rest)) => (false, rest),
@@ -457,6 +486,43 @@ mod tests {
         ] {
             assert_eq!(parse_epoch(bad, TimeUnit::Millis), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn integer_epochs_take_the_short_path_with_the_same_answers() {
+        for text in [
+            &b"0"[..],
+            b"-0",
+            b"0001",
+            b"1704067200000",
+            b"-1704067200000",
+            b"999999999999999999",
+            b"-999999999999999999",
+            b"9223372036854775807",
+            b"9223372036",
+            b"9223372037",
+            b"-9223372037",
+            b"+5",
+        ] {
+            for unit in [
+                TimeUnit::Seconds,
+                TimeUnit::Millis,
+                TimeUnit::Micros,
+                TimeUnit::Nanos,
+            ] {
+                let short = parse_integer_epoch(text, unit);
+                let general = parse_decimal_epoch(text, unit);
+                // The short path may decline, never disagree.
+                assert!(short.is_none() || short == general, "{text:?} {unit:?}");
+                assert_eq!(parse_epoch(text, unit), general, "{text:?} {unit:?}");
+            }
+        }
+        assert_eq!(
+            parse_integer_epoch(b"1704067200000", TimeUnit::Millis),
+            Some(JAN_1_2024)
+        );
+        assert_eq!(parse_integer_epoch(b"9223372037", TimeUnit::Seconds), None);
+        assert_eq!(parse_epoch(b"9223372037", TimeUnit::Seconds), None);
     }
 
     #[test]

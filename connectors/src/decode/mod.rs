@@ -614,8 +614,85 @@ const POW10: [f64; 16] = [
 /// machinery of a full float parser: the digits fit a `u64` that converts to `f64` exactly,
 /// the power of ten is exact, so the one division is correctly rounded. Callers fall back to
 /// `fast-float2` when it returns `None`.
+///
+/// Reads eight bytes at a time where the text is long enough (it is, inside a JSON array of
+/// samples): the integer and the fraction digits are each located and converted with a few
+/// word operations instead of a loop over their bytes.
 #[inline]
 pub(crate) fn parse_short_decimal(text: &[u8]) -> Option<(f64, usize)> {
+    let negative = text.first() == Some(&b'-');
+    let start = usize::from(negative);
+    let Some(whole) = load_word(text, start) else {
+        return parse_short_decimal_bytewise(text);
+    };
+    let whole_digits = leading_digits(whole);
+    if whole_digits == 0 {
+        return None;
+    }
+    if whole_digits == 8 {
+        // A long integer part: rare, and it may run past the word.
+        return parse_short_decimal_bytewise(text);
+    }
+    let mut mantissa = digits_value(whole, whole_digits);
+    let mut i = start + whole_digits;
+    let mut fraction_digits = 0;
+    if text[i] == b'.' {
+        let Some(fraction) = load_word(text, i + 1) else {
+            return parse_short_decimal_bytewise(text);
+        };
+        fraction_digits = leading_digits(fraction);
+        if fraction_digits == 0 {
+            return None;
+        }
+        if fraction_digits == 8 {
+            return parse_short_decimal_bytewise(text);
+        }
+        mantissa = mantissa * POW10_INT[fraction_digits] + digits_value(fraction, fraction_digits);
+        i += 1 + fraction_digits;
+    }
+    if matches!(text.get(i), Some(b'e' | b'E')) {
+        return None;
+    }
+    let magnitude = mantissa as f64 / POW10[fraction_digits];
+    Some((if negative { -magnitude } else { magnitude }, i))
+}
+
+/// Integer powers of ten for the digits of one word.
+const POW10_INT: [u64; 8] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000];
+
+/// The eight bytes at `at` as a little-endian word (first byte lowest), if there are eight.
+#[inline(always)]
+fn load_word(text: &[u8], at: usize) -> Option<u64> {
+    let bytes = text.get(at..at.checked_add(8)?)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+/// How many of the word's bytes, from the first, are ASCII digits.
+#[inline(always)]
+fn leading_digits(word: u64) -> usize {
+    // A byte below '0' sets its top bit when '0' is subtracted, one above '9' when 0x46 is
+    // added. Borrows and carries only move upwards, past the first non-digit, so they never
+    // change where that is.
+    let below = word.wrapping_sub(0x3030_3030_3030_3030);
+    let above = word.wrapping_add(0x4646_4646_4646_4646);
+    let non_digits = (below | above) & 0x8080_8080_8080_8080;
+    (non_digits.trailing_zeros() / 8) as usize
+}
+
+/// The value of the first `count` (1 to 7) bytes of `word`, all ASCII digits.
+#[inline(always)]
+fn digits_value(word: u64, count: usize) -> u64 {
+    // Keep the digits, shift them to the top (the freed low bytes read as leading zeros),
+    // then combine pairs, quads and the two halves with three multiplications.
+    let digits = (word.wrapping_sub(0x3030_3030_3030_3030) & (u64::MAX >> (64 - 8 * count)))
+        << (8 * (8 - count));
+    let pairs = (digits * 10 + (digits >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let quads = (pairs * 100 + (pairs >> 16)) & 0x0000_ffff_0000_ffff;
+    (quads * 10_000 + (quads >> 32)) & 0xffff_ffff
+}
+
+/// [`parse_short_decimal`] a byte at a time, for the last bytes of a text and long numbers.
+fn parse_short_decimal_bytewise(text: &[u8]) -> Option<(f64, usize)> {
     let negative = text.first() == Some(&b'-');
     let mut i = usize::from(negative);
     let mut mantissa: u64 = 0;
@@ -771,6 +848,66 @@ mod tests {
             let parsed = parse_short_decimal(text.as_bytes()).map(|(v, _)| v.to_bits());
             assert_eq!(parsed, text.parse::<f64>().ok().map(f64::to_bits), "{text}");
         }
+    }
+
+    #[test]
+    fn short_decimals_read_by_words_match_reading_bytewise() {
+        // Every shape near the word boundaries, followed by what may follow in JSON or by
+        // garbage, with and without room for a whole word after each part.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |bound: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % bound
+        };
+        let tails = [
+            "",
+            ",",
+            "]",
+            ",0.5,1.25]}",
+            "e3,",
+            "E-1",
+            ".",
+            "x",
+            "\u{e9}",
+            "  ,",
+            "-",
+        ];
+        let mut checked = 0;
+        for _ in 0..200_000 {
+            let mut text = String::new();
+            if next(3) == 0 {
+                text.push('-');
+            }
+            for _ in 0..next(11) {
+                text.push(char::from(b'0' + next(10) as u8));
+            }
+            if next(4) != 0 {
+                text.push('.');
+                for _ in 0..next(11) {
+                    text.push(char::from(b'0' + next(10) as u8));
+                }
+            }
+            text.push_str(tails[next(tails.len() as u64) as usize]);
+            let bytes = text.as_bytes();
+            let words = parse_short_decimal(bytes).map(|(v, used)| (v.to_bits(), used));
+            let bytewise = parse_short_decimal_bytewise(bytes).map(|(v, used)| (v.to_bits(), used));
+            assert_eq!(words, bytewise, "{text:?}");
+            checked += usize::from(words.is_some());
+        }
+        assert!(checked > 50_000, "most inputs should be numbers: {checked}");
+    }
+
+    #[test]
+    fn digit_words() {
+        assert_eq!(leading_digits(u64::from_le_bytes(*b"1234567x")), 7);
+        assert_eq!(leading_digits(u64::from_le_bytes(*b"12345678")), 8);
+        assert_eq!(leading_digits(u64::from_le_bytes(*b"/:09\xff000")), 0);
+        assert_eq!(leading_digits(u64::from_le_bytes(*b"9\xc3\xa900000")), 1);
+        assert_eq!(digits_value(u64::from_le_bytes(*b"1234567,"), 7), 1_234_567);
+        assert_eq!(digits_value(u64::from_le_bytes(*b"05]}xxxx"), 2), 5);
+        assert_eq!(digits_value(u64::from_le_bytes(*b"9......."), 1), 9);
     }
 
     #[test]
