@@ -86,20 +86,23 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-/// One second of 100 sensors at 1 kHz, in ten batches of 100-sample blocks.
-fn batches() -> Vec<RecordBatch> {
+/// One second of 100 sensors at 1 kHz, in ten batches of 100-sample blocks; `interleaved`:
+/// the sensors take turns sample by sample, as single-sample messages arrive.
+fn batches(interleaved: bool) -> Vec<RecordBatch> {
     (0..10)
         .map(|tick| {
             let mut sensors = Vec::with_capacity(SENSORS * BLOCK);
             let mut times = Vec::with_capacity(SENSORS * BLOCK);
             let mut values = Vec::with_capacity(SENSORS * BLOCK);
-            for sensor in 0..SENSORS {
-                for i in 0..BLOCK {
-                    let sample = tick * BLOCK + i;
-                    sensors.push(format!("s{sensor:04}"));
-                    times.push(sample as i64 * 1_000_000);
-                    values.push(value(sensor, sample));
-                }
+            for n in 0..SENSORS * BLOCK {
+                let (sensor, i) = match interleaved {
+                    true => (n % SENSORS, n / SENSORS),
+                    false => (n / BLOCK, n % BLOCK),
+                };
+                let sample = tick * BLOCK + i;
+                sensors.push(format!("s{sensor:04}"));
+                times.push(sample as i64 * 1_000_000);
+                values.push(value(sensor, sample));
             }
             RecordBatch::try_new(
                 schema(),
@@ -164,7 +167,7 @@ fn run(operators: &mut [Box<dyn Operator>], batches: &[RecordBatch]) -> usize {
 }
 
 fn operators(c: &mut Criterion) {
-    let input = batches();
+    let input = batches(false);
     let samples = input.iter().map(RecordBatch::num_rows).sum::<usize>() as u64;
     let mut group = c.benchmark_group("operators");
     group.throughput(Throughput::Elements(samples));
@@ -185,6 +188,14 @@ fn operators(c: &mut Criterion) {
         b.iter_batched(
             || build(&window, &decoder),
             |mut ops| black_box(run(&mut ops, &input)),
+            BatchSize::SmallInput,
+        );
+    });
+    let interleaved = batches(true);
+    group.bench_function("tumble_rms_peak_interleaved", |b| {
+        b.iter_batched(
+            || build(&window, &decoder),
+            |mut ops| black_box(run(&mut ops, &interleaved)),
             BatchSize::SmallInput,
         );
     });

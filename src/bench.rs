@@ -1,10 +1,10 @@
 //! `weir bench`: workload V, S sensors x 1 kHz vibration -> 1-second tumbling RMS and peak per
 //! sensor.
 //!
-//! - In-process scenarios (`json-rows`, `blocks`): a publisher thread encodes the simulator's
-//!   signal as JSON payloads, a payload source decodes them into Arrow, the real planner and
-//!   engine aggregate, and every result is checked against a direct computation from the
-//!   signal model.
+//! - In-process scenarios (`json-rows`, `blocks`, `blocks-realtime`): the simulator's signal
+//!   is encoded as JSON payloads (ahead of the clock, or paced at the sensors' rate), a payload
+//!   source decodes them into Arrow, the real planner and engine aggregate, and every result is
+//!   checked against a direct computation from the signal model.
 //! - MQTT scenarios (`mqtt-rows`, `mqtt-blocks-realtime`, `mqtt-backlog`, see [`mqtt`]): the
 //!   same workload through a real broker, with the publisher in a process of its own. Each
 //!   runs per broker in a child process (`weir bench --isolated ...`), so that one broker's
@@ -78,8 +78,9 @@ impl QosChoice {
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Scenarios to run, comma-separated: json-rows, blocks, json-rows-ckpt and blocks-ckpt
-    /// (the same with a checkpoint every second), mqtt-rows, mqtt-blocks-realtime,
-    /// mqtt-backlog, or all; or cloud-fanout, uplink-drain or recovery on its own.
+    /// (the same with a checkpoint every second), blocks-realtime (in-process at the real
+    /// rate of --realtime-sensors), mqtt-rows, mqtt-blocks-realtime, mqtt-backlog, or all; or
+    /// cloud-fanout, uplink-drain or recovery on its own.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// recovery: how many times the gateway is killed (SIGKILL) under load.
@@ -95,11 +96,12 @@ pub struct BenchArgs {
     /// Number of simulated 1 kHz sensors (json-rows, blocks, mqtt-rows, mqtt-backlog).
     #[arg(long, default_value_t = 100)]
     sensors: u32,
-    /// Seconds of event time to simulate per scenario; for mqtt-blocks-realtime, seconds of
+    /// Seconds of event time to simulate per scenario; for the realtime ones, seconds of
     /// wall-clock time.
     #[arg(long, default_value_t = 20)]
     seconds: u32,
-    /// Sensors of mqtt-blocks-realtime, each 1 kHz in 100-sample blocks (10 messages/s).
+    /// Sensors of blocks-realtime and mqtt-blocks-realtime, each 1 kHz in 100-sample blocks
+    /// (10 messages/s).
     #[arg(long, default_value_t = 1000)]
     realtime_sensors: u32,
     /// Messages queued for the persistent sessions of mqtt-backlog (rounded up to whole
@@ -138,6 +140,13 @@ struct ScenarioResult {
     peak_rss_mb: f64,
     windows: usize,
     correct: bool,
+    /// In-process throughput scenarios: the encoded input, held in memory from before the
+    /// clock starts (part of the peak RSS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    input_mb: Option<f64>,
+    /// blocks-realtime: this process's CPU, % of one core, publisher thread included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    process_cpu_percent: Option<f64>,
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     mqtt: Option<MqttFigures>,
 }
@@ -177,22 +186,47 @@ struct MqttFigures {
 /// A scenario as selected on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
-    /// In-process, with the payload format of the simulator; the last field: taking a
-    /// checkpoint every second into a RocksDB store on disk.
-    InProcess(&'static str, &'static str, bool),
+    InProcess(InProcess),
     Mqtt(MqttScenario),
 }
 
-fn scenarios(list: &str) -> anyhow::Result<Vec<Scenario>> {
-    const IN_PROCESS: [(&str, &str, bool); 4] = [
-        ("json-rows", "json", false),
-        ("blocks", "json_blocks", false),
-        ("json-rows-ckpt", "json", true),
-        ("blocks-ckpt", "json_blocks", true),
+/// An in-process scenario: the publisher thread hands JSON payloads straight to the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InProcess {
+    name: &'static str,
+    /// One sample per payload, or 100-sample blocks.
+    blocks: bool,
+    /// A checkpoint every second into a RocksDB store on disk.
+    checkpoints: bool,
+    /// At the sensors' real rate (`--realtime-sensors` at 1 kHz), encoded as it goes, for
+    /// CPU and memory at a given load; else every payload is encoded before the clock starts
+    /// and handed over as fast as the pipeline takes it, for throughput.
+    paced: bool,
+}
+
+impl InProcess {
+    const ALL: [InProcess; 5] = [
+        InProcess::new("json-rows", false, false, false),
+        InProcess::new("blocks", true, false, false),
+        InProcess::new("json-rows-ckpt", false, true, false),
+        InProcess::new("blocks-ckpt", true, true, false),
+        InProcess::new("blocks-realtime", true, false, true),
     ];
-    let all = IN_PROCESS
-        .iter()
-        .map(|&(name, payload, checkpoints)| Scenario::InProcess(name, payload, checkpoints))
+
+    const fn new(name: &'static str, blocks: bool, checkpoints: bool, paced: bool) -> Self {
+        Self {
+            name,
+            blocks,
+            checkpoints,
+            paced,
+        }
+    }
+}
+
+fn scenarios(list: &str) -> anyhow::Result<Vec<Scenario>> {
+    let all = InProcess::ALL
+        .into_iter()
+        .map(Scenario::InProcess)
         .chain(MqttScenario::ALL.into_iter().map(Scenario::Mqtt));
     let mut selected = Vec::new();
     for name in list.split(',').map(str::trim) {
@@ -201,7 +235,7 @@ fn scenarios(list: &str) -> anyhow::Result<Vec<Scenario>> {
             _ => all
                 .clone()
                 .filter(|s| match s {
-                    Scenario::InProcess(n, _, _) => *n == name,
+                    Scenario::InProcess(s) => s.name == name,
                     Scenario::Mqtt(m) => m.name() == name,
                 })
                 .collect(),
@@ -209,7 +243,7 @@ fn scenarios(list: &str) -> anyhow::Result<Vec<Scenario>> {
         if found.is_empty() {
             bail!(
                 "unknown scenario '{name}': use json-rows, blocks, json-rows-ckpt, blocks-ckpt, \
-                 mqtt-rows, mqtt-blocks-realtime, mqtt-backlog or all"
+                 blocks-realtime, mqtt-rows, mqtt-blocks-realtime, mqtt-backlog or all"
             );
         }
         for scenario in found {
@@ -230,41 +264,46 @@ fn bench_schema() -> arrow::datatypes::SchemaRef {
     ]))
 }
 
-/// Encodes the simulator's signal as JSON payloads (epoch-millisecond times) and sends them in
-/// chunks: one payload per sample, or one per run of samples of a 100-sample block (a dropout
-/// splits a block). Returns when everything is sent.
-fn publish(
-    sender: &tokio::sync::mpsc::Sender<Payloads>,
-    sensors: u32,
-    seconds: u32,
+/// Encodes the simulator's signal as JSON payloads with epoch-millisecond times, a chunk per
+/// tick (100 samples of every sensor): one payload per sample, or one per run of samples of a
+/// 100-sample block (a dropout splits a block).
+struct Encoder {
+    model: SignalModel,
+    start_ms: i64,
+    ids: Vec<String>,
     blocks: bool,
-) -> anyhow::Result<()> {
-    use std::io::Write;
-    let config = SimulatorConfig {
-        sensors,
-        seed: 42,
-        faults: true,
-        ..SimulatorConfig::default()
-    };
-    let model = SignalModel::new(config.seed, config.sensors, config.rate_hz, config.faults);
-    let start_ms = config.reproducible_start_nanos()? / 1_000_000;
-    let ids: Vec<String> = (0..sensors)
-        .map(weir_connectors::simulator::sensor_id)
-        .collect();
-    let mut float = ryu::Buffer::new();
-    let ticks = u64::from(seconds) * 10;
-    for tick in 0..ticks {
-        let mut chunk = Payloads::with_capacity(
-            if blocks {
-                sensors as usize
-            } else {
-                sensors as usize * 100
-            },
-            1 << 16,
-        );
+    float: ryu::Buffer,
+}
+
+impl Encoder {
+    fn new(sensors: u32, blocks: bool) -> anyhow::Result<Self> {
+        let config = simulator_config(sensors);
+        Ok(Self {
+            model: SignalModel::new(config.seed, config.sensors, config.rate_hz, config.faults),
+            start_ms: config.reproducible_start_nanos()? / 1_000_000,
+            ids: (0..sensors)
+                .map(weir_connectors::simulator::sensor_id)
+                .collect(),
+            blocks,
+            float: ryu::Buffer::new(),
+        })
+    }
+
+    fn tick(&mut self, tick: u64) -> Payloads {
+        use std::io::Write;
+        let Self {
+            model,
+            start_ms,
+            ids,
+            blocks,
+            float,
+        } = self;
+        let payloads = if *blocks { ids.len() } else { ids.len() * 100 };
+        let mut chunk =
+            Payloads::with_capacity(payloads, payloads * if *blocks { 2048 } else { 48 });
+        let first = tick * 100;
         for (sensor, id) in ids.iter().enumerate() {
-            let first = tick * 100;
-            if blocks {
+            if *blocks {
                 let mut sample = first;
                 while sample < first + 100 {
                     if model.value(sensor, sample).is_none() {
@@ -276,7 +315,7 @@ fn publish(
                         let _ = write!(
                             out,
                             r#"{{"sensor":"{id}","t0":{},"rate_hz":1000,"samples":["#,
-                            start_ms + run_start as i64
+                            *start_ms + run_start as i64
                         );
                         let mut first_value = true;
                         while sample < first + 100 {
@@ -300,7 +339,7 @@ fn publish(
                             let _ = write!(
                                 out,
                                 r#"{{"sensor":"{id}","ts":{},"v":{}}}"#,
-                                start_ms + sample as i64,
+                                *start_ms + sample as i64,
                                 float.format(v)
                             );
                         });
@@ -308,11 +347,48 @@ fn publish(
                 }
             }
         }
-        sender
-            .blocking_send(chunk)
-            .map_err(|_| anyhow::anyhow!("the pipeline stopped reading"))?;
+        chunk
     }
-    Ok(())
+}
+
+fn simulator_config(sensors: u32) -> SimulatorConfig {
+    SimulatorConfig {
+        sensors,
+        seed: 42,
+        faults: true,
+        ..SimulatorConfig::default()
+    }
+}
+
+/// What the publisher thread plays: chunks encoded before the clock started, or the sensors
+/// at their real rate, encoding each tick as it comes.
+enum Input {
+    Encoded(Vec<Payloads>),
+    Paced { encoder: Encoder, ticks: u64 },
+}
+
+impl Input {
+    /// Sends everything; returns when the last chunk is in the channel.
+    fn publish(self, sender: &tokio::sync::mpsc::Sender<Payloads>) -> anyhow::Result<()> {
+        let gone = |_| anyhow::anyhow!("the pipeline stopped reading");
+        match self {
+            Input::Encoded(chunks) => {
+                for chunk in chunks {
+                    sender.blocking_send(chunk).map_err(gone)?;
+                }
+            }
+            Input::Paced { mut encoder, ticks } => {
+                let started = Instant::now();
+                for tick in 0..ticks {
+                    let chunk = encoder.tick(tick);
+                    let due = started + Duration::from_millis(100 * tick);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    sender.blocking_send(chunk).map_err(gone)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 const SQL: &str = "
@@ -356,8 +432,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut results = Vec::new();
     for scenario in selected {
         match scenario {
-            Scenario::InProcess(name, payload, checkpoints) => {
-                let result = run_scenario(name, payload, checkpoints, &args)?;
+            Scenario::InProcess(scenario) => {
+                let result = run_scenario(scenario, &args)?;
                 if args.json {
                     println!("{}", serde_json::to_string(&result)?);
                 }
@@ -510,9 +586,12 @@ fn run_isolated(
 
 fn print_tables(results: &[ScenarioResult]) {
     let (in_process, mqtt): (Vec<_>, Vec<_>) = results.iter().partition(|r| r.mqtt.is_none());
+    let or_dash = |value: Option<f64>, decimals: usize| {
+        value.map_or("-".to_owned(), |v| format!("{v:.decimals$}"))
+    };
     if !in_process.is_empty() {
         println!(
-            "{:<14} {:>12} {:>8} {:>14} {:>8} {:>8} {:>9} {:>8} {:>8}",
+            "{:<15} {:>12} {:>8} {:>14} {:>8} {:>8} {:>9} {:>9} {:>6} {:>8} {:>8}",
             "scenario",
             "samples",
             "seconds",
@@ -520,12 +599,14 @@ fn print_tables(results: &[ScenarioResult]) {
             "p50 ms",
             "p99 ms",
             "peak MB",
+            "input MB",
+            "cpu%",
             "windows",
             "correct"
         );
         for r in &in_process {
             println!(
-                "{:<14} {:>12} {:>8.2} {:>14.0} {:>8.3} {:>8.3} {:>9.1} {:>8} {:>8}",
+                "{:<15} {:>12} {:>8.2} {:>14.0} {:>8.3} {:>8.3} {:>9.1} {:>9} {:>6} {:>8} {:>8}",
                 r.scenario,
                 r.samples,
                 r.seconds,
@@ -533,10 +614,16 @@ fn print_tables(results: &[ScenarioResult]) {
                 r.p50_ms,
                 r.p99_ms,
                 r.peak_rss_mb,
+                or_dash(r.input_mb, 1),
+                or_dash(r.process_cpu_percent, 1),
                 r.windows,
                 r.correct
             );
         }
+        println!(
+            "(input MB: payloads encoded before the clock starts, part of the peak; \
+             cpu%: of one core, publisher thread included)"
+        );
     }
     if mqtt.is_empty() {
         return;
@@ -544,9 +631,6 @@ fn print_tables(results: &[ScenarioResult]) {
     if !in_process.is_empty() {
         println!();
     }
-    let or_dash = |value: Option<f64>, decimals: usize| {
-        value.map_or("-".to_owned(), |v| format!("{v:.decimals$}"))
-    };
     println!(
         "{:<20} {:<9} {:>3} {:>17} {:>10} {:>10} {:>6} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7}",
         "scenario",
@@ -644,15 +728,21 @@ impl Sink for CollectingSink {
     }
 }
 
-fn run_scenario(
-    name: &str,
-    payload: &str,
-    checkpoints: bool,
-    args: &BenchArgs,
-) -> anyhow::Result<ScenarioResult> {
+fn run_scenario(scenario: InProcess, args: &BenchArgs) -> anyhow::Result<ScenarioResult> {
+    let InProcess {
+        name,
+        blocks,
+        checkpoints,
+        paced,
+    } = scenario;
+    let (sensors, seconds) = match paced {
+        true => (args.realtime_sensors, args.seconds),
+        false => (args.sensors, args.seconds),
+    };
+    let payload = if blocks { "json_blocks" } else { "json" };
     let sql = SQL
-        .replace("{sensors}", &args.sensors.to_string())
-        .replace("{seconds}", &args.seconds.to_string())
+        .replace("{sensors}", &sensors.to_string())
+        .replace("{seconds}", &seconds.to_string())
         .replace("{payload}", payload);
     let compiled =
         weir_planner::compile(&sql).map_err(|e| anyhow::anyhow!("{}", e.render("bench.sql")))?;
@@ -677,6 +767,24 @@ fn run_scenario(
         results: Arc::clone(&results),
     };
 
+    let mut encoder = Encoder::new(sensors, blocks)?;
+    let ticks = u64::from(seconds) * 10;
+    let (input, input_mb) = match paced {
+        true => (Input::Paced { encoder, ticks }, None),
+        false => {
+            let chunks: Vec<Payloads> = (0..ticks).map(|tick| encoder.tick(tick)).collect();
+            let bytes: usize = chunks
+                .iter()
+                .flat_map(Payloads::iter)
+                .map(<[u8]>::len)
+                .sum();
+            (
+                Input::Encoded(chunks),
+                Some(bytes as f64 / (1024.0 * 1024.0)),
+            )
+        }
+    };
+
     procfs::reset_peak_rss();
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -684,8 +792,6 @@ fn run_scenario(
             .build()
             .expect("a tokio runtime can be built")
     });
-    let blocks = payload == "json_blocks";
-    let (sensors, seconds) = (args.sensors, args.seconds);
     // Checkpoints every second into a store on disk, committed with synced writes, as on a
     // gateway (the bench source cannot seek, so they hold the operators' state).
     let store_dir = tempfile::tempdir()?;
@@ -699,15 +805,17 @@ fn run_scenario(
         },
         ..EngineOptions::default()
     };
-    let (state, elapsed, snapshot, committed) = system.block_on(async move {
+    let (state, elapsed, cpu, snapshot, committed) = system.block_on(async move {
         let engine = Engine::new(options);
+        let cpu_start = procfs::CpuMark::now(None);
         let started = Instant::now();
         let mut handle = engine.start("vibration_rms".into(), Arc::new(factory))?;
-        // The publisher plays the sensors and the broker: it encodes payloads on its own
-        // thread, as devices do, so the figures are Weir's decoding and processing.
-        let publisher = std::thread::spawn(move || publish(&sender, sensors, seconds, blocks));
+        // The publisher plays the sensors and the broker, on its own thread: the figures are
+        // Weir's decoding and processing.
+        let publisher = std::thread::spawn(move || input.publish(&sender));
         let state = handle.wait().await;
         let elapsed = started.elapsed();
+        let cpu = cpu_start.percent_until(&procfs::CpuMark::now(None));
         engine.shutdown().await;
         publisher
             .join()
@@ -716,7 +824,7 @@ fn run_scenario(
             .metrics
             .checkpoints
             .load(std::sync::atomic::Ordering::Relaxed);
-        Ok::<_, anyhow::Error>((state, elapsed, handle.metrics.snapshot(), committed))
+        Ok::<_, anyhow::Error>((state, elapsed, cpu, handle.metrics.snapshot(), committed))
     })?;
     if checkpoints && committed == 0 {
         bail!("scenario {name} committed no checkpoint");
@@ -726,7 +834,7 @@ fn run_scenario(
     }
     let samples = snapshot.stages.first().map_or(0, |s| s.rows_out);
     let batches = results.lock().map(|r| r.clone()).unwrap_or_default();
-    let (windows, correct) = check(&batches, args)?;
+    let (windows, correct) = check(&batches, sensors, seconds)?;
     let seconds = elapsed
         .as_secs_f64()
         .max(Duration::from_micros(1).as_secs_f64());
@@ -741,18 +849,15 @@ fn run_scenario(
         mqtt: None,
         windows,
         correct,
+        input_mb,
+        process_cpu_percent: cpu.filter(|_| paced),
     })
 }
 
 /// Recomputes every window from the signal model and compares; also checks that no window
 /// is missing or duplicated.
-fn check(batches: &[RecordBatch], args: &BenchArgs) -> anyhow::Result<(usize, bool)> {
-    let config = SimulatorConfig {
-        sensors: args.sensors,
-        seed: 42,
-        faults: true,
-        ..SimulatorConfig::default()
-    };
+fn check(batches: &[RecordBatch], sensors: u32, seconds: u32) -> anyhow::Result<(usize, bool)> {
+    let config = simulator_config(sensors);
     let model = SignalModel::new(config.seed, config.sensors, config.rate_hz, config.faults);
     let start = config.reproducible_start_nanos()?;
     let rate = u64::from(config.rate_hz);
@@ -794,8 +899,8 @@ fn check(batches: &[RecordBatch], args: &BenchArgs) -> anyhow::Result<(usize, bo
         }
     }
     // Every sensor-second with at least one sample must be there.
-    for sensor in 0..args.sensors {
-        for second in 0..u64::from(args.seconds) {
+    for sensor in 0..sensors {
+        for second in 0..u64::from(seconds) {
             let any = (second * rate..(second + 1) * rate)
                 .any(|s| model.value(sensor as usize, s).is_some());
             if any && !seen.contains(&(sensor, second)) {

@@ -600,6 +600,8 @@ async fn rows(broker: &Broker, args: &BenchArgs) -> anyhow::Result<ScenarioResul
     }
     pipeline_notes(&outcome, &mut notes);
     Ok(ScenarioResult {
+        input_mb: None,
+        process_cpu_percent: None,
         scenario: scenario.into(),
         samples: outcome.progress.rows,
         seconds,
@@ -753,6 +755,8 @@ async fn backlog(broker: &Broker, args: &BenchArgs, qos: u8) -> anyhow::Result<S
     }
     pipeline_notes(&outcome, &mut notes);
     Ok(ScenarioResult {
+        input_mb: None,
+        process_cpu_percent: None,
         scenario: scenario.into(),
         samples: outcome.progress.rows,
         seconds,
@@ -1001,6 +1005,8 @@ async fn realtime(broker: &Broker, args: &BenchArgs) -> anyhow::Result<ScenarioR
         ));
     }
     Ok(ScenarioResult {
+        input_mb: None,
+        process_cpu_percent: None,
         scenario: scenario.into(),
         samples: rows,
         seconds,
