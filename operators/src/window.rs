@@ -206,7 +206,8 @@ impl WindowAggregate {
             let constant = [Arc::new(BooleanArray::new_null(1)) as ArrayRef];
             return Ok(BatchKeys {
                 keys: self.converter.convert_columns(&constant)?,
-                runs: vec![0..rows],
+                // One run of every row: with no keys, all rows share the one group.
+                runs: std::iter::once(0..rows).collect(),
             });
         }
         let columns = self
