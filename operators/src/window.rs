@@ -625,6 +625,9 @@ mod tests {
     use datafusion::physical_expr::aggregate::AggregateExprBuilder;
     use datafusion::physical_expr::expressions::col;
 
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
     use crate::testing::{batch, pretty, schema};
 
@@ -848,13 +851,8 @@ mod tests {
         let mut op = aggregate(kind);
         let mut out = Collector::default();
         let mut expected: BTreeMap<(EventTime, Option<String>), (f64, i64)> = BTreeMap::new();
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut rng = SmallRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut next = |bound: u64| rng.random_range(0..bound);
         let keys = [Some("a"), Some("b"), Some("c"), None];
         let (size, slide) = (kind.size(), kind.slide());
         let mut watermark = EventTime::MIN;

@@ -776,6 +776,9 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
 
     fn column(kind: ColumnKind) -> Column {
@@ -854,13 +857,8 @@ mod tests {
     fn short_decimals_read_by_words_match_reading_bytewise() {
         // Every shape near the word boundaries, followed by what may follow in JSON or by
         // garbage, with and without room for a whole word after each part.
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut rng = SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut next = |bound: u64| rng.random_range(0..bound);
         let tails = [
             "",
             ",",
