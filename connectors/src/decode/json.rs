@@ -67,13 +67,15 @@ struct Scratch {
     t0: Value,
     rate_hz: Value,
     samples: Value,
-    /// Whether `sample_floats` / `sample_valid` already hold the samples, read during the scan.
+    /// Whether `sample_floats` / `sample_nulls` already hold the samples, read during the scan.
     samples_read: bool,
     key_hints: Vec<KeyTarget>,
     key: String,
     unescaped: String,
     sample_floats: Vec<f64>,
-    sample_valid: Vec<bool>,
+    /// Positions of the null samples in `sample_floats` (which holds 0.0 there); rare, so
+    /// listed rather than flagged per sample.
+    sample_nulls: Vec<usize>,
     sample_cells: Vec<Cell>,
     sample_times: Vec<i64>,
 }
@@ -291,7 +293,7 @@ impl JsonDecoder {
                         b,
                         value_start,
                         &mut scratch.sample_floats,
-                        &mut scratch.sample_valid,
+                        &mut scratch.sample_nulls,
                     )
                 } else {
                     None
@@ -441,7 +443,7 @@ impl JsonDecoder {
         let value = &columns[value_column];
         let float_samples = value.kind == ColumnKind::Float64;
         let count = if float_samples && scratch.samples_read {
-            if !value.nullable && scratch.sample_valid.contains(&false) {
+            if !value.nullable && !scratch.sample_nulls.is_empty() {
                 return Err(DecodeError::NullField(value.name.clone()));
             }
             scratch.sample_floats.len()
@@ -466,7 +468,7 @@ impl JsonDecoder {
         for (c, builder) in self.columns.builders.iter_mut().enumerate() {
             if c == value_column {
                 if float_samples {
-                    builder.append_floats(&scratch.sample_floats, &scratch.sample_valid);
+                    builder.append_floats(&scratch.sample_floats, &scratch.sample_nulls);
                 } else {
                     for cell in &scratch.sample_cells {
                         builder.append(*cell, &strings);
@@ -523,7 +525,7 @@ fn resolve_key(
     };
     if let Some(&hint) = hints.get(position)
         && hint != KeyTarget::Ignored
-        && name_of(hint) == key
+        && same_key(name_of(hint), key)
     {
         return hint;
     }
@@ -542,6 +544,13 @@ fn resolve_key(
         hints[position] = target;
     }
     target
+}
+
+/// Whether two keys are equal, compared inline: keys are a few bytes long, and a call into
+/// `memcmp` for each of them cost more than the comparison.
+#[inline(always)]
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 /// Interprets one located value for `column` into `cell`.
@@ -574,7 +583,11 @@ fn json_cell(
                 escaped: false,
             },
         ) => {
-            std::str::from_utf8(&b[start..end]).map_err(|_| DecodeError::InvalidUtf8)?;
+            // Sensor ids and such are ASCII, checked faster than by the full UTF-8 validator.
+            let text = &b[start..end];
+            if !text.is_ascii() {
+                std::str::from_utf8(text).map_err(|_| DecodeError::InvalidUtf8)?;
+            }
             Cell::Str {
                 start,
                 end,
@@ -649,7 +662,7 @@ fn json_number(column: &Column, text: &[u8]) -> DecodeResult<Cell> {
     })
 }
 
-/// Reads the samples of a block into `scratch.sample_floats` / `sample_valid`: the hot loop
+/// Reads the samples of a block into `scratch.sample_floats` / `sample_nulls`: the hot loop
 /// for vibration data, one `fast-float2` call per sample.
 fn scan_float_samples(
     b: &[u8],
@@ -659,9 +672,9 @@ fn scan_float_samples(
     scratch: &mut Scratch,
 ) -> DecodeResult<usize> {
     let floats = &mut scratch.sample_floats;
-    let valid = &mut scratch.sample_valid;
+    let nulls = &mut scratch.sample_nulls;
     floats.clear();
-    valid.clear();
+    nulls.clear();
     // `end` is just past the closing bracket.
     let body = &b[..end - 1];
     let mut i = skip_ws(body, start + 1);
@@ -676,14 +689,13 @@ fn scan_float_samples(
                 return Err(DecodeError::OutOfRange(column.name.clone()));
             }
             floats.push(value);
-            valid.push(true);
             i += length;
         } else {
             let (value, next) = scan_value(body, i)?;
             match value {
                 Value::Null if column.nullable => {
+                    nulls.push(floats.len());
                     floats.push(0.0);
-                    valid.push(false);
                 }
                 Value::Null => return Err(DecodeError::NullField(column.name.clone())),
                 Value::NonFinite => return Err(DecodeError::NonNumeric(column.name.clone())),
@@ -715,10 +727,10 @@ fn read_float_array(
     b: &[u8],
     i: usize,
     floats: &mut Vec<f64>,
-    valid: &mut Vec<bool>,
+    nulls: &mut Vec<usize>,
 ) -> Option<usize> {
     floats.clear();
-    valid.clear();
+    nulls.clear();
     if b.get(i) != Some(&b'[') {
         return None;
     }
@@ -744,11 +756,10 @@ fn read_float_array(
                 return None;
             }
             floats.push(value);
-            valid.push(true);
             i += length;
         } else if rest.starts_with(b"null") {
+            nulls.push(floats.len());
             floats.push(0.0);
-            valid.push(false);
             i += 4;
         } else {
             return None;

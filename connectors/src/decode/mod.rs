@@ -390,11 +390,18 @@ impl ColumnBuilder {
         }
     }
 
-    /// Appends a block's samples to a `DOUBLE` column; `valid[i]` false means null.
-    pub(crate) fn append_floats(&mut self, values: &[f64], valid: &[bool]) {
+    /// Appends a block's samples to a `DOUBLE` column; the samples at the positions in `nulls`
+    /// are null.
+    pub(crate) fn append_floats(&mut self, values: &[f64], nulls: &[usize]) {
         match self {
-            Self::Float64(b) if valid.iter().all(|v| *v) => b.append_slice(values),
-            Self::Float64(b) => b.append_values(values, valid),
+            Self::Float64(b) if nulls.is_empty() => b.append_slice(values),
+            Self::Float64(b) => {
+                let mut valid = vec![true; values.len()];
+                for &null in nulls {
+                    valid[null] = false;
+                }
+                b.append_values(values, &valid);
+            }
             builder => builder.append_nulls(values.len()),
         }
     }
@@ -615,11 +622,27 @@ const POW10: [f64; 16] = [
 /// the power of ten is exact, so the one division is correctly rounded. Callers fall back to
 /// `fast-float2` when it returns `None`.
 ///
-/// Reads eight bytes at a time where the text is long enough (it is, inside a JSON array of
-/// samples): the integer and the fraction digits are each located and converted with a few
-/// word operations instead of a loop over their bytes.
+/// Reads eight bytes at a time: the integer and the fraction digits are each located and
+/// converted with a few word operations instead of a loop over their bytes. A text too short
+/// for the word reads (a number that ends its record, or one already cut to its own bytes) is
+/// read from a zero-padded copy; zero is neither a digit nor a point, so parsing stops where
+/// the text does.
 #[inline]
 pub(crate) fn parse_short_decimal(text: &[u8]) -> Option<(f64, usize)> {
+    if text.len() < WORD_READS_SPAN {
+        let mut padded = [0u8; WORD_READS_SPAN];
+        padded[..text.len()].copy_from_slice(text);
+        return parse_short_decimal_words(&padded);
+    }
+    parse_short_decimal_words(text)
+}
+
+/// The bytes [`parse_short_decimal_words`] reads at most: a sign, a word of integer digits
+/// (seven used), the point and a word of fraction digits.
+const WORD_READS_SPAN: usize = 17;
+
+#[inline(always)]
+fn parse_short_decimal_words(text: &[u8]) -> Option<(f64, usize)> {
     let negative = text.first() == Some(&b'-');
     let start = usize::from(negative);
     let Some(whole) = load_word(text, start) else {
@@ -669,7 +692,7 @@ fn load_word(text: &[u8], at: usize) -> Option<u64> {
 
 /// How many of the word's bytes, from the first, are ASCII digits.
 #[inline(always)]
-fn leading_digits(word: u64) -> usize {
+pub(crate) fn leading_digits(word: u64) -> usize {
     // A byte below '0' sets its top bit when '0' is subtracted, one above '9' when 0x46 is
     // added. Borrows and carries only move upwards, past the first non-digit, so they never
     // change where that is.
@@ -679,9 +702,9 @@ fn leading_digits(word: u64) -> usize {
     (non_digits.trailing_zeros() / 8) as usize
 }
 
-/// The value of the first `count` (1 to 7) bytes of `word`, all ASCII digits.
+/// The value of the first `count` (1 to 8) bytes of `word`, all ASCII digits.
 #[inline(always)]
-fn digits_value(word: u64, count: usize) -> u64 {
+pub(crate) fn digits_value(word: u64, count: usize) -> u64 {
     // Keep the digits, shift them to the top (the freed low bytes read as leading zeros),
     // then combine pairs, quads and the two halves with three multiplications.
     let digits = (word.wrapping_sub(0x3030_3030_3030_3030) & (u64::MAX >> (64 - 8 * count)))
@@ -906,6 +929,8 @@ mod tests {
         assert_eq!(digits_value(u64::from_le_bytes(*b"1234567,"), 7), 1_234_567);
         assert_eq!(digits_value(u64::from_le_bytes(*b"05]}xxxx"), 2), 5);
         assert_eq!(digits_value(u64::from_le_bytes(*b"9......."), 1), 9);
+        assert_eq!(digits_value(u64::from_le_bytes(*b"12345678"), 8), 12_345_678);
+        assert_eq!(digits_value(u64::from_le_bytes(*b"99999999"), 8), 99_999_999);
     }
 
     #[test]
