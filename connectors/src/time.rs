@@ -103,7 +103,17 @@ fn parse_integer_epoch(text: &[u8], unit: TimeUnit) -> Option<i64> {
         return None;
     }
     let mut value: i64 = 0;
-    for &b in digits {
+    // Eight digits at a time while there are eight; at most two words, so no overflow.
+    let mut rest = digits;
+    while let Some((word, tail)) = rest.split_first_chunk::<8>() {
+        let word = u64::from_le_bytes(*word);
+        if crate::decode::leading_digits(word) != 8 {
+            return None;
+        }
+        value = value * 100_000_000 + crate::decode::digits_value(word, 8) as i64;
+        rest = tail;
+    }
+    for &b in rest {
         if !b.is_ascii_digit() {
             return None;
         }
@@ -355,6 +365,9 @@ fn push_padded(out: &mut String, value: u32, width: usize) {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
 
     const JAN_1_2024: i64 = 1_704_067_200 * NANOS_PER_SECOND;
@@ -515,6 +528,28 @@ mod tests {
                 // The short path may decline, never disagree.
                 assert!(short.is_none() || short == general, "{text:?} {unit:?}");
                 assert_eq!(parse_epoch(text, unit), general, "{text:?} {unit:?}");
+            }
+        }
+        // Every length around the eight-digit words, with a stray byte now and then.
+        let mut rng = SmallRng::seed_from_u64(0x51_7cc1_b727_220a);
+        for _ in 0..100_000 {
+            let mut text = Vec::new();
+            if rng.random_range(0..4) == 0 {
+                text.push(b'-');
+            }
+            for _ in 0..rng.random_range(0..21) {
+                text.push(b'0' + rng.random_range(0..10u8));
+            }
+            if rng.random_range(0..5) == 0 && !text.is_empty() {
+                let at = rng.random_range(0..text.len());
+                text[at] = [b'.', b'x', b'/', b':', b'e'][rng.random_range(0..5)];
+            }
+            let short = parse_integer_epoch(&text, TimeUnit::Millis);
+            let general = parse_decimal_epoch(&text, TimeUnit::Millis);
+            assert!(short.is_none() || short == general, "{text:?}");
+            let digits = &text[usize::from(text.first() == Some(&b'-'))..];
+            if (1..=18).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) {
+                assert_eq!(short, general, "{text:?}: the short path must take plain integers");
             }
         }
         assert_eq!(
