@@ -283,21 +283,25 @@ impl SourceLoop {
                             let rows = batch.num_rows() as u64;
                             StageMetrics::add(&self.metrics.rows_out, rows);
                             StageMetrics::add(&self.metrics.batches_out, 1);
-                            let mut messages = Vec::with_capacity(2);
-                            if let Some(column) = column {
-                                let times = batch.column(column).as_primitive_opt::<TimestampNanosecondType>();
-                                if let Some(batch_max) = times.and_then(arrow::compute::max) {
-                                    max_event = Some(max_event.map_or(batch_max, |m| m.max(batch_max)));
+                            let range = column.and_then(|column| event_range(&batch, column));
+                            let (before, after) = match range {
+                                Some(range) => {
+                                    let (before, after, max) = watermarks_around(current, max_event, range, delay);
+                                    max_event = Some(max);
+                                    (before, after)
                                 }
-                            }
+                                None => (None, None),
+                            };
+                            let mut messages = Vec::with_capacity(3);
+                            let mut advance = |watermark: Option<Watermark>, messages: &mut Vec<StreamMessage>| {
+                                if let Some(watermark) = watermark {
+                                    current = watermark;
+                                    messages.push(StreamMessage::Watermark { watermark, origin });
+                                }
+                            };
+                            advance(before, &mut messages);
                             messages.push(StreamMessage::Batch { batch, origin });
-                            if let Some(max) = max_event {
-                                let candidate = Watermark(max.saturating_sub(delay));
-                                if candidate > current {
-                                    current = candidate;
-                                    messages.push(StreamMessage::Watermark { watermark: current, origin });
-                                }
-                            }
+                            advance(after, &mut messages);
                             drop(next);
                             self.outbox.send_all(messages).await?;
                             // Time spent waiting on a slow downstream is not idleness: without
@@ -359,6 +363,37 @@ impl SourceLoop {
             states: Vec::new(),
         })
     }
+}
+
+/// The earliest and latest event time in `batch`, if it has any.
+fn event_range(batch: &RecordBatch, column: usize) -> Option<(EventTime, EventTime)> {
+    let times = batch
+        .column(column)
+        .as_primitive_opt::<TimestampNanosecondType>()?;
+    Some((arrow::compute::min(times)?, arrow::compute::max(times)?))
+}
+
+/// Where a batch with event times in `range` moves the watermark, as `(before, after,
+/// latest)`: the watermark to send ahead of the batch, the one to send after it (each only
+/// when it moves), and the latest event time seen once the batch is in.
+///
+/// The windows that end before the batch's earliest row get nothing from it, so they close
+/// before it rather than after: their results then need not wait while the batch is
+/// aggregated, which at a burst of many sensors is most of the way from the watermark passing
+/// a window's end to its result. Rows of the batch are judged by the same watermark as
+/// before, so what is late and what every window holds stay exactly as they were.
+fn watermarks_around(
+    current: Watermark,
+    latest: Option<EventTime>,
+    (earliest, batch_latest): (EventTime, EventTime),
+    delay: i64,
+) -> (Option<Watermark>, Option<Watermark>, EventTime) {
+    let latest = latest.map_or(batch_latest, |seen| seen.max(batch_latest));
+    let target = Watermark(latest.saturating_sub(delay));
+    let before = target.min(Watermark(earliest.saturating_sub(1)));
+    let before = (before > current).then_some(before);
+    let after = (target > before.unwrap_or(current)).then_some(target);
+    (before, after, latest)
 }
 
 /// `batch` without the rows whose event time is more than `ahead` past the wall clock (a
@@ -709,5 +744,40 @@ impl SinkActor {
         self.pipeline.checkpoint_duration.record(started.elapsed());
         checkpoints.committed.send_replace(Some(barrier.id));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_ending_before_a_batch_close_ahead_of_it() {
+        // Seen up to 5, no delay: the batch [10, 20] closes everything before its first row
+        // ahead of it, and up to 20 after it.
+        let marks = watermarks_around(Watermark(5), Some(5), (10, 20), 0);
+        assert_eq!(marks, (Some(Watermark(9)), Some(Watermark(20)), 20));
+        // A delay holds both back, the one before never past the batch's earliest row.
+        let marks = watermarks_around(Watermark(0), Some(5), (10, 20), 5);
+        assert_eq!(marks, (Some(Watermark(9)), Some(Watermark(15)), 20));
+        let marks = watermarks_around(Watermark(0), Some(5), (10, 12), 5);
+        assert_eq!(marks, (Some(Watermark(7)), None, 12));
+    }
+
+    #[test]
+    fn a_batch_with_rows_behind_the_watermark_moves_it_only_afterwards() {
+        // Its earliest row (3) lies behind the watermark (8): nothing may close before the
+        // batch, or rows the window still accepts would count as late.
+        let marks = watermarks_around(Watermark(8), Some(10), (3, 30), 2);
+        assert_eq!(marks, (None, Some(Watermark(28)), 30));
+        // Wholly behind the latest row seen: the watermark stays.
+        let marks = watermarks_around(Watermark(8), Some(10), (1, 9), 2);
+        assert_eq!(marks, (None, None, 10));
+    }
+
+    #[test]
+    fn the_first_batch_starts_the_watermark() {
+        let marks = watermarks_around(Watermark::MIN, None, (100, 200), 50);
+        assert_eq!(marks, (Some(Watermark(99)), Some(Watermark(150)), 200));
     }
 }
