@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  broker ──> client task (rumqttc event loop) ──> Inbox ──> MqttSource::next_event
-//!             reconnect, backoff, resubscribe       │        decode every pending message,
-//!                                                   │        flush on batch_size or linger
+//!             reconnect, backoff, resubscribe       │        take every pending message,
+//!                                                   │        decode until batch_size or linger
 //!                                   waits while full (backpressure to the broker's socket)
 //! ```
 //!
@@ -12,7 +12,8 @@
 //! takes the whole pending buffer at once, which batches naturally: when decoding keeps up,
 //! each take holds the few messages that arrived meanwhile; when it falls behind, the buffer
 //! grows until its cap, and then the task stops reading the socket, so the broker holds the
-//! backlog rather than the gateway's memory.
+//! backlog rather than the gateway's memory. A large take is decoded a batch at a time, so a
+//! batch never holds much more than `batch_size` rows however far decoding fell behind.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,10 +79,11 @@ impl Messages {
         self.acks.clear();
     }
 
-    /// Each message as `(topic, payload)`. Topics were `&str` when pushed, so they are UTF-8.
-    fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        let mut start = 0;
-        self.ends.iter().map(move |&(topic_end, end)| {
+    /// Each message from the `first` on as `(topic, payload)`. Topics were `&str` when
+    /// pushed, so they are UTF-8.
+    fn iter_from(&self, first: usize) -> impl Iterator<Item = (&str, &[u8])> {
+        let mut start = first.checked_sub(1).map_or(0, |previous| self.ends[previous].1);
+        self.ends[first..].iter().map(move |&(topic_end, end)| {
             let topic = std::str::from_utf8(&self.bytes[start..topic_end]).unwrap_or_default();
             let payload = &self.bytes[topic_end..end];
             start = end;
@@ -250,13 +252,15 @@ pub struct MqttSource {
     stats: Arc<MqttStats>,
     inbox: Arc<Inbox>,
     taken: Messages,
+    /// The first message of `taken` not decoded yet.
+    next_taken: usize,
     oldest_pending: Option<Instant>,
     client: Option<ClientTask>,
     connection: Option<(MqttOptions, QoS)>,
     /// `ack = 'checkpoint'`: QoS 1 messages taken and not yet acknowledged, by message
     /// number (counted from the start), oldest first.
     unacked: std::collections::VecDeque<(u64, Ack)>,
-    /// Messages taken so far, and of those, the ones whose rows are in returned batches.
+    /// Messages decoded so far, and of those, the ones whose rows are in returned batches.
     decoded: u64,
     returned: u64,
     /// (checkpoint id, messages it covers), oldest first.
@@ -344,6 +348,7 @@ impl MqttSource {
             stats: Arc::default(),
             inbox: Arc::default(),
             taken: Messages::default(),
+            next_taken: 0,
             oldest_pending: None,
             client: None,
             connection: None,
@@ -374,7 +379,9 @@ impl MqttSource {
         }
     }
 
-    fn decode_taken(&mut self) {
+    /// Numbers the messages just taken after every earlier one (all decoded by now), which
+    /// is how their acknowledgements are found later, and counts them.
+    fn number_taken(&mut self) {
         let first = self.decoded;
         self.unacked.extend(
             self.taken
@@ -382,9 +389,20 @@ impl MqttSource {
                 .drain(..)
                 .map(|(index, publish)| (first + index as u64, publish)),
         );
-        self.decoded += self.taken.len() as u64;
+        self.stats
+            .messages
+            .fetch_add(self.taken.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Decodes taken messages until the batch is full or none is left. A burst taken at
+    /// once thus leaves in batches of `batch_size` (plus the rows of one message), the first
+    /// of them as soon as it is full: its rows, and the watermark they move, do not wait
+    /// while the rest of the burst is decoded.
+    fn decode_taken(&mut self) {
         let Self {
             taken,
+            next_taken,
+            decoded,
             decoder,
             pattern,
             levels,
@@ -392,15 +410,19 @@ impl MqttSource {
             name,
             stats,
             max_message_bytes,
+            config,
             ..
         } = self;
         let mut rejected = 0u64;
+        let first = *next_taken;
         // Borrowed from `taken`: no allocation per message.
         let mut captured: Vec<&str> = Vec::with_capacity(pattern.captures.len());
-        stats
-            .messages
-            .fetch_add(taken.len() as u64, Ordering::Relaxed);
-        for (topic, payload) in taken.iter() {
+        for (topic, payload) in taken.iter_from(*next_taken) {
+            if decoder.len() >= config.batch_size && *next_taken > first {
+                break;
+            }
+            *next_taken += 1;
+            *decoded += 1;
             if payload.len() > *max_message_bytes {
                 dead_letters.push(name, "message too large", payload);
                 rejected += 1;
@@ -422,7 +444,10 @@ impl MqttSource {
             }
         }
         stats.rejected.fetch_add(rejected, Ordering::Relaxed);
-        taken.clear();
+        if *next_taken == taken.len() {
+            taken.clear();
+            *next_taken = 0;
+        }
         if let PayloadDecoder::Sparkplug(decoder) = &mut self.decoder
             && self.config.rebirth
         {
@@ -503,18 +528,21 @@ impl MqttSource {
             {
                 return Ok(SourceEvent::Batch(batch));
             }
-            match self.oldest_pending {
-                None => self.inbox.take(&mut self.taken).await,
-                Some(oldest) => {
-                    let deadline = tokio::time::Instant::from_std(oldest + self.config.linger);
-                    let take = self.inbox.take(&mut self.taken);
-                    if tokio::time::timeout_at(deadline, take).await.is_err() {
-                        if let Some(batch) = self.flush()? {
-                            return Ok(SourceEvent::Batch(batch));
+            if self.next_taken == self.taken.len() {
+                match self.oldest_pending {
+                    None => self.inbox.take(&mut self.taken).await,
+                    Some(oldest) => {
+                        let deadline = tokio::time::Instant::from_std(oldest + self.config.linger);
+                        let take = self.inbox.take(&mut self.taken);
+                        if tokio::time::timeout_at(deadline, take).await.is_err() {
+                            if let Some(batch) = self.flush()? {
+                                return Ok(SourceEvent::Batch(batch));
+                            }
+                            continue;
                         }
-                        continue;
                     }
                 }
+                self.number_taken();
             }
             self.decode_taken();
             if self.decoder.len() > 0 && self.oldest_pending.is_none() {
@@ -782,7 +810,60 @@ async fn run_client(
 
 #[cfg(test)]
 mod tests {
-    use super::{Delivery, Redeliveries};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+    use super::{Delivery, MqttSource, Redeliveries};
+    use crate::dead_letter::DeadLetterQueue;
+    use crate::mqtt::config::{BrokerConfig, MqttSourceConfig};
+    use crate::{Source, SourceEvent};
+
+    /// A source that is never connected, fed through its inbox as its client task would.
+    fn unconnected(batch_size: usize) -> MqttSource {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("sensor", DataType::Utf8, false),
+            Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+            Field::new("v", DataType::Float64, true),
+        ]));
+        let config = MqttSourceConfig {
+            topic: "plant/{sensor}/vibration".into(),
+            batch_size,
+            linger: Duration::from_millis(5),
+            ..MqttSourceConfig::default()
+        };
+        let broker = BrokerConfig::default();
+        MqttSource::check("vib", &broker, config, schema, Some("ts"), DeadLetterQueue::default())
+            .expect("source")
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_messages_leaves_in_batches_of_batch_size() {
+        let mut source = unconnected(10);
+        {
+            let mut pending = source.inbox.lock();
+            for i in 0..23 {
+                let payload = format!(r#"{{"ts":{},"v":{i}}}"#, 1_000 + i);
+                pending.push(&format!("plant/s{}/vibration", i % 3), payload.as_bytes());
+            }
+        }
+        let mut sizes = Vec::new();
+        let mut values = Vec::new();
+        while sizes.iter().sum::<usize>() < 23 {
+            let SourceEvent::Batch(batch) = source.next_event().await.expect("event") else {
+                panic!("the source ended");
+            };
+            sizes.push(batch.num_rows());
+            let v = batch.column(2).as_any().downcast_ref::<arrow::array::Float64Array>();
+            values.extend(v.expect("v").values().iter().map(|v| *v as usize));
+        }
+        // A burst taken at once is not decoded into one batch: the first rows leave as soon
+        // as a batch is full, and the rest follow, in order, with none lost.
+        assert_eq!(sizes, [10, 10, 3]);
+        assert_eq!(values, (0..23).collect::<Vec<_>>());
+        assert_eq!(source.decoded, 23);
+    }
 
     #[test]
     fn a_copy_of_a_held_message_is_dropped_and_a_new_one_is_taken() {
