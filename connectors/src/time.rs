@@ -549,7 +549,10 @@ mod tests {
             assert!(short.is_none() || short == general, "{text:?}");
             let digits = &text[usize::from(text.first() == Some(&b'-'))..];
             if (1..=18).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) {
-                assert_eq!(short, general, "{text:?}: the short path must take plain integers");
+                assert_eq!(
+                    short, general,
+                    "{text:?}: the short path must take plain integers"
+                );
             }
         }
         assert_eq!(

@@ -929,8 +929,14 @@ mod tests {
         assert_eq!(digits_value(u64::from_le_bytes(*b"1234567,"), 7), 1_234_567);
         assert_eq!(digits_value(u64::from_le_bytes(*b"05]}xxxx"), 2), 5);
         assert_eq!(digits_value(u64::from_le_bytes(*b"9......."), 1), 9);
-        assert_eq!(digits_value(u64::from_le_bytes(*b"12345678"), 8), 12_345_678);
-        assert_eq!(digits_value(u64::from_le_bytes(*b"99999999"), 8), 99_999_999);
+        assert_eq!(
+            digits_value(u64::from_le_bytes(*b"12345678"), 8),
+            12_345_678
+        );
+        assert_eq!(
+            digits_value(u64::from_le_bytes(*b"99999999"), 8),
+            99_999_999
+        );
     }
 
     #[test]

@@ -82,7 +82,9 @@ impl Messages {
     /// Each message from the `first` on as `(topic, payload)`. Topics were `&str` when
     /// pushed, so they are UTF-8.
     fn iter_from(&self, first: usize) -> impl Iterator<Item = (&str, &[u8])> {
-        let mut start = first.checked_sub(1).map_or(0, |previous| self.ends[previous].1);
+        let mut start = first
+            .checked_sub(1)
+            .map_or(0, |previous| self.ends[previous].1);
         self.ends[first..].iter().map(move |&(topic_end, end)| {
             let topic = std::str::from_utf8(&self.bytes[start..topic_end]).unwrap_or_default();
             let payload = &self.bytes[topic_end..end];
@@ -834,8 +836,15 @@ mod tests {
             ..MqttSourceConfig::default()
         };
         let broker = BrokerConfig::default();
-        MqttSource::check("vib", &broker, config, schema, Some("ts"), DeadLetterQueue::default())
-            .expect("source")
+        MqttSource::check(
+            "vib",
+            &broker,
+            config,
+            schema,
+            Some("ts"),
+            DeadLetterQueue::default(),
+        )
+        .expect("source")
     }
 
     #[tokio::test]
@@ -855,7 +864,10 @@ mod tests {
                 panic!("the source ended");
             };
             sizes.push(batch.num_rows());
-            let v = batch.column(2).as_any().downcast_ref::<arrow::array::Float64Array>();
+            let v = batch
+                .column(2)
+                .as_any()
+                .downcast_ref::<arrow::array::Float64Array>();
             values.extend(v.expect("v").values().iter().map(|v| *v as usize));
         }
         // A burst taken at once is not decoded into one batch: the first rows leave as soon
