@@ -440,9 +440,7 @@ impl MqttSource {
                 rejected += 1;
             });
             for (builder, value) in levels.iter_mut().zip(&captured) {
-                for _ in 0..rows {
-                    builder.append_value(value);
-                }
+                builder.append_value_n(value, rows);
             }
         }
         stats.rejected.fetch_add(rejected, Ordering::Relaxed);
