@@ -21,7 +21,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::TimestampNanosecondType;
 use weir_connectors::{DeadLetterQueue, Sink, Source, SourceEvent};
 use weir_operators::{Collector, EventTime, Operator, Watermark};
@@ -370,7 +370,18 @@ fn event_range(batch: &RecordBatch, column: usize) -> Option<(EventTime, EventTi
     let times = batch
         .column(column)
         .as_primitive_opt::<TimestampNanosecondType>()?;
-    Some((arrow::compute::min(times)?, arrow::compute::max(times)?))
+    if times.null_count() > 0 {
+        return Some((arrow::compute::min(times)?, arrow::compute::max(times)?));
+    }
+    // Both in one pass over the values: at a block of samples per message this runs once per
+    // eight thousand rows, and two generic passes cost as much as decoding the timestamps.
+    let values = times.values();
+    let first = *values.first()?;
+    Some(
+        values
+            .iter()
+            .fold((first, first), |(lo, hi), &t| (lo.min(t), hi.max(t))),
+    )
 }
 
 /// Where a batch with event times in `range` moves the watermark, as `(before, after,
@@ -773,6 +784,40 @@ mod tests {
         // Wholly behind the latest row seen: the watermark stays.
         let marks = watermarks_around(Watermark(8), Some(10), (1, 9), 2);
         assert_eq!(marks, (None, None, 10));
+    }
+
+    #[test]
+    fn event_range_spans_the_rows_with_a_time() {
+        use arrow::array::{Int64Array, TimestampNanosecondArray};
+        use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ts", DataType::Timestamp(TimeUnit::Nanosecond, None), true),
+            Field::new("n", DataType::Int64, false),
+        ]));
+        let range = |times: Vec<Option<i64>>| {
+            let rows = times.len() as i64;
+            let batch = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![
+                    Arc::new(TimestampNanosecondArray::from(times)),
+                    Arc::new(Int64Array::from_iter_values(0..rows)),
+                ],
+            )
+            .expect("batch");
+            event_range(&batch, 0)
+        };
+        assert_eq!(
+            range(vec![Some(7), Some(-3), Some(12), Some(5)]),
+            Some((-3, 12))
+        );
+        assert_eq!(range(vec![Some(7), None, Some(2)]), Some((2, 7)));
+        assert_eq!(range(vec![None, None]), None);
+        assert_eq!(range(vec![]), None);
+        assert_eq!(
+            event_range(&RecordBatch::new_empty(Arc::clone(&schema)), 1),
+            None
+        );
     }
 
     #[test]
