@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use datafusion::common::DFSchema;
+use datafusion::execution::SessionStateDefaults;
 use datafusion::execution::TaskContext;
 use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::Expr;
@@ -24,13 +25,20 @@ use crate::error::{OperatorError, Result};
 
 /// A DataFusion session with every function a Weir pipeline may call registered: the
 /// planner types SQL against it and gateways decode plans with it, so both sides agree.
+///
+/// Functions and the SQL operator planners only: not DataFusion's default catalog, table
+/// factories and file formats, which a pipeline never uses and whose set-up code would only
+/// stay resident in every gateway's memory.
 pub fn session_state() -> SessionState {
-    let mut builder = SessionStateBuilder::new().with_default_features();
-    builder
-        .window_functions()
-        .get_or_insert_with(Vec::new)
-        .extend(detect::window_udfs());
-    builder.build()
+    let mut window_functions = SessionStateDefaults::default_window_functions();
+    window_functions.extend(detect::window_udfs());
+    SessionStateBuilder::new()
+        .with_expr_planners(SessionStateDefaults::default_expr_planners())
+        .with_scalar_functions(SessionStateDefaults::default_scalar_functions())
+        .with_higher_order_functions(SessionStateDefaults::default_higher_order_functions())
+        .with_aggregate_functions(SessionStateDefaults::default_aggregate_functions())
+        .with_window_functions(window_functions)
+        .build()
 }
 
 /// Decodes plan bytes into DataFusion values for one pipeline.
