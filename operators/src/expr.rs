@@ -2,47 +2,94 @@
 //! datafusion-proto by the planner and decoded here into physical expressions.
 //!
 //! Both directions live in this one module so the planner and the gateway agree on the codec
-//! and on the set of functions a plan may call (DataFusion's plus Weir's detectors).
+//! and on the set of functions a plan may call ([`crate::functions`]: DataFusion's plus Weir's
+//! detectors).
 
 use std::sync::Arc;
 
-use datafusion::common::DFSchema;
-use datafusion::execution::SessionStateDefaults;
+use datafusion::common::{DFSchema, TableReference, not_impl_err};
+use datafusion::datasource::TableProvider;
+use datafusion::error::Result as DfResult;
 use datafusion::execution::TaskContext;
-use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
-use datafusion::logical_expr::Expr;
+use datafusion::execution::registry::FunctionRegistry;
 use datafusion::logical_expr::execution_props::ExecutionProps;
 use datafusion::logical_expr::physical_planning_context::PhysicalPlanningContext;
+use datafusion::logical_expr::{
+    AggregateUDF, Expr, Extension, HigherOrderUDF, LogicalPlan, ScalarUDF, WindowUDF,
+};
 use datafusion::physical_expr::{PhysicalExpr, create_physical_expr};
-use datafusion_proto::logical_plan::DefaultLogicalExtensionCodec;
+use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::logical_plan::from_proto::parse_expr;
 use datafusion_proto::logical_plan::to_proto::serialize_expr;
 use datafusion_proto::protobuf;
 use prost::Message;
 
-use crate::detect;
 use crate::error::{OperatorError, Result};
+use crate::functions::functions;
 
-/// A DataFusion session with every function a Weir pipeline may call registered: the
-/// planner types SQL against it and gateways decode plans with it, so both sides agree.
-///
-/// Functions and the SQL operator planners only: not DataFusion's default catalog, table
-/// factories and file formats, which a pipeline never uses and whose set-up code would only
-/// stay resident in every gateway's memory.
-pub fn session_state() -> SessionState {
-    let mut window_functions = SessionStateDefaults::default_window_functions();
-    window_functions.extend(detect::window_udfs());
-    SessionStateBuilder::new()
-        .with_expr_planners(SessionStateDefaults::default_expr_planners())
-        .with_scalar_functions(SessionStateDefaults::default_scalar_functions())
-        .with_higher_order_functions(SessionStateDefaults::default_higher_order_functions())
-        .with_aggregate_functions(SessionStateDefaults::default_aggregate_functions())
-        .with_window_functions(window_functions)
-        .build()
+/// Plans name functions, and nothing else DataFusion can encode: functions are resolved
+/// through [`crate::functions`], which makes only those a plan calls.
+#[derive(Debug, Clone, Copy, Default)]
+struct FunctionCodec;
+
+impl LogicalExtensionCodec for FunctionCodec {
+    fn try_decode(
+        &self,
+        _buf: &[u8],
+        _inputs: &[LogicalPlan],
+        _ctx: &TaskContext,
+    ) -> DfResult<Extension> {
+        not_impl_err!("Weir plans hold no extension nodes")
+    }
+
+    fn try_encode(&self, _node: &Extension, _buf: &mut Vec<u8>) -> DfResult<()> {
+        not_impl_err!("Weir plans hold no extension nodes")
+    }
+
+    fn try_decode_table_provider(
+        &self,
+        _buf: &[u8],
+        _table_ref: &TableReference,
+        _schema: arrow::datatypes::SchemaRef,
+        _ctx: &TaskContext,
+    ) -> DfResult<Arc<dyn TableProvider>> {
+        not_impl_err!("Weir plans hold no tables")
+    }
+
+    fn try_encode_table_provider(
+        &self,
+        _table_ref: &TableReference,
+        _node: Arc<dyn TableProvider>,
+        _buf: &mut Vec<u8>,
+    ) -> DfResult<()> {
+        not_impl_err!("Weir plans hold no tables")
+    }
+
+    fn try_decode_udf(&self, name: &str, _buf: &[u8]) -> DfResult<Arc<ScalarUDF>> {
+        functions().udf(name)
+    }
+
+    fn try_decode_higher_order_function(
+        &self,
+        name: &str,
+        _buf: &[u8],
+    ) -> DfResult<Arc<HigherOrderUDF>> {
+        functions().higher_order_function(name)
+    }
+
+    fn try_decode_udaf(&self, name: &str, _buf: &[u8]) -> DfResult<Arc<AggregateUDF>> {
+        functions().udaf(name)
+    }
+
+    fn try_decode_udwf(&self, name: &str, _buf: &[u8]) -> DfResult<Arc<WindowUDF>> {
+        functions().udwf(name)
+    }
 }
 
 /// Decodes plan bytes into DataFusion values for one pipeline.
 pub struct ExprDecoder {
+    /// Holds no functions: datafusion-proto asks [`FunctionCodec`] for each one it does not
+    /// find here.
     task_ctx: Arc<TaskContext>,
     props: ExecutionProps,
 }
@@ -56,7 +103,7 @@ impl Default for ExprDecoder {
 impl ExprDecoder {
     pub fn new() -> Self {
         Self {
-            task_ctx: session_state().task_ctx(),
+            task_ctx: Arc::new(TaskContext::default()),
             props: ExecutionProps::new(),
         }
     }
@@ -77,7 +124,7 @@ impl ExprDecoder {
     pub fn expr(&self, bytes: &[u8]) -> Result<Expr> {
         let message = protobuf::LogicalExprNode::decode(bytes)
             .map_err(|e| OperatorError::plan(format!("malformed expression: {e}")))?;
-        parse_expr(&message, &self.task_ctx, &DefaultLogicalExtensionCodec {})
+        parse_expr(&message, &self.task_ctx, &FunctionCodec)
             .map_err(|e| OperatorError::plan(format!("invalid expression: {e}")))
     }
 
@@ -108,7 +155,7 @@ pub fn encode_schema(schema: &DFSchema) -> Result<Vec<u8>> {
 }
 
 pub fn encode_expr(expr: &Expr) -> Result<Vec<u8>> {
-    let message = serialize_expr(expr, &DefaultLogicalExtensionCodec {})
+    let message = serialize_expr(expr, &FunctionCodec)
         .map_err(|e| OperatorError::plan(format!("cannot encode expression {expr}: {e}")))?;
     Ok(message.encode_to_vec())
 }

@@ -8,7 +8,8 @@
 //!
 //! What lives here: the [`Operator`] trait, filter/projection over DataFusion physical
 //! expressions, window aggregation driven by event time, and the anomaly detectors, plus
-//! [`build`], which turns one decoded plan node into a ready operator.
+//! [`build`], which turns one decoded plan node into a ready operator, and [`functions`],
+//! every function a pipeline may call.
 //!
 //! What does not: I/O, async, actors, timers, wall clocks. Operators see batches and
 //! watermarks and nothing else, so every behaviour is testable with batches in, batches out.
@@ -18,6 +19,7 @@ pub mod detect;
 pub mod error;
 pub mod expr;
 pub mod filter;
+pub mod functions;
 pub mod project;
 pub mod testing;
 pub mod window;
@@ -27,7 +29,8 @@ use arrow::datatypes::SchemaRef;
 
 pub use build::build;
 pub use error::{OperatorError, Result};
-pub use expr::{ExprDecoder, encode_expr, encode_schema, session_state};
+pub use expr::{ExprDecoder, encode_expr, encode_schema};
+pub use functions::{Functions, functions};
 
 /// Event time in nanoseconds since the Unix epoch (UTC). Every event-time column in a Weir
 /// pipeline is `Timestamp(Nanosecond, None)` with this meaning.

@@ -7,29 +7,27 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, FieldRef, SchemaRef};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::{TableReference, plan_err};
-use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::logical_plan::builder::LogicalTableSource;
 use datafusion::logical_expr::planner::{ExprPlanner, TypePlanner};
 use datafusion::logical_expr::{AggregateUDF, HigherOrderUDF, ScalarUDF, TableSource, WindowUDF};
 use datafusion::sql::planner::ContextProvider;
 
 pub struct Catalog {
-    state: SessionState,
+    functions: &'static weir_operators::Functions,
     options: ConfigOptions,
     tables: HashMap<String, SchemaRef>,
 }
 
 impl Catalog {
     pub fn new() -> Self {
-        let state = weir_operators::session_state();
-        let mut options = state.config_options().as_ref().clone();
+        let mut options = ConfigOptions::default();
         // Spans let DataFusion's errors point at the offending identifier.
         options.sql_parser.collect_spans = true;
         // TEXT columns are plain Utf8 end to end: decoders build them, sinks write them, and
         // one string type keeps every connector simple.
         options.sql_parser.map_string_types_to_utf8view = false;
         Self {
-            state,
+            functions: weir_operators::functions(),
             options,
             tables: HashMap::new(),
         }
@@ -63,7 +61,7 @@ impl ContextProvider for Catalog {
     }
 
     fn get_expr_planners(&self) -> &[Arc<dyn ExprPlanner>] {
-        self.state.expr_planners()
+        self.functions.expr_planners()
     }
 
     fn get_type_planner(&self) -> Option<Arc<dyn TypePlanner>> {
@@ -71,19 +69,19 @@ impl ContextProvider for Catalog {
     }
 
     fn get_function_meta(&self, name: &str) -> Option<Arc<ScalarUDF>> {
-        self.state.scalar_functions().get(name).cloned()
+        self.functions.scalar(name)
     }
 
     fn get_higher_order_meta(&self, name: &str) -> Option<Arc<HigherOrderUDF>> {
-        self.state.higher_order_functions().get(name).cloned()
+        self.functions.higher_order(name)
     }
 
     fn get_aggregate_meta(&self, name: &str) -> Option<Arc<AggregateUDF>> {
-        self.state.aggregate_functions().get(name).cloned()
+        self.functions.aggregate(name)
     }
 
     fn get_window_meta(&self, name: &str) -> Option<Arc<WindowUDF>> {
-        self.state.window_functions().get(name).cloned()
+        self.functions.window(name)
     }
 
     fn get_variable_type(&self, _variable_names: &[String]) -> Option<DataType> {
@@ -99,22 +97,18 @@ impl ContextProvider for Catalog {
     }
 
     fn udf_names(&self) -> Vec<String> {
-        self.state.scalar_functions().keys().cloned().collect()
+        self.functions.scalar_names()
     }
 
     fn higher_order_function_names(&self) -> Vec<String> {
-        self.state
-            .higher_order_functions()
-            .keys()
-            .cloned()
-            .collect()
+        self.functions.higher_order_names()
     }
 
     fn udaf_names(&self) -> Vec<String> {
-        self.state.aggregate_functions().keys().cloned().collect()
+        self.functions.aggregate_names()
     }
 
     fn udwf_names(&self) -> Vec<String> {
-        self.state.window_functions().keys().cloned().collect()
+        self.functions.window_names()
     }
 }
