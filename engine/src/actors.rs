@@ -593,6 +593,11 @@ impl OperatorActor {
         let batches = self.collector.take_batches();
         if is_watermark && !batches.is_empty() {
             self.pipeline.watermark_to_emit.record(origin.elapsed());
+            tracing::trace!(
+                operator = %self.operator.name(),
+                batches = batches.len(),
+                "watermark closed windows"
+            );
         }
         let mut messages = Vec::with_capacity(batches.len() + 1);
         for batch in batches {
@@ -689,6 +694,7 @@ impl Handler<StreamMessage> for SinkActor {
                 StageMetrics::add(&self.metrics.batches_in, 1);
                 let written = self.sink.write_batch(&batch);
                 self.pipeline.source_to_sink.record(origin.elapsed());
+                tracing::trace!(rows = batch.num_rows(), "sink wrote batch");
                 written
             }
             // Flushing per watermark would cost a write per batch; results still leave within

@@ -277,6 +277,7 @@ impl ResultReader {
                             let arrived_ms = super::publisher::epoch_ms_now_f64();
                             match serde_json::from_slice::<ResultRow>(&message.payload) {
                                 Ok(row) => {
+                                    tracing::trace!(sensor = %row.sensor, "result arrived");
                                     if let Ok(mut arrivals) = arrivals.lock() {
                                         arrivals.push(Arrival { row, arrived_ms });
                                     }

@@ -267,6 +267,9 @@ impl SinkClient {
             .spawn(move || {
                 let mut reconnects = Reconnects::new("sink", &name, Arc::clone(&stats));
                 for notification in connection.iter() {
+                    if let Ok(Event::Outgoing(Outgoing::Publish(_))) = &notification {
+                        tracing::trace!(sink = %name, "published");
+                    }
                     match notification {
                         Ok(Event::Incoming(Packet::ConnAck(_))) => reconnects.connected(),
                         Ok(Event::Outgoing(Outgoing::Disconnect)) => break,

@@ -139,6 +139,7 @@ impl Inbox {
                 if pending.len() > 0 {
                     std::mem::swap(&mut *pending, into);
                     drop(pending);
+                    tracing::trace!(messages = into.len(), "took messages");
                     self.taken.notify_one();
                     return;
                 }
@@ -501,10 +502,16 @@ impl MqttSource {
         let Some(payload) = self.decoder.flush()? else {
             return Ok(None);
         };
+        // finish() leaves an empty builder; the next batch's starts with this one's size, so
+        // its rows do not regrow (and copy) the buffers a doubling at a time.
         let levels: Vec<ArrayRef> = self
             .levels
             .iter_mut()
-            .map(|b| Arc::new(b.finish()) as ArrayRef)
+            .map(|b| {
+                let rows = b.offsets_slice().len().saturating_sub(1);
+                let next = StringBuilder::with_capacity(rows, b.values_slice().len());
+                Arc::new(std::mem::replace(b, next).finish()) as ArrayRef
+            })
             .collect();
         let columns = self
             .origins
@@ -514,10 +521,9 @@ impl MqttSource {
                 ColumnOrigin::Topic(i) => Arc::clone(&levels[*i]),
             })
             .collect();
-        Ok(Some(RecordBatch::try_new(
-            Arc::clone(&self.schema),
-            columns,
-        )?))
+        let batch = RecordBatch::try_new(Arc::clone(&self.schema), columns)?;
+        tracing::trace!(source = %self.name, rows = batch.num_rows(), "batch decoded");
+        Ok(Some(batch))
     }
 
     async fn next(&mut self) -> Result<SourceEvent> {
@@ -857,6 +863,7 @@ mod tests {
         }
         let mut sizes = Vec::new();
         let mut values = Vec::new();
+        let mut sensors = Vec::new();
         while sizes.iter().sum::<usize>() < 23 {
             let SourceEvent::Batch(batch) = source.next_event().await.expect("event") else {
                 panic!("the source ended");
@@ -867,11 +874,19 @@ mod tests {
                 .as_any()
                 .downcast_ref::<arrow::array::Float64Array>();
             values.extend(v.expect("v").values().iter().map(|v| *v as usize));
+            let sensor = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>();
+            sensors.extend(sensor.expect("sensor").iter().map(|s| s.map(str::to_owned)));
         }
         // A burst taken at once is not decoded into one batch: the first rows leave as soon
         // as a batch is full, and the rest follow, in order, with none lost.
         assert_eq!(sizes, [10, 10, 3]);
         assert_eq!(values, (0..23).collect::<Vec<_>>());
+        // The key from the topic, in every batch (each starts with fresh builders).
+        let expected: Vec<Option<String>> = (0..23).map(|i| Some(format!("s{}", i % 3))).collect();
+        assert_eq!(sensors, expected);
         assert_eq!(source.decoded, 23);
     }
 
