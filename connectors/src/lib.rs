@@ -87,6 +87,49 @@ pub trait Source: Send {
     /// Checkpoint `id` (and every earlier one) is on disk: what it covers may be
     /// acknowledged upstream (MQTT with `ack = 'checkpoint'`).
     fn committed(&mut self, _id: u64) {}
+
+    /// Tells a source that batches rows while it waits for more (MQTT's `linger`) where
+    /// event time matters downstream, so it can end a batch at the row that closes a window
+    /// instead of holding that row until the batch fills or lingers out. Sources that
+    /// produce batches without waiting ignore it.
+    fn set_window_ends(&mut self, _ends: WindowEnds) {}
+}
+
+/// Where the windows downstream of a source close, in the source's event time.
+///
+/// The watermark is the latest event time seen less `delay_ns`; a window closes once the
+/// watermark reaches its end, and every window end is a multiple of `every_ns` (windows are
+/// aligned at the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowEnds {
+    pub every_ns: i64,
+    pub delay_ns: i64,
+    /// Rows more than this far ahead of the wall clock are dropped before they can move the
+    /// watermark (the engine's `max_event_ahead`), so they close no window either.
+    pub max_ahead_ns: Option<i64>,
+}
+
+impl WindowEnds {
+    /// The first window end after the watermark that event time `latest` gives.
+    pub fn next_after(&self, latest: i64) -> i64 {
+        let watermark = latest.saturating_sub(self.delay_ns);
+        watermark
+            .div_euclid(self.every_ns)
+            .saturating_add(1)
+            .saturating_mul(self.every_ns)
+    }
+
+    /// Whether the engine keeps a row at event time `ts`, rather than dropping it for being
+    /// too far ahead of the wall clock.
+    pub fn in_time(&self, ts: i64) -> bool {
+        let Some(ahead) = self.max_ahead_ns else {
+            return true;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        ts <= now.saturating_add(ahead)
+    }
 }
 
 /// A source position as big-endian 64-bit words, the form the simulator and file sources

@@ -127,6 +127,8 @@ impl Outbox {
     }
 }
 
+/// How a source's watermark follows its event time: the latest time seen less `delay_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WatermarkRule {
     /// Index of the event-time column in the source's batches.
     pub column: usize,

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::watch;
+use weir_connectors::WindowEnds;
+use weir_operators::emits_every;
 
 use crate::actors::{
     OperatorActor, Outbox, SinkActor, SinkCheckpoints, SourceActor, SourceCheckpoints, Stop,
@@ -262,6 +264,16 @@ impl PipelineSupervisor {
                 generation,
             }
         });
+        if let (Some(rule), Some(every_ns)) = (&parts.watermark, emits_every(&parts.operators)) {
+            parts.source.set_window_ends(WindowEnds {
+                every_ns,
+                delay_ns: rule.delay_ns,
+                max_ahead_ns: self
+                    .options
+                    .max_event_ahead
+                    .map(|ahead| i64::try_from(ahead.as_nanos()).unwrap_or(i64::MAX)),
+            });
+        }
         let mut downstream = sink.clone().recipient();
         let mut operators = Vec::new();
         let count = parts.operators.len();

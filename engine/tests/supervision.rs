@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Float64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use weir_connectors::{DeadLetterQueue, Sink, Source, SourceEvent, SourceFuture};
-use weir_engine::{Engine, EngineOptions, PipelineFactory, PipelineParts, PipelineState};
+use weir_connectors::{DeadLetterQueue, Sink, Source, SourceEvent, SourceFuture, WindowEnds};
+use weir_engine::{
+    Engine, EngineOptions, PipelineFactory, PipelineParts, PipelineState, WatermarkRule,
+};
 use weir_operators::{Collector, Operator};
 
 fn schema() -> SchemaRef {
@@ -533,4 +535,133 @@ fn a_sink_waiting_on_its_broker_holds_up_no_other_pipeline() {
         stuck.released.store(true, Ordering::SeqCst);
         engine.shutdown().await;
     });
+}
+
+/// Ends at once, keeping what it was told of the windows downstream.
+struct EndsRecordingSource {
+    told: Arc<std::sync::Mutex<Option<WindowEnds>>>,
+}
+
+impl Source for EndsRecordingSource {
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+
+    fn next_event(&mut self) -> SourceFuture<'_> {
+        Box::pin(async { Ok(SourceEvent::End) })
+    }
+
+    fn set_window_ends(&mut self, ends: WindowEnds) {
+        *self.told.lock().expect("lock") = Some(ends);
+    }
+}
+
+/// Passes batches through; says it emits on watermarks at multiples of `every`.
+struct PeriodicOperator {
+    every: Option<i64>,
+}
+
+impl Operator for PeriodicOperator {
+    fn name(&self) -> &str {
+        "periodic"
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        schema()
+    }
+
+    fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> weir_operators::Result<()> {
+        out.emit(batch);
+        Ok(())
+    }
+
+    fn emits_every(&self) -> Option<i64> {
+        self.every
+    }
+}
+
+struct PeriodicFactory {
+    periods: Vec<Option<i64>>,
+    watermark: Option<WatermarkRule>,
+    told: Arc<std::sync::Mutex<Option<WindowEnds>>>,
+}
+
+impl PipelineFactory for PeriodicFactory {
+    fn stage_names(&self) -> Vec<String> {
+        std::iter::once("source".to_string())
+            .chain(self.periods.iter().map(|_| "periodic".to_string()))
+            .chain(std::iter::once("sink".to_string()))
+            .collect()
+    }
+
+    fn build(&self) -> weir_engine::Result<PipelineParts> {
+        Ok(PipelineParts {
+            source: Box::new(EndsRecordingSource {
+                told: Arc::clone(&self.told),
+            }),
+            watermark: self.watermark,
+            operators: self
+                .periods
+                .iter()
+                .map(|&every| Box::new(PeriodicOperator { every }) as Box<dyn Operator>)
+                .collect(),
+            sink: Box::new(CountingSink {
+                rows: Arc::default(),
+                delay: Duration::ZERO,
+            }),
+            dead_letters: DeadLetterQueue::default(),
+        })
+    }
+}
+
+/// What a pipeline of operators with `periods` tells its source, under `watermark`.
+fn window_ends_told(
+    periods: Vec<Option<i64>>,
+    watermark: Option<WatermarkRule>,
+) -> Option<WindowEnds> {
+    system().block_on(async {
+        let engine = Engine::new(EngineOptions {
+            max_event_ahead: Some(Duration::from_secs(60)),
+            ..EngineOptions::default()
+        });
+        let told = Arc::new(std::sync::Mutex::new(None));
+        let factory = Arc::new(PeriodicFactory {
+            periods,
+            watermark,
+            told: Arc::clone(&told),
+        });
+        let mut handle = engine.start("periodic".into(), factory).expect("starts");
+        assert_eq!(handle.wait().await, PipelineState::Finished);
+        engine.shutdown().await;
+        *told.lock().expect("lock")
+    })
+}
+
+#[test]
+fn the_source_learns_where_the_windows_downstream_close() {
+    const SECOND: i64 = 1_000_000_000;
+    let watermark = WatermarkRule {
+        column: 0,
+        delay_ns: SECOND / 2,
+    };
+    // A 2 s and a 3 s window after a stateless operator: some window ends at every whole
+    // second, so the source may end a batch at any of them.
+    assert_eq!(
+        window_ends_told(
+            vec![None, Some(2 * SECOND), Some(3 * SECOND)],
+            Some(watermark)
+        ),
+        Some(WindowEnds {
+            every_ns: SECOND,
+            delay_ns: SECOND / 2,
+            max_ahead_ns: Some(60 * SECOND),
+        })
+    );
+    // Without windows, or without event time, there is nothing to tell.
+    assert_eq!(window_ends_told(vec![None], Some(watermark)), None);
+    assert_eq!(window_ends_told(vec![Some(SECOND)], None), None);
 }

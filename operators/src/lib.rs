@@ -113,6 +113,13 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// For an operator that emits on the watermark: a period, in nanoseconds of event time,
+    /// of which every watermark it emits at is a multiple (a window's end). The engine tells
+    /// the source, which then ends its batch at the row that reaches one.
+    fn emits_every(&self) -> Option<i64> {
+        None
+    }
+
     /// The operator's complete state as bytes; empty for stateless operators.
     fn snapshot(&mut self) -> Result<Vec<u8>> {
         Ok(Vec::new())
@@ -173,4 +180,21 @@ pub fn process_isolating(
         }
     }
     Ok(rejected)
+}
+
+/// The period of which every watermark some of `operators` emits at is a multiple (see
+/// [`Operator::emits_every`]); `None` when none of them emits on the watermark.
+pub fn emits_every(operators: &[Box<dyn Operator>]) -> Option<i64> {
+    operators
+        .iter()
+        .filter_map(|operator| operator.emits_every())
+        .reduce(gcd)
+}
+
+/// The greatest common divisor of two positive periods.
+pub(crate) fn gcd(mut a: i64, mut b: i64) -> i64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }

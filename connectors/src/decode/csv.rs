@@ -57,6 +57,7 @@ pub fn records(input: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[derive(Debug)]
 pub struct CsvDecoder {
     columns: Columns,
+    event_time: Option<usize>,
     time_unit: TimeUnit,
     /// For each field position of a line, the column it fills (or [`NOT_MAPPED`]).
     field_columns: Vec<usize>,
@@ -75,10 +76,11 @@ impl CsvDecoder {
         options: DecodeOptions,
     ) -> Result<Self> {
         let columns = Columns::new(schema, "csv decoder")?;
-        event_time_index(&columns, event_time, "csv decoder")?;
+        let event_time = event_time_index(&columns, event_time, "csv decoder")?;
         let width = columns.columns.len();
         Ok(Self {
             columns,
+            event_time,
             time_unit: options.time_unit,
             field_columns: (0..width).collect(),
             fields: Vec::with_capacity(width),
@@ -177,6 +179,11 @@ impl CsvDecoder {
     /// Rows decoded and not yet flushed.
     pub fn len(&self) -> usize {
         self.columns.rows
+    }
+
+    /// The latest event time among the pending rows from `from_row` on.
+    pub fn latest_event_time(&self, from_row: usize) -> Option<i64> {
+        self.columns.latest_time(self.event_time?, from_row)
     }
 
     /// Whether no rows are pending.

@@ -236,6 +236,11 @@ impl JsonDecoder {
         self.columns.rows
     }
 
+    /// The latest event time among the pending rows from `from_row` on.
+    pub fn latest_event_time(&self, from_row: usize) -> Option<i64> {
+        self.columns.latest_time(self.event_time?, from_row)
+    }
+
     /// Whether no rows are pending.
     pub fn is_empty(&self) -> bool {
         self.columns.rows == 0

@@ -489,6 +489,20 @@ impl Columns {
         self.columns.iter().position(|c| &*c.name == name)
     }
 
+    /// The latest time in timestamp column `column` among the pending rows from `from_row`
+    /// on; `None` when there is none (a null reads as the epoch, never the latest).
+    pub(crate) fn latest_time(&self, column: usize, from_row: usize) -> Option<i64> {
+        let ColumnBuilder::Timestamp(builder) = &self.builders[column] else {
+            return None;
+        };
+        builder
+            .values_slice()
+            .get(from_row..)?
+            .iter()
+            .copied()
+            .max()
+    }
+
     pub(crate) fn flush(&mut self) -> Result<Option<RecordBatch>> {
         if self.rows == 0 {
             return Ok(None);

@@ -583,6 +583,11 @@ impl SparkplugDecoder {
         self.columns.rows
     }
 
+    /// The latest event time among the pending rows from `from_row` on.
+    pub fn latest_event_time(&self, from_row: usize) -> Option<i64> {
+        self.columns.latest_time(self.layout.event_time?, from_row)
+    }
+
     /// Whether no rows are pending.
     pub fn is_empty(&self) -> bool {
         self.columns.rows == 0

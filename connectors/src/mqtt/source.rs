@@ -14,6 +14,10 @@
 //! grows until its cap, and then the task stops reading the socket, so the broker holds the
 //! backlog rather than the gateway's memory. A large take is decoded a batch at a time, so a
 //! batch never holds much more than `batch_size` rows however far decoding fell behind.
+//!
+//! A batch that is not full waits up to `linger` for more messages, except when a message
+//! moves the watermark past the end of a window downstream: that batch leaves at once, so
+//! the window's result does not wait for the messages that happen to follow.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +37,7 @@ use crate::dead_letter::DeadLetterQueue;
 use crate::decode::json::array_elements;
 use crate::decode::{CsvDecoder, DecodeError, JsonDecoder, SparkplugDecoder};
 use crate::error::Result;
-use crate::{Source, SourceEvent, SourceFuture};
+use crate::{Source, SourceEvent, SourceFuture, WindowEnds};
 
 /// Pending messages beyond which the client task stops reading from the broker.
 const INBOX_MAX_MESSAGES: usize = 65_536;
@@ -168,6 +172,14 @@ impl PayloadDecoder {
         }
     }
 
+    fn latest_event_time(&self, from_row: usize) -> Option<i64> {
+        match self {
+            Self::Json { decoder, .. } => decoder.latest_event_time(from_row),
+            Self::Csv(decoder) => decoder.latest_event_time(from_row),
+            Self::Sparkplug(decoder) => decoder.latest_event_time(from_row),
+        }
+    }
+
     fn flush(&mut self) -> Result<Option<RecordBatch>> {
         match self {
             Self::Json { decoder, .. } => decoder.flush(),
@@ -268,6 +280,11 @@ pub struct MqttSource {
     returned: u64,
     /// (checkpoint id, messages it covers), oldest first.
     barriers: std::collections::VecDeque<(u64, u64)>,
+    /// Where windows close downstream, with the next window end the watermark has not
+    /// reached yet (`None` until the first row).
+    window_ends: Option<(WindowEnds, Option<i64>)>,
+    /// The last message decoded moved the watermark past a window end: its batch leaves now.
+    closes_window: bool,
 }
 
 impl MqttSource {
@@ -360,6 +377,8 @@ impl MqttSource {
             decoded: 0,
             returned: 0,
             barriers: Default::default(),
+            window_ends: None,
+            closes_window: false,
         })
     }
 
@@ -400,7 +419,8 @@ impl MqttSource {
     /// Decodes taken messages until the batch is full or none is left. A burst taken at
     /// once thus leaves in batches of `batch_size` (plus the rows of one message), the first
     /// of them as soon as it is full: its rows, and the watermark they move, do not wait
-    /// while the rest of the burst is decoded.
+    /// while the rest of the burst is decoded. For the same reason decoding stops after a
+    /// message that moves the watermark past a window end (see [`Source::set_window_ends`]).
     fn decode_taken(&mut self) {
         let Self {
             taken,
@@ -414,6 +434,8 @@ impl MqttSource {
             stats,
             max_message_bytes,
             config,
+            window_ends,
+            closes_window,
             ..
         } = self;
         let mut rejected = 0u64;
@@ -436,12 +458,21 @@ impl MqttSource {
                 rejected += 1;
                 continue;
             }
+            let before = decoder.len();
             let rows = decoder.decode(topic, payload, &mut |error, record| {
                 dead_letters.push(name, &error.to_string(), record);
                 rejected += 1;
             });
             for (builder, value) in levels.iter_mut().zip(&captured) {
                 builder.append_value_n(value, rows);
+            }
+            if rows > 0
+                && let Some((ends, next_end)) = window_ends
+                && let Some(latest) = decoder.latest_event_time(before)
+                && passes_window_end(ends, next_end, latest)
+            {
+                *closes_window = true;
+                break;
             }
         }
         stats.rejected.fetch_add(rejected, Ordering::Relaxed);
@@ -529,7 +560,8 @@ impl MqttSource {
     async fn next(&mut self) -> Result<SourceEvent> {
         self.start_client();
         loop {
-            if self.decoder.len() >= self.config.batch_size
+            let closes_window = std::mem::take(&mut self.closes_window);
+            if (closes_window || self.decoder.len() >= self.config.batch_size)
                 && let Some(batch) = self.flush()?
             {
                 return Ok(SourceEvent::Batch(batch));
@@ -567,6 +599,12 @@ impl Source for MqttSource {
         Box::pin(self.next())
     }
 
+    fn set_window_ends(&mut self, ends: WindowEnds) {
+        if ends.every_ns > 0 {
+            self.window_ends = Some((ends, None));
+        }
+    }
+
     fn on_barrier(&mut self, id: u64) {
         if self.config.ack == AckMode::Checkpoint {
             self.barriers.push_back((id, self.returned));
@@ -594,6 +632,23 @@ impl Source for MqttSource {
             self.unacked.pop_front();
         }
     }
+}
+
+/// Whether event time `latest` moves the watermark past the window end `next_end`, which
+/// then moves on to the first end after it. The first row only sets the first end: no window
+/// of this source holds anything before it.
+fn passes_window_end(ends: &WindowEnds, next_end: &mut Option<i64>, latest: i64) -> bool {
+    let reached = match *next_end {
+        Some(end) if latest.saturating_sub(ends.delay_ns) < end => return false,
+        Some(_) => true,
+        None => false,
+    };
+    // Rare (once per window end): only now is the wall clock read.
+    if !ends.in_time(latest) {
+        return false;
+    }
+    *next_end = Some(ends.next_after(latest));
+    reached
 }
 
 /// A client id made only of characters every broker accepts.
@@ -824,7 +879,7 @@ mod tests {
     use super::{Delivery, MqttSource, Redeliveries};
     use crate::dead_letter::DeadLetterQueue;
     use crate::mqtt::config::{BrokerConfig, MqttSourceConfig};
-    use crate::{Source, SourceEvent};
+    use crate::{Source, SourceEvent, WindowEnds};
 
     /// A source that is never connected, fed through its inbox as its client task would.
     fn unconnected(batch_size: usize) -> MqttSource {
@@ -888,6 +943,70 @@ mod tests {
         let expected: Vec<Option<String>> = (0..23).map(|i| Some(format!("s{}", i % 3))).collect();
         assert_eq!(sensors, expected);
         assert_eq!(source.decoded, 23);
+    }
+
+    /// Batches until `rows` rows came out, as their sizes.
+    async fn batch_sizes(source: &mut MqttSource, rows: usize) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < rows {
+            let SourceEvent::Batch(batch) = source.next_event().await.expect("event") else {
+                panic!("the source ended");
+            };
+            sizes.push(batch.num_rows());
+        }
+        sizes
+    }
+
+    /// Messages one per 100 ms of event time from `from_ms` on, `count` of them, queued as
+    /// one burst.
+    fn queue_readings(source: &MqttSource, from_ms: i64, count: i64) {
+        let mut pending = source.inbox.lock();
+        for i in 0..count {
+            let payload = format!(r#"{{"ts":{},"v":{i}}}"#, from_ms + 100 * i);
+            pending.push("plant/s1/vibration", payload.as_bytes());
+        }
+    }
+
+    const SECOND_NS: i64 = 1_000_000_000;
+
+    #[tokio::test]
+    async fn a_row_that_closes_a_window_ends_its_batch() {
+        let mut source = unconnected(1000);
+        source.set_window_ends(WindowEnds {
+            every_ns: SECOND_NS,
+            delay_ns: SECOND_NS,
+            max_ahead_ns: None,
+        });
+        // Event time 10.0 s .. 12.4 s: the watermark (one second behind) reaches the window
+        // end 10 s with the row at 11.0 s and 11 s with the row at 12.0 s.
+        queue_readings(&source, 10_000, 25);
+        // Without window ends, all 25 would wait in one batch for the linger.
+        assert_eq!(batch_sizes(&mut source, 25).await, [11, 10, 4]);
+        assert_eq!(source.decoded, 25);
+    }
+
+    #[tokio::test]
+    async fn a_row_from_a_clock_far_ahead_closes_no_window() {
+        let mut source = unconnected(1000);
+        source.set_window_ends(WindowEnds {
+            every_ns: SECOND_NS,
+            delay_ns: SECOND_NS,
+            max_ahead_ns: Some(60 * SECOND_NS),
+        });
+        let now_ms = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("ms");
+        // The engine drops a row a day ahead, so it must not end a batch, nor move the next
+        // window end a day away: the rows after it still end theirs.
+        let base = now_ms - now_ms.rem_euclid(1000) - 10_000;
+        queue_readings(&source, base, 5);
+        queue_readings(&source, now_ms + 86_400_000, 1);
+        queue_readings(&source, base + 500, 10);
+        assert_eq!(batch_sizes(&mut source, 16).await, [12, 4]);
     }
 
     #[test]

@@ -454,6 +454,12 @@ impl Operator for WindowAggregate {
         "window_aggregate"
     }
 
+    /// Windows start at multiples of the slide and end a size later: every end is a
+    /// multiple of the two's greatest common divisor.
+    fn emits_every(&self) -> Option<i64> {
+        Some(crate::gcd(self.kind.size(), self.kind.slide()))
+    }
+
     fn output_schema(&self) -> SchemaRef {
         Arc::clone(&self.schema)
     }
@@ -1080,6 +1086,34 @@ mod tests {
                 slide: 2 * SECOND,
             };
             matches_a_direct_computation(ragged, dense);
+        }
+    }
+
+    #[test]
+    fn every_window_end_is_a_multiple_of_the_period_the_operator_reports() {
+        for (kind, period) in [
+            (WindowKind::Tumble { size: SECOND }, SECOND),
+            (
+                WindowKind::Hop {
+                    size: 2 * SECOND,
+                    slide: SECOND / 2,
+                },
+                SECOND / 2,
+            ),
+            (
+                WindowKind::Hop {
+                    size: 3 * SECOND,
+                    slide: 2 * SECOND,
+                },
+                SECOND,
+            ),
+        ] {
+            let op = aggregate(kind);
+            assert_eq!(op.emits_every(), Some(period), "{kind:?}");
+            for ts in [-7 * SECOND / 3, 0, SECOND / 3, 41 * SECOND / 10] {
+                let start = kind.last_start(ts).expect("start");
+                assert_eq!((start + kind.size()).rem_euclid(period), 0, "{kind:?} {ts}");
+            }
         }
     }
 
