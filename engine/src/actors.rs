@@ -524,7 +524,7 @@ impl OperatorActor {
     fn run(&mut self, message: StreamMessage) -> Result<Vec<StreamMessage>> {
         let operator = &mut self.operator;
         let collector = &mut self.collector;
-        let (origin, is_watermark, forward, outcome) = match message {
+        let (origin, forward, outcome) = match message {
             StreamMessage::Batch { batch, origin } => {
                 StageMetrics::add(&self.metrics.rows_in, batch.num_rows() as u64);
                 StageMetrics::add(&self.metrics.batches_in, 1);
@@ -539,7 +539,7 @@ impl OperatorActor {
                     }
                     Ok(())
                 }));
-                (origin, false, None, outcome)
+                (origin, None, outcome)
             }
             StreamMessage::Watermark { watermark, origin } => {
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -547,7 +547,6 @@ impl OperatorActor {
                 }));
                 (
                     origin,
-                    true,
                     Some(StreamMessage::Watermark { watermark, origin }),
                     outcome,
                 )
@@ -593,8 +592,11 @@ impl OperatorActor {
             std::mem::take(&mut self.collector.invalid_rows),
         );
         let batches = self.collector.take_batches();
-        if is_watermark && !batches.is_empty() {
+        if let (Some(StreamMessage::Watermark { watermark, .. }), false) =
+            (&forward, batches.is_empty())
+        {
             self.pipeline.watermark_to_emit.record(origin.elapsed());
+            self.pipeline.window_closed(watermark.0, origin);
             tracing::trace!(
                 operator = %self.operator.name(),
                 batches = batches.len(),

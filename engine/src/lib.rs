@@ -40,7 +40,7 @@ pub use crate::actors::WatermarkRule;
 pub use crate::checkpoint::{CheckpointOptions, CheckpointStore};
 pub use crate::error::{EngineError, Result};
 pub use crate::message::Barrier;
-pub use crate::metrics::{PipelineMetrics, PipelineSnapshot};
+pub use crate::metrics::{PipelineMetrics, PipelineSnapshot, WindowClose};
 use crate::supervisor::{PipelineSupervisor, Shutdown};
 
 /// How the engine runs pipelines.
