@@ -369,6 +369,54 @@ fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
 }
 
 #[test]
+fn the_reading_that_closes_a_window_does_not_wait_out_the_linger() {
+    run(async {
+        let mut config = config(None);
+        // Only the readings move event time here, never the wall clock.
+        config.engine.idle_timeout = Duration::from_secs(600);
+        let gateway = Gateway::start(config).await.expect("gateway");
+        let url = gateway.broker_url().expect("broker").to_owned();
+        let admin = Admin::new(&gateway, None);
+        let sql = windowed_sql(0.0, "10 SECONDS").replace("linger = '2ms'", "linger = '10s'");
+        let (status, body) = admin.post("/api/pipelines", &sql).await;
+        assert_eq!(status, 201, "{body}");
+        let (out, _sub) = subscribe(&url, "out/sums/#").await;
+        let stats = weir_connectors::mqtt::MqttStats::named("sums/readings");
+        wait_until("the source to subscribe", || {
+            stats
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        })
+        .await;
+        let mut publisher = Publisher::connect(&url).await;
+        let sent = Instant::now();
+        publisher
+            .send(vec![
+                reading(4000, 4.0),
+                reading(5000, 5.0),
+                reading(12_000, 1.0),
+            ])
+            .await;
+        // The source batches for up to 10 s while it waits for more; the reading at 12 s
+        // moves the watermark past the window's end, so its batch leaves at once. A result
+        // later than the linger would mean it waited.
+        while out.lock().expect("lock").is_empty() {
+            assert!(
+                sent.elapsed() < Duration::from_secs(9),
+                "the window's result waited for the source's linger"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let results = out.lock().expect("lock").clone();
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert_eq!(results[0].1["n"], 2);
+        assert_eq!(results[0].1["total"], 9.0);
+        assert!(gateway.shutdown().await);
+    });
+}
+
+#[test]
 fn a_compatible_replacement_keeps_open_windows() {
     run(async {
         let gateway = Gateway::start(config(None)).await.expect("gateway");
