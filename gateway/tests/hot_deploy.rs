@@ -197,6 +197,18 @@ async fn wait_until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// Waits until the `mqtt` source `name` (`pipeline/source`) has subscribed.
+async fn subscribed(name: &str) {
+    let stats = weir_connectors::mqtt::MqttStats::named(name);
+    wait_until(&format!("source {name} to subscribe"), || {
+        stats
+            .subscriptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+}
+
 const SEQUENCE_SQL: &str = "
 CREATE SOURCE seq_in (sensor TEXT NOT NULL, ts TIMESTAMP NOT NULL, seq BIGINT NOT NULL)
 WITH (connector = 'mqtt', topic = 'seq/{sensor}', qos = 1, linger = '2ms');
@@ -256,14 +268,7 @@ fn adding_replacing_and_removing_pipelines_loses_nothing_of_the_others() {
             .await;
         assert_eq!(status, 201, "{body}");
         let (out, _sub) = subscribe(&url, "out/seq/#").await;
-        let stats = weir_connectors::mqtt::MqttStats::named("copy_seq/seq_in");
-        wait_until("the sequence source to subscribe", || {
-            stats
-                .subscriptions
-                .load(std::sync::atomic::Ordering::Relaxed)
-                >= 1
-        })
-        .await;
+        subscribed("copy_seq/seq_in").await;
 
         let mut publisher = Publisher::connect(&url).await;
         let total = 3000u64;
@@ -381,14 +386,7 @@ fn the_reading_that_closes_a_window_does_not_wait_out_the_linger() {
         let (status, body) = admin.post("/api/pipelines", &sql).await;
         assert_eq!(status, 201, "{body}");
         let (out, _sub) = subscribe(&url, "out/sums/#").await;
-        let stats = weir_connectors::mqtt::MqttStats::named("sums/readings");
-        wait_until("the source to subscribe", || {
-            stats
-                .subscriptions
-                .load(std::sync::atomic::Ordering::Relaxed)
-                >= 1
-        })
-        .await;
+        subscribed("sums/readings").await;
         let mut publisher = Publisher::connect(&url).await;
         let sent = Instant::now();
         publisher
