@@ -389,24 +389,14 @@ fn the_reading_that_closes_a_window_does_not_wait_out_the_linger() {
         subscribed("sums/readings").await;
         let mut publisher = Publisher::connect(&url).await;
         let sent = Instant::now();
-        publisher
-            .send(vec![
-                reading(4000, 4.0),
-                reading(5000, 5.0),
-                reading(12_000, 1.0),
-            ])
-            .await;
+        let results = finish_the_first_window(&mut publisher, &out).await;
         // The source batches for up to 10 s while it waits for more; the reading at 12 s
         // moves the watermark past the window's end, so its batch leaves at once. A result
         // later than the linger would mean it waited.
-        while out.lock().expect("lock").is_empty() {
-            assert!(
-                sent.elapsed() < Duration::from_secs(9),
-                "the window's result waited for the source's linger"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let results = out.lock().expect("lock").clone();
+        assert!(
+            sent.elapsed() < Duration::from_secs(9),
+            "the window's result waited for the source's linger"
+        );
         assert_eq!(results.len(), 1, "{results:?}");
         assert_eq!(results[0].1["n"], 2);
         assert_eq!(results[0].1["total"], 9.0);
