@@ -592,8 +592,8 @@ impl OperatorActor {
             std::mem::take(&mut self.collector.invalid_rows),
         );
         let batches = self.collector.take_batches();
-        if let (Some(StreamMessage::Watermark { watermark, .. }), false) =
-            (&forward, batches.is_empty())
+        if let Some(StreamMessage::Watermark { watermark, .. }) = &forward
+            && !batches.is_empty()
         {
             self.pipeline.watermark_to_emit.record(origin.elapsed());
             self.pipeline.window_closed(watermark.0, origin);
