@@ -306,6 +306,11 @@ impl SourceLoop {
                             advance(after, &mut messages);
                             drop(next);
                             self.outbox.send_all(messages).await?;
+                            // Operators of this or other pipelines may share this thread; a
+                            // source with a burst in memory never waits on its own, so it
+                            // lets them run between batches (the results of a window closed
+                            // by this batch must not wait until the burst is decoded).
+                            tokio::task::yield_now().await;
                             // Time spent waiting on a slow downstream is not idleness: without
                             // this, a stall would let the wall clock push the watermark past
                             // rows that are already buffered upstream.

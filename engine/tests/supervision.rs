@@ -665,3 +665,117 @@ fn the_source_learns_where_the_windows_downstream_close() {
     assert_eq!(window_ends_told(vec![None], Some(watermark)), None);
     assert_eq!(window_ends_told(vec![Some(SECOND)], None), None);
 }
+
+/// Hands over `batches` batches without ever waiting, as a source does with a burst that is
+/// already in memory, counting them; then waits forever.
+struct BurstSource {
+    batches: u64,
+    produced: Arc<AtomicU64>,
+}
+
+impl Source for BurstSource {
+    fn schema(&self) -> SchemaRef {
+        schema()
+    }
+
+    fn next_event(&mut self) -> SourceFuture<'_> {
+        Box::pin(async move {
+            if self.produced.load(Ordering::SeqCst) == self.batches {
+                std::future::pending::<()>().await;
+            }
+            self.produced.fetch_add(1, Ordering::SeqCst);
+            Ok(SourceEvent::Batch(batch(10)))
+        })
+    }
+}
+
+/// Notes how many batches the source had produced when the first one got here.
+struct FirstSeenProbe {
+    produced: Arc<AtomicU64>,
+    seen_at: Arc<AtomicU64>,
+}
+
+impl Operator for FirstSeenProbe {
+    fn name(&self) -> &str {
+        "probe"
+    }
+
+    fn output_schema(&self) -> SchemaRef {
+        schema()
+    }
+
+    fn process_batch(
+        &mut self,
+        batch: RecordBatch,
+        out: &mut Collector,
+    ) -> weir_operators::Result<()> {
+        let produced = self.produced.load(Ordering::SeqCst);
+        let _ = self
+            .seen_at
+            .compare_exchange(0, produced, Ordering::SeqCst, Ordering::SeqCst);
+        out.emit(batch);
+        Ok(())
+    }
+}
+
+struct BurstFactory {
+    produced: Arc<AtomicU64>,
+    seen_at: Arc<AtomicU64>,
+    sink_rows: Arc<AtomicU64>,
+}
+
+impl PipelineFactory for BurstFactory {
+    fn stage_names(&self) -> Vec<String> {
+        vec!["source".into(), "probe".into(), "sink".into()]
+    }
+
+    fn build(&self) -> weir_engine::Result<PipelineParts> {
+        Ok(PipelineParts {
+            source: Box::new(BurstSource {
+                batches: 100,
+                produced: Arc::clone(&self.produced),
+            }),
+            watermark: None,
+            operators: vec![Box::new(FirstSeenProbe {
+                produced: Arc::clone(&self.produced),
+                seen_at: Arc::clone(&self.seen_at),
+            })],
+            sink: Box::new(CountingSink {
+                rows: Arc::clone(&self.sink_rows),
+                delay: Duration::ZERO,
+            }),
+            dead_letters: DeadLetterQueue::default(),
+        })
+    }
+}
+
+#[test]
+fn a_burst_from_the_source_does_not_hold_up_the_operators_on_its_thread() {
+    system().block_on(async {
+        // One worker: the source, the probe and the sink share a thread. A bound on messages
+        // in flight larger than the burst, so only the source's manners can let the probe in.
+        let engine = Engine::new(EngineOptions {
+            workers: 1,
+            in_flight: 1000,
+            ..EngineOptions::default()
+        });
+        let factory = Arc::new(BurstFactory {
+            produced: Arc::default(),
+            seen_at: Arc::default(),
+            sink_rows: Arc::default(),
+        });
+        let _handle = engine
+            .start("burst".into(), Arc::clone(&factory) as Arc<dyn PipelineFactory>)
+            .expect("starts");
+        eventually("the whole burst at the sink", || {
+            factory.sink_rows.load(Ordering::SeqCst) == 100 * 10
+        })
+        .await;
+        let seen_at = factory.seen_at.load(Ordering::SeqCst);
+        assert!(
+            (1..=2).contains(&seen_at),
+            "the first batch reached the operator after the source had produced {seen_at}"
+        );
+        engine.shutdown().await;
+    });
+}
