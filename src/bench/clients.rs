@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS};
 use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -245,10 +245,11 @@ pub struct Arrival {
     pub arrived_ms: f64,
 }
 
-/// Subscribes to result topics and keeps every row with its arrival time.
+/// Subscribes to result topics and keeps every message with its arrival time; the rows are
+/// parsed only when the reader stops, so parsing one message never delays the time stamp of
+/// the next.
 pub struct ResultReader {
-    pub arrivals: Arc<Mutex<Vec<Arrival>>>,
-    pub unreadable: Arc<AtomicU64>,
+    received: Arc<Mutex<Vec<(Publish, f64)>>>,
     subscriber_ready: Arc<Notify>,
     ready: Arc<AtomicBool>,
     task: JoinHandle<()>,
@@ -257,14 +258,12 @@ pub struct ResultReader {
 impl ResultReader {
     pub async fn start(url: &str, filter: &str) -> anyhow::Result<Self> {
         let (client, mut events) = client(url, &Session::Clean, "results", 64)?;
-        let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let unreadable = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(Mutex::new(Vec::new()));
         let ready = Arc::new(AtomicBool::new(false));
         let subscriber_ready = Arc::new(Notify::new());
         let task = {
-            let (arrivals, unreadable, ready, signal) = (
-                Arc::clone(&arrivals),
-                Arc::clone(&unreadable),
+            let (received, ready, signal) = (
+                Arc::clone(&received),
                 Arc::clone(&ready),
                 Arc::clone(&subscriber_ready),
             );
@@ -273,18 +272,10 @@ impl ResultReader {
                 loop {
                     match events.poll().await {
                         Ok(Event::Incoming(Packet::Publish(message))) => {
-                            // The arrival time first: parsing is not the pipeline's latency.
                             let arrived_ms = super::publisher::epoch_ms_now_f64();
-                            match serde_json::from_slice::<ResultRow>(&message.payload) {
-                                Ok(row) => {
-                                    tracing::trace!(sensor = %row.sensor, "result arrived");
-                                    if let Ok(mut arrivals) = arrivals.lock() {
-                                        arrivals.push(Arrival { row, arrived_ms });
-                                    }
-                                }
-                                Err(_) => {
-                                    unreadable.fetch_add(1, Ordering::Relaxed);
-                                }
+                            tracing::trace!(topic = %message.topic, "result arrived");
+                            if let Ok(mut received) = received.lock() {
+                                received.push((message, arrived_ms));
                             }
                         }
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -301,8 +292,7 @@ impl ResultReader {
             })
         };
         let reader = Self {
-            arrivals,
-            unreadable,
+            received,
             subscriber_ready,
             ready,
             task,
@@ -322,11 +312,28 @@ impl ResultReader {
         Ok(reader)
     }
 
-    pub fn stop(self) -> Vec<Arrival> {
+    /// Stops reading; returns the rows with their arrival times and how many messages were
+    /// not readable result rows.
+    pub fn stop(self) -> (Vec<Arrival>, u64) {
         self.task.abort();
-        self.arrivals
+        let received = self
+            .received
             .lock()
-            .map(|mut a| std::mem::take(&mut *a))
-            .unwrap_or_default()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        let mut unreadable = 0;
+        let arrivals = received
+            .into_iter()
+            .filter_map(|(message, arrived_ms)| {
+                match serde_json::from_slice::<ResultRow>(&message.payload) {
+                    Ok(row) => Some(Arrival { row, arrived_ms }),
+                    Err(_) => {
+                        unreadable += 1;
+                        None
+                    }
+                }
+            })
+            .collect();
+        (arrivals, unreadable)
     }
 }

@@ -877,8 +877,7 @@ async fn realtime(
     let report = process.finish().await?;
     // Results of the last windows closed by data are on their way.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let unreadable = reader.unreadable.load(Ordering::Relaxed);
-    let arrivals = reader.stop();
+    let (arrivals, unreadable) = reader.stop();
     let peak = peak_rss_mb(None).unwrap_or(0.0);
     let broker_peak = broker.pid().and_then(|pid| peak_rss_mb(Some(pid)));
     let snapshot = handle.metrics.snapshot();
