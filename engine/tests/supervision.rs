@@ -765,7 +765,10 @@ fn a_burst_from_the_source_does_not_hold_up_the_operators_on_its_thread() {
             sink_rows: Arc::default(),
         });
         let _handle = engine
-            .start("burst".into(), Arc::clone(&factory) as Arc<dyn PipelineFactory>)
+            .start(
+                "burst".into(),
+                Arc::clone(&factory) as Arc<dyn PipelineFactory>,
+            )
             .expect("starts");
         eventually("the whole burst at the sink", || {
             factory.sink_rows.load(Ordering::SeqCst) == 100 * 10
