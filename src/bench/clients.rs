@@ -247,7 +247,8 @@ pub struct Arrival {
 
 /// Subscribes to result topics and keeps every message with its arrival time; the rows are
 /// parsed only when the reader stops, so parsing one message never delays the time stamp of
-/// the next.
+/// the next. It subscribes at the QoS it is given, as a consumer of results published at
+/// that QoS would: at QoS 1 it acknowledges each message.
 pub struct ResultReader {
     received: Arc<Mutex<Vec<(Publish, f64)>>>,
     subscriber_ready: Arc<Notify>,
@@ -256,7 +257,7 @@ pub struct ResultReader {
 }
 
 impl ResultReader {
-    pub async fn start(url: &str, filter: &str) -> anyhow::Result<Self> {
+    pub async fn start(url: &str, filter: &str, qos: QoS) -> anyhow::Result<Self> {
         let (client, mut events) = client(url, &Session::Clean, "results", 64)?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let ready = Arc::new(AtomicBool::new(false));
@@ -279,7 +280,7 @@ impl ResultReader {
                             }
                         }
                         Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            let _ = client.try_subscribe(filter.clone(), QoS::AtMostOnce);
+                            let _ = client.try_subscribe(filter.clone(), qos);
                         }
                         Ok(Event::Incoming(Packet::SubAck(_))) => {
                             ready.store(true, Ordering::Release);

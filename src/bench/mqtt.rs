@@ -835,7 +835,8 @@ async fn realtime(
     // A fresh process: the source has not connected yet, so it has no subscription.
     let stats = source_stats()?;
     subscribed(&stats, 0).await?;
-    let reader = ResultReader::start(&broker.url, RESULT_FILTER).await?;
+    // The reader subscribes at the results' QoS: a consumer that wants them acknowledged.
+    let reader = ResultReader::start(&broker.url, RESULT_FILTER, qos_level(results_qos)).await?;
 
     // The first tick on a whole second, and blocks sent when their last sample is due, as a
     // sensor would: the block [t, t + 100 ms) leaves at t + 100 ms.
