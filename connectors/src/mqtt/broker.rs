@@ -136,6 +136,17 @@ impl EmbeddedBroker {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        match disable_nagle(address) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                %address,
+                "embedded MQTT broker: listening socket not found, Nagle stays on"
+            ),
+            Err(error) => tracing::warn!(
+                %address, %error,
+                "embedded MQTT broker: cannot turn Nagle off"
+            ),
+        }
         tracing::info!(%address, "embedded MQTT broker listening");
         Ok(Self { address })
     }
@@ -148,5 +159,79 @@ impl EmbeddedBroker {
     /// `mqtt://host:port` for clients.
     pub fn url(&self) -> String {
         format!("mqtt://{}", self.address)
+    }
+}
+
+/// Turns Nagle's algorithm off for every connection the broker accepts from now on.
+///
+/// rumqttd binds its listener itself and leaves Nagle on for the connections it accepts. A
+/// subscriber that sends nothing back (QoS 0) delays its ACKs, so the small tail of each burst
+/// the broker forwards to it waits for one: 40 ms on Linux, a stalled window of results.
+/// Accepted sockets inherit `TCP_NODELAY` from their listener, so setting it once on rumqttd's
+/// listening socket, found among the process's descriptors by its address, covers every
+/// client. `Ok(false)` if no such socket is there.
+fn disable_nagle(address: SocketAddr) -> std::io::Result<bool> {
+    let listener = find_socket(|socket| {
+        let listening = socket.is_listener().unwrap_or(false);
+        let bound_here = socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(address);
+        (listening && bound_here).then(|| socket.set_tcp_nodelay(true))
+    })?;
+    listener.transpose().map(|set| set.is_some())
+}
+
+/// The first `probe(socket)` that is `Some`, over the process's open sockets.
+#[allow(unsafe_code)]
+pub(crate) fn find_socket<T>(
+    mut probe: impl FnMut(&socket2::SockRef<'_>) -> Option<T>,
+) -> std::io::Result<Option<T>> {
+    use std::os::fd::{BorrowedFd, RawFd};
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Ok(fd) = entry?.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        // SAFETY: the descriptor is only queried (and one option set) while borrowed. If
+        // another thread closes it meanwhile the calls fail with EBADF; if the number is
+        // reused, the probe checks the address before it changes anything.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        if let Some(found) = probe(&socket2::SockRef::from(&fd)) {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_the_broker_accepts_have_nagle_off() {
+        let config = EmbeddedBrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..EmbeddedBrokerConfig::default()
+        };
+        let broker = EmbeddedBroker::start(&config).expect("broker starts");
+        let client = TcpStream::connect(broker.address()).expect("client connects");
+        let client_address = client.local_addr().expect("client address");
+        // The broker's end of this connection: its address, with the client as the peer.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let nodelay = loop {
+            let found = find_socket(|socket| {
+                let peer = socket.peer_addr().ok().and_then(|a| a.as_socket());
+                let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+                (peer == Some(client_address) && local == Some(broker.address()))
+                    .then(|| socket.tcp_nodelay())
+            })
+            .expect("descriptors readable");
+            if let Some(nodelay) = found {
+                break nodelay.expect("TCP_NODELAY readable");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker never accepted the client"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(nodelay, "Nagle is on for a connection the broker accepted");
     }
 }

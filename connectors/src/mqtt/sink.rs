@@ -257,6 +257,12 @@ impl SinkClient {
         stats: Arc<MqttStats>,
     ) -> Result<Self> {
         let (client, mut connection) = Client::new(options, REQUEST_QUEUE);
+        // Results leave in bursts of small messages. With Nagle's algorithm on, a burst's
+        // tail waits for the broker's ACK, and a broker that sends nothing back (QoS 0)
+        // delays that ACK by up to 40 ms.
+        let mut network = connection.eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        connection.eventloop.set_network_options(network);
         let stop = Arc::new(AtomicBool::new(false));
         let (done, finished) = mpsc::channel();
         let stopping = Arc::clone(&stop);
@@ -329,5 +335,58 @@ impl Drop for SinkClient {
                 self.stop.store(true, Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use arrow::array::StringArray;
+    use arrow::datatypes::{DataType, Field};
+
+    use super::*;
+    use crate::mqtt::broker::{EmbeddedBroker, EmbeddedBrokerConfig, find_socket};
+
+    #[test]
+    fn the_sinks_connection_has_nagle_off() {
+        let broker = EmbeddedBroker::start(&EmbeddedBrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..EmbeddedBrokerConfig::default()
+        })
+        .expect("broker starts");
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "sensor",
+            DataType::Utf8,
+            false,
+        )]));
+        let config = MqttSinkConfig {
+            topic: "results/{sensor}".into(),
+            ..MqttSinkConfig::default()
+        };
+        let broker_config = BrokerConfig {
+            url: Some(broker.url()),
+            ..BrokerConfig::default()
+        };
+        let mut sink =
+            MqttSink::new("nagle", &broker_config, config, Arc::clone(&schema)).expect("sink");
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(StringArray::from(vec!["s1"]))])
+            .expect("batch");
+        sink.write_batch(&batch).expect("write");
+        let stats = sink.stats();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.connects.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the sink never connected");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The sink's end of its connection: the one whose peer is the broker.
+        let nodelay = find_socket(|socket| {
+            let peer = socket.peer_addr().ok().and_then(|a| a.as_socket());
+            (peer == Some(broker.address())).then(|| socket.tcp_nodelay())
+        })
+        .expect("descriptors readable")
+        .expect("a connection to the broker")
+        .expect("TCP_NODELAY readable");
+        assert!(nodelay, "Nagle is on for the sink's connection");
     }
 }
