@@ -18,11 +18,14 @@ pub mod sparkplug;
 
 use std::sync::Arc;
 
+use arrow::array::StringArray;
+use arrow::array::builder::NullBufferBuilder;
 use arrow::array::{
     ArrayRef, BooleanBuilder, Float32Builder, Float64Builder, Int8Builder, Int16Builder,
-    Int32Builder, Int64Builder, RecordBatch, StringBuilder, TimestampNanosecondBuilder,
-    UInt8Builder, UInt16Builder, UInt32Builder, UInt64Builder,
+    Int32Builder, Int64Builder, RecordBatch, TimestampNanosecondBuilder, UInt8Builder,
+    UInt16Builder, UInt32Builder, UInt64Builder,
 };
+use arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, SchemaRef, TimeUnit as ArrowTimeUnit};
 
 pub use self::csv::CsvDecoder;
@@ -276,10 +279,102 @@ impl StrSources<'_> {
     }
 }
 
+/// Builds a `Utf8` column like Arrow's `StringBuilder`, but repeats a value in bulk.
+///
+/// A block's key (its sensor) is one string for every sample of the block. Arrow's builder
+/// copies it and converts its end offset once per row, which took a third of the decoding
+/// time of 100-sample blocks; here the bytes are copied by doubling what is already there
+/// (log2(n) copies) and the offsets are one arithmetic progression.
+#[derive(Debug)]
+pub(crate) struct Utf8Builder {
+    values: Vec<u8>,
+    /// Arrow's offsets: 0, then the end of every row's value.
+    offsets: Vec<i32>,
+    nulls: NullBufferBuilder,
+}
+
+impl Utf8Builder {
+    pub(crate) fn with_capacity(rows: usize, bytes: usize) -> Self {
+        let mut offsets = Vec::with_capacity(rows + 1);
+        offsets.push(0);
+        Self {
+            values: Vec::with_capacity(bytes),
+            offsets,
+            nulls: NullBufferBuilder::new(rows),
+        }
+    }
+
+    /// Where the next value starts. Panics past 2 GiB of strings in one batch, as Arrow's
+    /// builder does (a batch holds at most a few thousand rows of bounded messages).
+    fn end(&self) -> i32 {
+        i32::try_from(self.values.len()).expect("a batch's strings exceed 2 GiB")
+    }
+
+    pub(crate) fn append_value(&mut self, value: &str) {
+        self.values.extend_from_slice(value.as_bytes());
+        let end = self.end();
+        self.offsets.push(end);
+        self.nulls.append_non_null();
+    }
+
+    pub(crate) fn append_value_n(&mut self, value: &str, n: usize) {
+        let bytes = value.as_bytes();
+        let start = self.values.len();
+        let first = self.end();
+        let total = bytes
+            .len()
+            .checked_mul(n)
+            .expect("repeated string size overflows");
+        self.values.reserve(total);
+        self.values
+            .extend_from_slice(&bytes[..bytes.len().min(total)]);
+        while self.values.len() - start < total {
+            let copied = self.values.len() - start;
+            self.values
+                .extend_from_within(start..start + copied.min(total - copied));
+        }
+        // Checked for the last end only: every end before it is smaller.
+        let last = self.end();
+        let length = bytes.len() as i32;
+        self.offsets
+            .extend((1..=n).map(|row| first + length * row as i32));
+        debug_assert_eq!(self.offsets.last(), Some(&last));
+        self.nulls.append_n_non_nulls(n);
+    }
+
+    pub(crate) fn append_nulls(&mut self, n: usize) {
+        let end = self.end();
+        self.offsets.extend(std::iter::repeat_n(end, n));
+        self.nulls.append_n_nulls(n);
+    }
+
+    /// The column so far; the builder starts again empty.
+    #[allow(unsafe_code)]
+    pub(crate) fn finish(&mut self) -> StringArray {
+        let rows = self.offsets.len() - 1;
+        let mut offsets = Vec::with_capacity(rows + 1);
+        offsets.push(0);
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(std::mem::replace(
+            &mut self.offsets,
+            offsets,
+        )));
+        let capacity = self.values.capacity();
+        let values = Buffer::from_vec(std::mem::replace(
+            &mut self.values,
+            Vec::with_capacity(capacity),
+        ));
+        let nulls = self.nulls.finish();
+        // SAFETY: the offsets are valid (checked by `OffsetBuffer::new`) and every value was
+        // appended whole from a `&str`, so each row's bytes are UTF-8, as Arrow's own
+        // builder relies on too.
+        unsafe { StringArray::new_unchecked(offsets, values, nulls) }
+    }
+}
+
 /// An Arrow builder for one [`ColumnKind`].
 #[derive(Debug)]
 pub(crate) enum ColumnBuilder {
-    Utf8(StringBuilder),
+    Utf8(Utf8Builder),
     Int8(Int8Builder),
     Int16(Int16Builder),
     Int32(Int32Builder),
@@ -297,7 +392,7 @@ pub(crate) enum ColumnBuilder {
 impl ColumnBuilder {
     fn new(kind: ColumnKind, data_type: &DataType, capacity: usize) -> Self {
         match kind {
-            ColumnKind::Utf8 => Self::Utf8(StringBuilder::with_capacity(capacity, capacity * 8)),
+            ColumnKind::Utf8 => Self::Utf8(Utf8Builder::with_capacity(capacity, capacity * 8)),
             ColumnKind::Int8 => Self::Int8(Int8Builder::with_capacity(capacity)),
             ColumnKind::Int16 => Self::Int16(Int16Builder::with_capacity(capacity)),
             ColumnKind::Int32 => Self::Int32(Int32Builder::with_capacity(capacity)),
@@ -900,6 +995,47 @@ mod tests {
             kind,
             nullable: true,
             data_type: DataType::Null,
+        }
+    }
+
+    #[test]
+    fn the_utf8_builder_builds_what_arrows_builds() {
+        use arrow::array::StringBuilder;
+        let mut rng = SmallRng::seed_from_u64(7);
+        let values = [
+            "",
+            "s1",
+            "sensor-0042",
+            "ünïcödé",
+            "a longer sensor name, 33 bytes..",
+        ];
+        let mut ours = Utf8Builder::with_capacity(4, 8);
+        let mut arrows = StringBuilder::new();
+        // Several batches from one builder, as a decoder flushes them.
+        for _ in 0..20 {
+            for _ in 0..rng.random_range(0..12) {
+                let value = values[rng.random_range(0..values.len())];
+                let n = rng.random_range(0..150);
+                match rng.random_range(0..3) {
+                    0 => {
+                        ours.append_value(value);
+                        arrows.append_value(value);
+                    }
+                    1 => {
+                        ours.append_value_n(value, n);
+                        arrows.append_value_n(value, n);
+                    }
+                    _ => {
+                        ours.append_nulls(n);
+                        arrows.append_nulls(n);
+                    }
+                }
+            }
+            let (ours, arrows) = (ours.finish(), arrows.finish());
+            arrow::array::Array::to_data(&ours)
+                .validate_full()
+                .expect("a valid array");
+            assert_eq!(ours, arrows);
         }
     }
 
