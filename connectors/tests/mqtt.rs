@@ -516,6 +516,86 @@ async fn mosquitto_sink_publishes_rows_on_templated_topics() {
     sink_publishes_rows_on_templated_topics(mosquitto(), "sink-mosquitto").await;
 }
 
+/// A window's results are a burst of small messages: the sink writes them to the socket
+/// together instead of one system call (and one TCP segment) per message.
+async fn a_batchs_results_leave_together(broker: TestBroker, name: &str) {
+    use arrow::array::{Int64Array, StringArray};
+    let url = broker.url();
+    let subscriber = Subscriber::start(&url, "burst/#").await;
+    let rows = 600;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("sensor", DataType::Utf8, false),
+        Field::new("n", DataType::Int64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                (0..rows).map(|i| format!("s{i}")),
+            )),
+            Arc::new(Int64Array::from_iter_values(0..rows as i64)),
+        ],
+    )
+    .expect("batch");
+    let mut writes = Vec::new();
+    for qos in [0, 1] {
+        let sink_name = format!("{name}-qos{qos}");
+        let spec = ConnectorSpec::new("mqtt")
+            .with_name(&sink_name)
+            .with_option("url", url.as_str())
+            .with_option("topic", format!("burst/{qos}/{{sensor}}"))
+            .with_option("qos", qos);
+        let mut sink = weir_connectors::build_sink(&spec, Arc::clone(&schema), &Default::default())
+            .expect("sink");
+        sink.write_batch(&batch).expect("write");
+        // Dropping the sink waits until the broker has every message.
+        drop(sink);
+        writes.push(MqttStats::named(&sink_name).writes.load(Ordering::Relaxed));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while subscriber.messages().len() < 2 * rows && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut got: Vec<(String, String)> = subscriber
+        .messages()
+        .into_iter()
+        .map(|(topic, payload, _)| (topic, payload))
+        .collect();
+    got.sort();
+    let mut expected: Vec<(String, String)> = [0, 1]
+        .into_iter()
+        .flat_map(|qos| {
+            (0..rows).map(move |i| {
+                (
+                    format!("burst/{qos}/s{i}"),
+                    format!(r#"{{"sensor":"s{i}","n":{i}}}"#),
+                )
+            })
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(got.len(), expected.len(), "every result arrives once");
+    assert_eq!(got, expected);
+    // QoS 0: one write per chunk of 256 messages.
+    assert_eq!(writes[0], 3, "writes at QoS 0");
+    // QoS 1: at most 100 messages in flight (rumqttc's default), then as acks come back.
+    assert!(
+        (6..=rows as u64 / 2).contains(&writes[1]),
+        "writes at QoS 1: {}",
+        writes[1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_a_batchs_results_leave_together() {
+    a_batchs_results_leave_together(embedded(), "burst-embedded").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_a_batchs_results_leave_together() {
+    a_batchs_results_leave_together(mosquitto(), "burst-mosquitto").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_results_reach_late_subscribers() {
     let broker = mosquitto();

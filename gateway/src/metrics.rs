@@ -201,6 +201,11 @@ pub fn render(
         "mqtt_redelivered",
         "Messages the broker sent again after a reconnect that the source already held, dropped",
     );
+    let mqtt_writes = counter_family(
+        &mut registry,
+        "mqtt_socket_writes",
+        "Socket writes that carried published messages (sink); messages / writes is the batching",
+    );
     for (client, stats) in MqttStats::all() {
         let labels = vec![("connector", client)];
         mqtt_up
@@ -224,6 +229,9 @@ pub fn render(
         mqtt_redelivered
             .get_or_create(&labels)
             .inc_by(MqttStats::get(&stats.redelivered));
+        mqtt_writes
+            .get_or_create(&labels)
+            .inc_by(MqttStats::get(&stats.writes));
     }
 
     let pending = gauge_family(

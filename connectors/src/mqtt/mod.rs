@@ -122,6 +122,9 @@ pub struct MqttStats {
     pub up: AtomicU64,
     /// Messages received (source) or published (sink).
     pub messages: AtomicU64,
+    /// Writes to the socket that carried messages (sink): messages / writes is how many a
+    /// write carried on average.
+    pub writes: AtomicU64,
     /// Messages or records dead-lettered (source) or refused by the client (sink).
     pub rejected: AtomicU64,
     /// QoS 1 messages the broker sent again after a reconnect that the source already held

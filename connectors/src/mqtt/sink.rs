@@ -1,40 +1,39 @@
 //! The `mqtt` sink: result rows as JSON messages, on topics built from their columns.
 //!
 //! Rows are rendered by the same [`RowFormatter`] as the file sink, so JSON looks the same
-//! wherever it goes. The connection lives on a thread of its own (rumqttc's blocking client),
+//! wherever it goes. The connection lives on a thread of its own (see [`connection`]),
 //! started on the first write: building a sink to check a plan at deploy time connects to
-//! nothing. Publishing hands messages to the client's bounded request queue; when the broker
-//! is away and the queue is full, `write_batch` waits (that is backpressure: the pipeline
+//! nothing. Publishing hands a batch's messages to that thread's bounded queue in chunks,
+//! which it writes to the socket together; when the broker is away and the queue is full,
+//! `write_batch` waits (that is backpressure: the pipeline
 //! slows down instead of buffering without bound) and gives up with an error after
 //! [`PUBLISH_TIMEOUT`], so the pipeline's supervisor sees a broker that stays down. The sink
 //! says it [may block](crate::Sink::may_block), so the engine runs it on a thread of its own
 //! and the wait holds up no other pipeline.
 
+mod connection;
+
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{Schema, SchemaRef};
-use rumqttc::{Client, ClientError, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{MqttOptions, Publish};
+
+use self::connection::{CHUNK_MESSAGES, SendError, SinkConnection};
 
 use super::config::{BrokerConfig, MqttSinkConfig, PublishMode};
 use super::source::sanitize;
 use super::topic::TopicTemplate;
-use super::{MqttStats, RateLimitedLog, Reconnects};
+use super::{MqttStats, RateLimitedLog};
 use crate::Sink;
 use crate::error::{ConnectorError, Result};
 use crate::file::{OutputFormat, RowFormatter};
 
 /// How long a publish may wait for room in a full request queue.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
-/// Requests the client queues before publishing waits.
-const REQUEST_QUEUE: usize = 4096;
-/// How long dropping the sink waits for queued messages to reach the broker.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Publishes result rows to an MQTT broker; see the module docs.
 pub struct MqttSink {
@@ -47,7 +46,9 @@ pub struct MqttSink {
     line_ends: Vec<usize>,
     topics: Vec<String>,
     pending: Option<MqttOptions>,
-    client: Option<SinkClient>,
+    connection: Option<SinkConnection>,
+    /// Messages of the batch being written, not yet handed to the connection thread.
+    chunk: Vec<Publish>,
     stats: Arc<MqttStats>,
     too_large: RateLimitedLog,
 }
@@ -77,7 +78,8 @@ impl MqttSink {
             line_ends: Vec::new(),
             topics: Vec::new(),
             pending: Some(options),
-            client: None,
+            connection: None,
+            chunk: Vec::new(),
             stats: MqttStats::named(name),
             too_large: RateLimitedLog::new(Duration::from_secs(30)),
         })
@@ -94,24 +96,22 @@ impl MqttSink {
         Arc::clone(&self.stats)
     }
 
-    fn client(&mut self) -> Result<&mut SinkClient> {
+    fn connection(&mut self) -> Result<&mut SinkConnection> {
         if let Some(options) = self.pending.take() {
-            self.client = Some(SinkClient::start(
+            self.connection = Some(SinkConnection::start(
                 self.name.clone(),
                 options,
                 self.config.qos.0 > 0,
                 Arc::clone(&self.stats),
             )?);
         }
-        match &mut self.client {
-            Some(client) => Ok(client),
-            None => Err(ConnectorError::Internal(
-                "MQTT sink without a client".into(),
-            )),
-        }
+        self.connection
+            .as_mut()
+            .ok_or_else(|| ConnectorError::Internal("MQTT sink without a connection".into()))
     }
 
-    fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<()> {
+    /// Adds a message to the chunk that goes to the connection thread next.
+    fn publish(&mut self, topic: String, payload: Vec<u8>) -> Result<()> {
         if payload.len() > self.max_message_bytes {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             if let Some(suppressed) = self.too_large.allow() {
@@ -125,36 +125,46 @@ impl MqttSink {
             }
             return Ok(());
         }
-        let qos: QoS = self.config.qos.level();
-        let retain = self.config.retain;
+        let mut publish = Publish::new(topic, self.config.qos.level(), payload);
+        publish.retain = self.config.retain;
+        self.chunk.push(publish);
+        if self.chunk.len() == CHUNK_MESSAGES {
+            self.send_chunk()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the chunk to the connection thread, waiting while its queue is full.
+    fn send_chunk(&mut self) -> Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let messages = chunk.len() as u64;
         let name = self.name.clone();
-        let client = self.client()?;
+        let connection = self.connection()?;
         let started = Instant::now();
-        let mut payload = payload;
         loop {
-            match client.client.try_publish(topic, qos, retain, payload) {
-                Ok(()) => {
-                    client.queued += 1;
-                    break;
-                }
-                Err(ClientError::TryRequest(rumqttc::Request::Publish(publish))) => {
+            match connection.try_send(chunk) {
+                Ok(()) => break,
+                Err(SendError::Full(back)) => {
                     if started.elapsed() > PUBLISH_TIMEOUT {
                         return Err(ConnectorError::Internal(format!(
                             "MQTT sink '{name}': the broker has not taken a message for {}s",
                             PUBLISH_TIMEOUT.as_secs()
                         )));
                     }
-                    payload = publish.payload.to_vec();
+                    chunk = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err(error) => {
+                Err(SendError::Gone) => {
                     return Err(ConnectorError::Internal(format!(
-                        "MQTT sink '{name}': {error}"
+                        "MQTT sink '{name}': its connection thread has ended"
                     )));
                 }
             }
         }
-        self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        self.stats.messages.fetch_add(messages, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -179,7 +189,7 @@ impl Sink for MqttSink {
         let topics = &mut self.topics;
         self.template
             .for_each_row(batch, |_, topic| topics.push(topic.to_owned()))?;
-        let topics = std::mem::take(&mut self.topics);
+        let mut topics = std::mem::take(&mut self.topics);
         let lines = std::mem::take(&mut self.lines);
         let line_ends = std::mem::take(&mut self.line_ends);
         let row = |i: usize| {
@@ -187,9 +197,8 @@ impl Sink for MqttSink {
             &lines[start..line_ends[i]]
         };
         let result = match self.config.mode {
-            PublishMode::Row => {
-                (0..line_ends.len()).try_for_each(|i| self.publish(&topics[i], row(i).to_vec()))
-            }
+            PublishMode::Row => (0..line_ends.len())
+                .try_for_each(|i| self.publish(std::mem::take(&mut topics[i]), row(i).to_vec())),
             PublishMode::Batch => {
                 // One array per topic, split where it would exceed the message limit.
                 let mut arrays: Vec<(&str, Vec<u8>)> = Vec::new();
@@ -215,10 +224,11 @@ impl Sink for MqttSink {
                 }
                 arrays.into_iter().try_for_each(|(topic, mut array)| {
                     array.push(b']');
-                    self.publish(topic, array)
+                    self.publish(topic.to_owned(), array)
                 })
             }
-        };
+        }
+        .and_then(|()| self.send_chunk());
         self.topics = topics;
         self.lines = lines;
         self.line_ends = line_ends;
@@ -226,115 +236,14 @@ impl Sink for MqttSink {
     }
 
     fn flush(&mut self) -> Result<()> {
-        // Messages are already queued to the client, which sends them as fast as the broker
-        // takes them; there is nothing buffered here.
+        // `write_batch` hands every message to the connection thread before it returns, which
+        // sends them as fast as the broker takes them; there is nothing buffered here.
         Ok(())
     }
 
     /// Waits while the broker is away and the client's queue is full.
     fn may_block(&self) -> bool {
         true
-    }
-}
-
-/// The connection thread of a sink.
-struct SinkClient {
-    client: Client,
-    /// Messages handed to the client.
-    queued: u64,
-    /// Messages written to the socket (QoS 0) or acknowledged by the broker (QoS 1).
-    delivered: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    finished: mpsc::Receiver<()>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl SinkClient {
-    fn start(
-        name: String,
-        options: MqttOptions,
-        acknowledged: bool,
-        stats: Arc<MqttStats>,
-    ) -> Result<Self> {
-        let (client, mut connection) = Client::new(options, REQUEST_QUEUE);
-        // Results leave in bursts of small messages. With Nagle's algorithm on, a burst's
-        // tail waits for the broker's ACK, and a broker that sends nothing back (QoS 0)
-        // delays that ACK by up to 40 ms.
-        let mut network = connection.eventloop.network_options();
-        network.set_tcp_nodelay(true);
-        connection.eventloop.set_network_options(network);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (done, finished) = mpsc::channel();
-        let stopping = Arc::clone(&stop);
-        let delivered = Arc::new(AtomicU64::new(0));
-        let delivering = Arc::clone(&delivered);
-        let thread = std::thread::Builder::new()
-            .name(format!("mqtt-sink-{}", sanitize(&name)))
-            .spawn(move || {
-                let mut reconnects = Reconnects::new("sink", &name, Arc::clone(&stats));
-                for notification in connection.iter() {
-                    if let Ok(Event::Outgoing(Outgoing::Publish(_))) = &notification {
-                        tracing::trace!(sink = %name, "published");
-                    }
-                    match notification {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => reconnects.connected(),
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                        Ok(Event::Outgoing(Outgoing::Publish(_))) if !acknowledged => {
-                            delivering.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(Event::Incoming(Packet::PubAck(_))) => {
-                            delivering.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(_) => {}
-                        Err(error) => {
-                            if stopping.load(Ordering::Relaxed) {
-                                break;
-                            }
-                            let delay = reconnects.failed(&error);
-                            let until = Instant::now() + delay;
-                            while Instant::now() < until && !stopping.load(Ordering::Relaxed) {
-                                std::thread::sleep(Duration::from_millis(20));
-                            }
-                        }
-                    }
-                }
-                stats.up.store(0, Ordering::Relaxed);
-                let _ = done.send(());
-            })
-            .map_err(|e| ConnectorError::Internal(format!("cannot start MQTT thread: {e}")))?;
-        Ok(Self {
-            client,
-            queued: 0,
-            delivered,
-            stop,
-            finished,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for SinkClient {
-    fn drop(&mut self) {
-        // Wait until the broker has every queued message (acknowledged at QoS 1), then say
-        // goodbye: disconnecting at once can cut off the last messages still in flight.
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        while self.delivered.load(Ordering::Relaxed) < self.queued && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if self.client.try_disconnect().is_err() {
-            self.stop.store(true, Ordering::Relaxed);
-        }
-        match self.finished.recv_timeout(Duration::from_secs(1)) {
-            Ok(()) => {
-                if let Some(thread) = self.thread.take() {
-                    let _ = thread.join();
-                }
-            }
-            Err(_) => {
-                tracing::warn!("MQTT sink: queued results not sent within {DRAIN_TIMEOUT:?}");
-                self.stop.store(true, Ordering::Relaxed);
-            }
-        }
     }
 }
 
