@@ -113,7 +113,7 @@ pub struct BenchArgs {
     #[arg(long)]
     embedded_segments: Option<usize>,
     /// mqtt-blocks-realtime: size of one embedded-broker segment in bytes (default: the
-    /// gateway's, 8 MiB). With the two above, bounds what the broker holds in memory.
+    /// gateway's, 2 MiB). With the two above, bounds what the broker holds in memory.
     #[arg(long)]
     embedded_segment_bytes: Option<usize>,
     /// QoS levels of mqtt-backlog: 0, 1 or both.
@@ -801,7 +801,6 @@ fn run_scenario(scenario: InProcess, args: &BenchArgs) -> anyhow::Result<Scenari
         }
     };
 
-    procfs::reset_peak_rss();
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -826,6 +825,9 @@ fn run_scenario(scenario: InProcess, args: &BenchArgs) -> anyhow::Result<Scenari
         let cpu_start = procfs::CpuMark::now(None);
         let started = Instant::now();
         let mut handle = engine.start("vibration_rms".into(), Arc::new(factory))?;
+        // As `weir run` does once its pipelines started; the peak counts from here.
+        weir_gateway::memory::release_startup_code_logged();
+        procfs::reset_peak_rss();
         // The publisher plays the sensors and the broker, on its own thread: the figures are
         // Weir's decoding and processing.
         let publisher = std::thread::spawn(move || input.publish(&sender));

@@ -65,6 +65,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("pipeline {name} cannot start"))?;
             handles.push(handle);
         }
+        // Compiling and starting ran code the pipelines will not need again.
+        weir_gateway::memory::release_startup_code_logged();
         let waits = futures_wait(handles.clone());
         let outcome = tokio::select! {
             states = waits => states,

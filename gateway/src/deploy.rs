@@ -167,6 +167,8 @@ impl Deployments {
                 }
             }
         }
+        // Compiling and starting ran code the pipelines will not need again.
+        crate::memory::release_startup_code_logged();
         let mut pipelines = self.lock();
         let now = SystemTime::now();
         Ok(started
@@ -305,6 +307,7 @@ impl Deployments {
         let old = self.lock().remove(&name);
         let Some(old) = old else {
             let (handle, dead_letters, handover) = self.start(&plan, fresh)?;
+            crate::memory::release_startup_code_logged();
             self.lock().insert(
                 name.clone(),
                 Deployed {
@@ -376,6 +379,7 @@ impl Deployments {
                 return Err(error.into());
             }
         };
+        crate::memory::release_startup_code_logged();
         let version = cloud_version.unwrap_or(old.version + 1);
         tracing::info!(pipeline = %name, version, state = ?handover, "pipeline replaced");
         self.lock().insert(

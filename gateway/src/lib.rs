@@ -22,6 +22,7 @@ pub mod agent;
 pub mod config;
 pub mod deploy;
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod uplink;
 

@@ -832,6 +832,8 @@ async fn realtime(
         compile(&realtime_sql(&broker.url, results_qos))?,
         dead_letters.clone(),
     )?;
+    // As the gateway does after a deploy.
+    weir_gateway::memory::release_startup_code_logged();
     // A fresh process: the source has not connected yet, so it has no subscription.
     let stats = source_stats()?;
     subscribed(&stats, 0).await?;
