@@ -206,6 +206,11 @@ pub fn render(
         "mqtt_socket_writes",
         "Socket writes that carried published messages (sink); messages / writes is the batching",
     );
+    let mqtt_reads = counter_family(
+        &mut registry,
+        "mqtt_socket_reads",
+        "Socket reads that handed received messages to the source; messages / reads is the batching",
+    );
     for (client, stats) in MqttStats::all() {
         let labels = vec![("connector", client)];
         mqtt_up
@@ -232,6 +237,9 @@ pub fn render(
         mqtt_writes
             .get_or_create(&labels)
             .inc_by(MqttStats::get(&stats.writes));
+        mqtt_reads
+            .get_or_create(&labels)
+            .inc_by(MqttStats::get(&stats.reads));
     }
 
     let pending = gauge_family(

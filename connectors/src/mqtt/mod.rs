@@ -125,6 +125,9 @@ pub struct MqttStats {
     /// Writes to the socket that carried messages (sink): messages / writes is how many a
     /// write carried on average.
     pub writes: AtomicU64,
+    /// Reads from the socket that handed messages to the source: messages / reads is how
+    /// many a read brought on average.
+    pub reads: AtomicU64,
     /// Messages or records dead-lettered (source) or refused by the client (sink).
     pub rejected: AtomicU64,
     /// QoS 1 messages the broker sent again after a reconnect that the source already held

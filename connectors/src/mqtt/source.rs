@@ -19,15 +19,19 @@
 //! moves the watermark past the end of a window downstream: that batch leaves at once, so
 //! the window's result does not wait for the messages that happen to follow.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{Schema, SchemaRef};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS};
-use tokio::sync::Notify;
+use futures::FutureExt as _;
+use rumqttc::{
+    ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, PingReq, PubAck, Publish,
+    QoS, Request, StateError, Subscribe,
+};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use super::config::{AckMode, BrokerConfig, MessageFormat, MqttSourceConfig};
@@ -116,22 +120,31 @@ impl Inbox {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a message (with its header, to acknowledge it later), first waiting while the
-    /// inbox is full.
-    async fn put(&self, topic: &str, payload: &[u8], ack: Option<Ack>) {
-        loop {
-            {
+    /// Moves `messages` (each with its header, to acknowledge it later) into the inbox,
+    /// taking the lock once for as many as fit, and waiting while it is full.
+    async fn put_all(&self, messages: &mut VecDeque<(Publish, Option<Ack>)>) {
+        while !messages.is_empty() {
+            let added = {
                 let mut pending = self.lock();
-                if pending.len() < INBOX_MAX_MESSAGES && pending.bytes.len() < INBOX_MAX_BYTES {
+                let mut added = 0;
+                while pending.len() < INBOX_MAX_MESSAGES
+                    && pending.bytes.len() < INBOX_MAX_BYTES
+                    && let Some((publish, ack)) = messages.pop_front()
+                {
                     let index = pending.len();
                     pending.acks.extend(ack.map(|a| (index, a)));
-                    pending.push(topic, payload);
-                    break;
+                    pending.push(&publish.topic, &publish.payload);
+                    added += 1;
                 }
+                added
+            };
+            if added > 0 {
+                self.arrived.notify_one();
             }
-            self.taken.notified().await;
+            if !messages.is_empty() {
+                self.taken.notified().await;
+            }
         }
-        self.arrived.notify_one();
     }
 
     /// Swaps every pending message into `into` (which must be empty), waiting for one if
@@ -512,17 +525,16 @@ impl MqttSource {
             ..weir_proto::sparkplug::Payload::default()
         };
         let topic = format!("spBv1.0/{group}/NCMD/{node}");
-        match client
-            .client
-            .try_publish(&topic, QoS::AtMostOnce, false, payload.encode_to_vec())
-        {
-            Ok(()) => {
-                self.stats.rebirths.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(source = %self.name, %group, %node, "asked the Sparkplug edge node for a rebirth");
-            }
-            Err(error) => {
-                tracing::warn!(source = %self.name, %group, %node, %error, "cannot ask the Sparkplug edge node for a rebirth")
-            }
+        let request = Request::Publish(Publish::new(
+            &topic,
+            QoS::AtMostOnce,
+            payload.encode_to_vec(),
+        ));
+        if client.send(request) {
+            self.stats.rebirths.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(source = %self.name, %group, %node, "asked the Sparkplug edge node for a rebirth");
+        } else {
+            tracing::warn!(source = %self.name, %group, %node, "cannot ask the Sparkplug edge node for a rebirth: the connection's task has ended");
         }
     }
 
@@ -626,7 +638,8 @@ impl Source for MqttSource {
             && *number < covered
         {
             // A broker that lost its session has nothing to acknowledge.
-            if ack.session == session && client.client.try_ack(&ack.header).is_err() {
+            if ack.session == session && !client.send(Request::PubAck(PubAck::new(ack.header.pkid)))
+            {
                 break;
             }
             self.unacked.pop_front();
@@ -668,7 +681,9 @@ pub(crate) fn sanitize(name: &str) -> String {
 /// The task that owns the broker connection of a source; aborted when dropped.
 struct ClientTask {
     task: JoinHandle<()>,
-    client: AsyncClient,
+    /// Packets for the broker: acknowledgements, rebirth requests. The task writes them
+    /// while connected.
+    requests: mpsc::UnboundedSender<Request>,
     stats: Arc<MqttStats>,
 }
 
@@ -682,31 +697,39 @@ impl ClientTask {
         stats: Arc<MqttStats>,
         manual_acks: bool,
     ) -> Self {
-        let (client, events) = AsyncClient::new(options, 1024);
-        let task = tokio::spawn(run_client(
+        // The task keeps its own request queue; rumqttc's stays empty.
+        let events = EventLoop::new(options, 1);
+        let (requests, requests_rx) = mpsc::unbounded_channel();
+        let client = Client {
             name,
-            client.clone(),
-            events,
-            Subscription {
+            subscription: Subscription {
                 filter,
                 qos,
                 manual_acks,
             },
+            requests: requests.clone(),
             inbox,
-            Arc::clone(&stats),
-        ));
+            stats: Arc::clone(&stats),
+            redeliveries: Redeliveries::default(),
+            connected_before: false,
+            ready: VecDeque::new(),
+        };
+        let task = tokio::spawn(client.run(events, requests_rx));
         Self {
             task,
-            client,
+            requests,
             stats,
         }
+    }
+
+    /// Queues a packet for the broker; `false` if the task has ended.
+    fn send(&self, request: Request) -> bool {
+        self.requests.send(request).is_ok()
     }
 }
 
 impl Drop for ClientTask {
     fn drop(&mut self) {
-        // Say goodbye if the connection is up; the abort below ends the task either way.
-        let _ = self.client.try_disconnect();
         self.task.abort();
         self.stats.up.store(0, Ordering::Relaxed);
     }
@@ -776,96 +799,223 @@ impl Redeliveries {
     }
 }
 
-/// Drives the connection: moves publishes into the inbox, subscribes after every connect,
+/// Packets read from the socket, at most, before what they carry goes to the source. Each
+/// QoS 1 message read is acknowledged with 4 bytes buffered until the read's flush; 1024 of
+/// them stay under the 8 KiB at which the codec would have to flush in the middle.
+const READ_PACKETS: usize = 1024;
+
+/// The client task's side: moves publishes into the inbox, subscribes after every connect,
 /// and reconnects with exponential backoff and jitter after any failure.
-async fn run_client(
+///
+/// rumqttc connects, resends what the last connection left unacknowledged, and keeps the
+/// session's state; its event loop hands out one packet per call, though, with a `select!`
+/// and a flush for every ten. While connected, the task reads the socket itself instead:
+/// every packet that has arrived, up to [`READ_PACKETS`], then one flush of the
+/// acknowledgements and one hand-over of the messages to the source.
+struct Client {
     name: String,
-    client: AsyncClient,
-    mut events: EventLoop,
     subscription: Subscription,
+    requests: mpsc::UnboundedSender<Request>,
     inbox: Arc<Inbox>,
     stats: Arc<MqttStats>,
-) {
-    let Subscription {
-        filter,
-        qos,
-        manual_acks,
-    } = subscription;
-    let mut reconnects = Reconnects::new("source", &name, Arc::clone(&stats));
-    let mut redeliveries = Redeliveries::default();
-    let mut connected_before = false;
-    loop {
-        match events.poll().await {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                if !manual_acks || publish.qos == QoS::AtMostOnce {
-                    inbox.put(&publish.topic, &publish.payload, None).await;
-                    continue;
+    redeliveries: Redeliveries,
+    connected_before: bool,
+    /// Messages read, not yet in the inbox.
+    ready: VecDeque<(Publish, Option<Ack>)>,
+}
+
+impl Client {
+    async fn run(mut self, mut events: EventLoop, mut requests: mpsc::UnboundedReceiver<Request>) {
+        let mut reconnects = Reconnects::new("source", &self.name, Arc::clone(&self.stats));
+        loop {
+            let result = if events.network.is_some() && events.pending.is_empty() {
+                self.stream(&mut events, &mut requests).await
+            } else {
+                // Connecting, or resending what the last connection left: rumqttc's loop.
+                match events.poll().await {
+                    Ok(event) => {
+                        if let Event::Incoming(Packet::ConnAck(_)) = event {
+                            reconnects.connected();
+                        }
+                        self.take(event);
+                        self.deliver().await;
+                        continue;
+                    }
+                    Err(error) => Err(error),
                 }
-                match redeliveries.received(publish.pkid, publish.dup) {
+            };
+            match result {
+                // Every sender of requests is gone (the source aborts the task before).
+                Ok(()) => return,
+                Err(error) => {
+                    self.redeliveries.connection_lost();
+                    // rumqttc's loop cleans up after its own failures; these are the task's.
+                    if events.network.is_some() {
+                        events.clean();
+                    }
+                    tokio::time::sleep(reconnects.failed(&error)).await;
+                }
+            }
+        }
+    }
+
+    /// Reads and writes while the connection lasts; returns `Ok` once no one can send
+    /// requests any more.
+    async fn stream(
+        &mut self,
+        events: &mut EventLoop,
+        requests: &mut mpsc::UnboundedReceiver<Request>,
+    ) -> std::result::Result<(), ConnectionError> {
+        let keep_alive = events.mqtt_options.keep_alive().max(Duration::from_secs(1));
+        let flush_timeout = Duration::from_secs(events.network_options.connection_timeout());
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let EventLoop { network, state, .. } = &mut *events;
+            let Some(network) = network.as_mut() else {
+                return Err(ConnectionError::MqttState(StateError::ConnectionAborted));
+            };
+            tokio::select! {
+                // Acknowledgements and requests first: a stream of messages must not hold
+                // them up.
+                biased;
+                request = requests.recv() => {
+                    let Some(request) = request else {
+                        return Ok(());
+                    };
+                    if let Some(packet) = state.handle_outgoing_packet(request)? {
+                        network.write(packet).await?;
+                    }
+                    while let Ok(request) = requests.try_recv() {
+                        if let Some(packet) = state.handle_outgoing_packet(request)? {
+                            network.write(packet).await?;
+                        }
+                    }
+                    flushed(flush_timeout, network.flush()).await?;
+                }
+                read = network.readb(state) => {
+                    read?;
+                    // Whatever else has arrived already, without waiting for more.
+                    while state.events.len() < READ_PACKETS {
+                        match network.readb(state).now_or_never() {
+                            Some(read) => read?,
+                            None => break,
+                        }
+                    }
+                    flushed(flush_timeout, network.flush()).await?;
+                }
+                _ = ping.tick() => {
+                    // A ping still unanswered from the last tick fails here: the broker is gone.
+                    if let Some(packet) = state.handle_outgoing_packet(Request::PingReq(PingReq))? {
+                        network.write(packet).await?;
+                    }
+                    flushed(flush_timeout, network.flush()).await?;
+                }
+            }
+            while let Some(event) = events.state.events.pop_front() {
+                self.take(event);
+            }
+            self.deliver().await;
+        }
+    }
+
+    /// Moves what was read into the inbox, waiting while it is full (which holds the
+    /// broker's messages in the broker).
+    async fn deliver(&mut self) {
+        if !self.ready.is_empty() {
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            self.inbox.put_all(&mut self.ready).await;
+        }
+    }
+
+    /// Handles one event of the connection; publishes go to `ready`.
+    fn take(&mut self, event: Event) {
+        let Subscription {
+            filter,
+            qos,
+            manual_acks,
+        } = &self.subscription;
+        match event {
+            Event::Incoming(Packet::Publish(publish)) => {
+                if !manual_acks || publish.qos == QoS::AtMostOnce {
+                    self.ready.push_back((publish, None));
+                    return;
+                }
+                match self.redeliveries.received(publish.pkid, publish.dup) {
                     Delivery::New => {
                         let ack = Ack {
                             header: Publish {
                                 payload: Default::default(),
                                 ..publish.clone()
                             },
-                            session: inbox.session.load(Ordering::Acquire),
+                            session: self.inbox.session.load(Ordering::Acquire),
                         };
-                        inbox.put(&publish.topic, &publish.payload, Some(ack)).await;
+                        self.ready.push_back((publish, Some(ack)));
                     }
                     Delivery::Held => {
-                        stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                        self.stats.redelivered.fetch_add(1, Ordering::Relaxed);
                     }
                     Delivery::Acked => {
-                        stats.redelivered.fetch_add(1, Ordering::Relaxed);
-                        let _ = client.try_ack(&publish);
+                        self.stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                        let _ = self
+                            .requests
+                            .send(Request::PubAck(PubAck::new(publish.pkid)));
                     }
                 }
             }
-            Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => redeliveries.ack_sent(pkid),
-            Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                if connected_before && !connack.session_present {
-                    redeliveries.session_lost();
-                    inbox.session.fetch_add(1, Ordering::AcqRel);
-                    if manual_acks {
+            Event::Outgoing(Outgoing::PubAck(pkid)) => self.redeliveries.ack_sent(pkid),
+            Event::Incoming(Packet::ConnAck(connack)) => {
+                if self.connected_before && !connack.session_present {
+                    self.redeliveries.session_lost();
+                    self.inbox.session.fetch_add(1, Ordering::AcqRel);
+                    if *manual_acks {
                         tracing::warn!(
-                            source = %name,
+                            source = %self.name,
                             "the broker kept no session for this client: messages taken and \
                              not yet checkpointed will not be sent again"
                         );
                     }
                 }
-                connected_before = true;
-                reconnects.connected();
+                self.connected_before = true;
                 // A clean session forgets subscriptions; a persistent one keeps them, and
                 // subscribing again is harmless, so subscribe after every connect.
-                // `try_`: this task is what drains the client's request channel.
-                if let Err(error) = client.try_subscribe(filter.clone(), qos) {
-                    tracing::error!(source = %name, %error, "cannot subscribe");
-                }
+                let _ = self
+                    .requests
+                    .send(Request::Subscribe(Subscribe::new(filter.clone(), *qos)));
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+            Event::Incoming(Packet::SubAck(ack)) => {
                 use rumqttc::SubscribeReasonCode;
                 if ack
                     .return_codes
                     .iter()
                     .any(|c| matches!(c, SubscribeReasonCode::Failure))
                 {
-                    stats.subscribe_failures.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .subscribe_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(
-                        source = %name,
+                        source = %self.name,
                         topic = %filter,
                         "the broker refused the subscription (not authorised for this topic?)"
                     );
                 } else {
-                    stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+                    self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok(_) => {}
-            Err(error) => {
-                redeliveries.connection_lost();
-                tokio::time::sleep(reconnects.failed(&error)).await;
-            }
+            _ => {}
         }
+    }
+}
+
+/// Waits for a flush of the connection, at most `timeout` (a broker that stopped reading).
+async fn flushed(
+    timeout: Duration,
+    flush: impl Future<Output = std::result::Result<(), StateError>>,
+) -> std::result::Result<(), ConnectionError> {
+    match tokio::time::timeout(timeout, flush).await {
+        Ok(flushed) => Ok(flushed?),
+        Err(_) => Err(ConnectionError::FlushTimeout),
     }
 }
 
