@@ -289,6 +289,17 @@ impl RateLimitedLog {
     }
 }
 
+/// Waits for a flush of the connection, at most `timeout` (a broker that stopped reading).
+pub(crate) async fn flushed(
+    timeout: std::time::Duration,
+    flush: impl Future<Output = std::result::Result<(), rumqttc::StateError>>,
+) -> std::result::Result<(), rumqttc::ConnectionError> {
+    match tokio::time::timeout(timeout, flush).await {
+        Ok(flushed) => Ok(flushed?),
+        Err(_) => Err(rumqttc::ConnectionError::FlushTimeout),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

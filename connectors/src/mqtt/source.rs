@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{AckMode, BrokerConfig, MessageFormat, MqttSourceConfig};
 use super::topic::TopicPattern;
-use super::{MqttStats, Reconnects};
+use super::{MqttStats, Reconnects, flushed};
 use crate::dead_letter::DeadLetterQueue;
 use crate::decode::json::array_elements;
 use crate::decode::{CsvDecoder, DecodeError, JsonDecoder, SparkplugDecoder};
@@ -1005,17 +1005,6 @@ impl Client {
             }
             _ => {}
         }
-    }
-}
-
-/// Waits for a flush of the connection, at most `timeout` (a broker that stopped reading).
-async fn flushed(
-    timeout: Duration,
-    flush: impl Future<Output = std::result::Result<(), StateError>>,
-) -> std::result::Result<(), ConnectionError> {
-    match tokio::time::timeout(timeout, flush).await {
-        Ok(flushed) => Ok(flushed?),
-        Err(_) => Err(ConnectionError::FlushTimeout),
     }
 }
 

@@ -22,7 +22,7 @@ use rumqttc::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::super::source::sanitize;
-use super::super::{MqttStats, Reconnects};
+use super::super::{MqttStats, Reconnects, flushed};
 use crate::error::{ConnectorError, Result};
 
 /// Messages the sink may hand over before publishing waits.
@@ -300,16 +300,5 @@ impl Driver {
             }
             _ => {}
         }
-    }
-}
-
-/// Waits for a flush of the connection, at most `timeout` (a broker that stopped reading).
-async fn flushed(
-    timeout: Duration,
-    flush: impl Future<Output = std::result::Result<(), StateError>>,
-) -> std::result::Result<(), ConnectionError> {
-    match tokio::time::timeout(timeout, flush).await {
-        Ok(flushed) => Ok(flushed?),
-        Err(_) => Err(ConnectionError::FlushTimeout),
     }
 }
