@@ -871,6 +871,11 @@ impl Client {
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What rumqttc's loop read and has not handed out yet comes first.
+        while let Some(event) = events.state.events.pop_front() {
+            self.take(event);
+        }
+        self.deliver().await;
         loop {
             let EventLoop { network, state, .. } = &mut *events;
             let Some(network) = network.as_mut() else {
