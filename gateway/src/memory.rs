@@ -110,16 +110,10 @@ mod linux {
             let Some(mapping) = mappings.last_mut() else {
                 continue;
             };
-            let kb = || {
-                fields
-                    .clone()
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
+            let kb = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
             match first {
-                "Rss:" => mapping.rss_kb = kb(),
-                "Anonymous:" => mapping.anonymous_kb = kb(),
+                "Rss:" => mapping.rss_kb = kb,
+                "Anonymous:" => mapping.anonymous_kb = kb,
                 _ => {}
             }
         }
