@@ -28,8 +28,8 @@ use arrow::array::{ArrayRef, RecordBatch, StringBuilder};
 use arrow::datatypes::{Schema, SchemaRef};
 use futures::FutureExt as _;
 use rumqttc::{
-    ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, PingReq, PubAck, Publish,
-    QoS, Request, StateError, Subscribe,
+    ConnectionError, Event, EventLoop, MqttOptions, MqttState, Outgoing, Packet, PingReq, PubAck,
+    Publish, QoS, Request, StateError, Subscribe,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -43,16 +43,20 @@ use crate::decode::{CsvDecoder, DecodeError, JsonDecoder, SparkplugDecoder};
 use crate::error::Result;
 use crate::{Source, SourceEvent, SourceFuture, WindowEnds};
 
-/// Pending messages beyond which the client task stops reading from the broker.
+/// Pending messages from which on the client task stops reading from the broker (what it
+/// read last, at most [`READ_PACKETS`] messages, still goes in).
 const INBOX_MAX_MESSAGES: usize = 65_536;
-/// Pending bytes beyond which the client task stops reading from the broker.
+/// Pending bytes from which on the client task stops reading from the broker.
 const INBOX_MAX_BYTES: usize = 32 << 20;
 
-/// Messages handed from the client task to the source, as one byte buffer plus offsets.
+/// Messages handed from the client task to the source, as one buffer of topics and one of
+/// payloads plus offsets.
 #[derive(Debug, Default)]
 pub(crate) struct Messages {
+    /// Kept as text, so that reading a topic back needs no UTF-8 check.
+    topics: String,
     bytes: Vec<u8>,
-    /// Per message: end of its topic, end of its payload (in `bytes`).
+    /// Per message: end of its topic (in `topics`), end of its payload (in `bytes`).
     ends: Vec<(usize, usize)>,
     /// With `ack = 'checkpoint'`: the QoS 1 messages to acknowledge later, in order, by
     /// their index here.
@@ -62,8 +66,8 @@ pub(crate) struct Messages {
 /// A QoS 1 message to acknowledge once its checkpoint commits.
 #[derive(Debug)]
 struct Ack {
-    /// Its header (the payload is not kept), which names the packet id.
-    header: Publish,
+    /// Its packet id.
+    pkid: u16,
     /// The broker session it came in: an acknowledgement is meaningless in another one, and
     /// could even acknowledge another message that reuses the packet id.
     session: u64,
@@ -71,32 +75,52 @@ struct Ack {
 
 impl Messages {
     fn push(&mut self, topic: &str, payload: &[u8]) {
-        self.bytes.extend_from_slice(topic.as_bytes());
-        let topic_end = self.bytes.len();
+        self.topics.push_str(topic);
         self.bytes.extend_from_slice(payload);
-        self.ends.push((topic_end, self.bytes.len()));
+        self.ends.push((self.topics.len(), self.bytes.len()));
     }
 
     fn len(&self) -> usize {
         self.ends.len()
     }
 
+    /// Moves every message of `other` after these, leaving `other` empty.
+    fn append(&mut self, other: &mut Messages) {
+        if self.len() == 0 {
+            // Nothing to copy: the buffers change hands, and keep circulating.
+            std::mem::swap(self, other);
+            return;
+        }
+        let (topics, bytes, messages) = (self.topics.len(), self.bytes.len(), self.len());
+        self.topics.push_str(&other.topics);
+        self.bytes.extend_from_slice(&other.bytes);
+        self.ends.extend(
+            other
+                .ends
+                .iter()
+                .map(|&(topic_end, end)| (topics + topic_end, bytes + end)),
+        );
+        self.acks
+            .extend(other.acks.drain(..).map(|(i, ack)| (messages + i, ack)));
+        other.clear();
+    }
+
     fn clear(&mut self) {
+        self.topics.clear();
         self.bytes.clear();
         self.ends.clear();
         self.acks.clear();
     }
 
-    /// Each message from the `first` on as `(topic, payload)`. Topics were `&str` when
-    /// pushed, so they are UTF-8.
+    /// Each message from the `first` on as `(topic, payload)`.
     fn iter_from(&self, first: usize) -> impl Iterator<Item = (&str, &[u8])> {
-        let mut start = first
+        let (mut topic_start, mut start) = first
             .checked_sub(1)
-            .map_or(0, |previous| self.ends[previous].1);
+            .map_or((0, 0), |previous| self.ends[previous]);
         self.ends[first..].iter().map(move |&(topic_end, end)| {
-            let topic = std::str::from_utf8(&self.bytes[start..topic_end]).unwrap_or_default();
-            let payload = &self.bytes[topic_end..end];
-            start = end;
+            let topic = &self.topics[topic_start..topic_end];
+            let payload = &self.bytes[start..end];
+            (topic_start, start) = (topic_end, end);
             (topic, payload)
         })
     }
@@ -120,30 +144,21 @@ impl Inbox {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves `messages` (each with its header, to acknowledge it later) into the inbox,
-    /// taking the lock once for as many as fit, and waiting while it is full.
-    async fn put_all(&self, messages: &mut VecDeque<(Publish, Option<Ack>)>) {
-        while !messages.is_empty() {
-            let added = {
+    /// Moves `messages` into the inbox at once, first waiting while it is full.
+    async fn put_all(&self, messages: &mut Messages) {
+        loop {
+            {
                 let mut pending = self.lock();
-                let mut added = 0;
-                while pending.len() < INBOX_MAX_MESSAGES
-                    && pending.bytes.len() < INBOX_MAX_BYTES
-                    && let Some((publish, ack)) = messages.pop_front()
+                if pending.len() < INBOX_MAX_MESSAGES
+                    && pending.topics.len() + pending.bytes.len() < INBOX_MAX_BYTES
                 {
-                    let index = pending.len();
-                    pending.acks.extend(ack.map(|a| (index, a)));
-                    pending.push(&publish.topic, &publish.payload);
-                    added += 1;
+                    pending.append(messages);
+                    drop(pending);
+                    self.arrived.notify_one();
+                    return;
                 }
-                added
-            };
-            if added > 0 {
-                self.arrived.notify_one();
             }
-            if !messages.is_empty() {
-                self.taken.notified().await;
-            }
+            self.taken.notified().await;
         }
     }
 
@@ -287,12 +302,12 @@ pub struct MqttSource {
     connection: Option<(MqttOptions, QoS)>,
     /// `ack = 'checkpoint'`: QoS 1 messages taken and not yet acknowledged, by message
     /// number (counted from the start), oldest first.
-    unacked: std::collections::VecDeque<(u64, Ack)>,
+    unacked: VecDeque<(u64, Ack)>,
     /// Messages decoded so far, and of those, the ones whose rows are in returned batches.
     decoded: u64,
     returned: u64,
     /// (checkpoint id, messages it covers), oldest first.
-    barriers: std::collections::VecDeque<(u64, u64)>,
+    barriers: VecDeque<(u64, u64)>,
     /// Where windows close downstream, with the next window end the watermark has not
     /// reached yet (`None` until the first row).
     window_ends: Option<(WindowEnds, Option<i64>)>,
@@ -638,8 +653,7 @@ impl Source for MqttSource {
             && *number < covered
         {
             // A broker that lost its session has nothing to acknowledge.
-            if ack.session == session && !client.send(Request::PubAck(PubAck::new(ack.header.pkid)))
-            {
+            if ack.session == session && !client.send(Request::PubAck(PubAck::new(ack.pkid))) {
                 break;
             }
             self.unacked.pop_front();
@@ -712,7 +726,7 @@ impl ClientTask {
             stats: Arc::clone(&stats),
             redeliveries: Redeliveries::default(),
             connected_before: false,
-            ready: VecDeque::new(),
+            ready: Messages::default(),
         };
         let task = tokio::spawn(client.run(events, requests_rx));
         Self {
@@ -799,9 +813,8 @@ impl Redeliveries {
     }
 }
 
-/// Packets read from the socket, at most, before what they carry goes to the source. Each
-/// QoS 1 message read is acknowledged with 4 bytes buffered until the read's flush; 1024 of
-/// them stay under the 8 KiB at which the codec would have to flush in the middle.
+/// Packets read from the socket, at most, before what they carry goes to the source and the
+/// acknowledgements of the QoS 1 ones to the broker.
 const READ_PACKETS: usize = 1024;
 
 /// The client task's side: moves publishes into the inbox, subscribes after every connect,
@@ -821,7 +834,7 @@ struct Client {
     redeliveries: Redeliveries,
     connected_before: bool,
     /// Messages read, not yet in the inbox.
-    ready: VecDeque<(Publish, Option<Ack>)>,
+    ready: Messages,
 }
 
 impl Client {
@@ -899,14 +912,22 @@ impl Client {
                     }
                     flushed(flush_timeout, network.flush()).await?;
                 }
-                read = network.readb(state) => {
-                    read?;
-                    // Whatever else has arrived already, without waiting for more.
-                    while state.events.len() < READ_PACKETS {
-                        match network.readb(state).now_or_never() {
-                            Some(read) => read?,
+                read = network.read() => {
+                    let mut packet = read?;
+                    let mut count = 1;
+                    loop {
+                        if let Some(reply) = self.incoming(packet, state)? {
+                            network.write(reply).await?;
+                        }
+                        if count == READ_PACKETS {
+                            break;
+                        }
+                        // Whatever else has arrived already, without waiting for more.
+                        match network.read().now_or_never() {
+                            Some(read) => packet = read?,
                             None => break,
                         }
+                        count += 1;
                     }
                     flushed(flush_timeout, network.flush()).await?;
                 }
@@ -928,13 +949,61 @@ impl Client {
     /// Moves what was read into the inbox, waiting while it is full (which holds the
     /// broker's messages in the broker).
     async fn deliver(&mut self) {
-        if !self.ready.is_empty() {
+        if self.ready.len() > 0 {
             self.stats.reads.fetch_add(1, Ordering::Relaxed);
             self.inbox.put_all(&mut self.ready).await;
         }
     }
 
-    /// Handles one event of the connection; publishes go to `ready`.
+    /// Handles a packet read while streaming; returns the packet that answers it. Publishes
+    /// go straight to `ready`, acknowledged here where rumqttc would (QoS 1 unless
+    /// acknowledgements wait for checkpoints): its state would clone each one into its event
+    /// queue and read the clock, a sixth of the task's time in a backlog. Every other packet
+    /// goes through that state, which keeps the session as before.
+    fn incoming(
+        &mut self,
+        packet: Packet,
+        state: &mut MqttState,
+    ) -> std::result::Result<Option<Packet>, StateError> {
+        match packet {
+            Packet::Publish(publish) if publish.qos != QoS::ExactlyOnce => {
+                let reply = (publish.qos == QoS::AtLeastOnce && !self.subscription.manual_acks)
+                    .then(|| Packet::PubAck(PubAck::new(publish.pkid)));
+                self.publish(&publish);
+                Ok(reply)
+            }
+            packet => state.handle_incoming_packet(packet),
+        }
+    }
+
+    /// Takes a message into `ready`, or drops a copy of one already taken.
+    fn publish(&mut self, publish: &Publish) {
+        if !self.subscription.manual_acks || publish.qos == QoS::AtMostOnce {
+            self.ready.push(&publish.topic, &publish.payload);
+            return;
+        }
+        match self.redeliveries.received(publish.pkid, publish.dup) {
+            Delivery::New => {
+                let ack = Ack {
+                    pkid: publish.pkid,
+                    session: self.inbox.session.load(Ordering::Acquire),
+                };
+                self.ready.acks.push((self.ready.len(), ack));
+                self.ready.push(&publish.topic, &publish.payload);
+            }
+            Delivery::Held => {
+                self.stats.redelivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Delivery::Acked => {
+                self.stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                let _ = self
+                    .requests
+                    .send(Request::PubAck(PubAck::new(publish.pkid)));
+            }
+        }
+    }
+
+    /// Handles one event of rumqttc's loop; publishes go to `ready`.
     fn take(&mut self, event: Event) {
         let Subscription {
             filter,
@@ -942,33 +1011,7 @@ impl Client {
             manual_acks,
         } = &self.subscription;
         match event {
-            Event::Incoming(Packet::Publish(publish)) => {
-                if !manual_acks || publish.qos == QoS::AtMostOnce {
-                    self.ready.push_back((publish, None));
-                    return;
-                }
-                match self.redeliveries.received(publish.pkid, publish.dup) {
-                    Delivery::New => {
-                        let ack = Ack {
-                            header: Publish {
-                                payload: Default::default(),
-                                ..publish.clone()
-                            },
-                            session: self.inbox.session.load(Ordering::Acquire),
-                        };
-                        self.ready.push_back((publish, Some(ack)));
-                    }
-                    Delivery::Held => {
-                        self.stats.redelivered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Delivery::Acked => {
-                        self.stats.redelivered.fetch_add(1, Ordering::Relaxed);
-                        let _ = self
-                            .requests
-                            .send(Request::PubAck(PubAck::new(publish.pkid)));
-                    }
-                }
-            }
+            Event::Incoming(Packet::Publish(publish)) => self.publish(&publish),
             Event::Outgoing(Outgoing::PubAck(pkid)) => self.redeliveries.ack_sent(pkid),
             Event::Incoming(Packet::ConnAck(connack)) => {
                 if self.connected_before && !connack.session_present {
@@ -1020,7 +1063,7 @@ mod tests {
 
     use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 
-    use super::{Delivery, MqttSource, Redeliveries};
+    use super::{Ack, Delivery, Messages, MqttSource, Redeliveries};
     use crate::dead_letter::DeadLetterQueue;
     use crate::mqtt::config::{BrokerConfig, MqttSourceConfig};
     use crate::{Source, SourceEvent, WindowEnds};
@@ -1151,6 +1194,45 @@ mod tests {
         queue_readings(&source, now_ms + 86_400_000, 1);
         queue_readings(&source, base + 500, 10);
         assert_eq!(batch_sizes(&mut source, 16).await, [12, 4]);
+    }
+
+    #[test]
+    fn appended_messages_follow_in_order_with_their_acknowledgements() {
+        let ack = |pkid| Ack { pkid, session: 0 };
+        let mut inbox = Messages::default();
+        let mut read = Messages::default();
+        read.push("a/1", b"one");
+        read.acks.push((1, ack(7)));
+        read.push("a/2", b"two");
+        // Into an empty inbox the buffers change hands.
+        inbox.append(&mut read);
+        assert_eq!(read.len(), 0);
+        read.push("b/3", b"three");
+        read.acks.push((0, ack(8)));
+        read.push("b/4", b"");
+        inbox.append(&mut read);
+        assert_eq!(
+            (
+                read.len(),
+                read.topics.len(),
+                read.bytes.len(),
+                read.acks.len()
+            ),
+            (0, 0, 0, 0)
+        );
+        let all: Vec<(&str, &[u8])> = inbox.iter_from(0).collect();
+        assert_eq!(
+            all,
+            [
+                ("a/1", &b"one"[..]),
+                ("a/2", b"two"),
+                ("b/3", b"three"),
+                ("b/4", b"")
+            ]
+        );
+        let acks: Vec<(usize, u16)> = inbox.acks.iter().map(|(i, a)| (*i, a.pkid)).collect();
+        assert_eq!(acks, [(1, 7), (2, 8)]);
+        assert_eq!(inbox.iter_from(3).next(), Some(("b/4", &b""[..])));
     }
 
     #[test]
