@@ -31,8 +31,8 @@ use arrow::datatypes::SchemaRef;
 
 use super::{
     Cell, Column, ColumnKind, Columns, DecodeError, DecodeOptions, DecodeResult, RecordDecoder,
-    StrSources, event_time_index, integer_cell, is_non_finite_word, parse_array_element,
-    parse_short_decimal, starts_like_number,
+    StrSources, event_time_index, integer_cell, is_non_finite_word, leading_digits, load_word,
+    parse_array_element, parse_short_decimal, starts_like_number,
 };
 use crate::dead_letter::DeadLetterQueue;
 use crate::error::{ConnectorError, Result};
@@ -927,17 +927,8 @@ fn scan_value(b: &[u8], i: usize) -> DecodeResult<(Value, usize)> {
         }
         Some(b'-') if b.get(i + 1) == Some(&b'I') => literal(b"-Infinity", Value::NonFinite),
         Some(b'-' | b'0'..=b'9') => {
-            let length = b[i..]
-                .iter()
-                .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                .unwrap_or(b.len() - i);
-            Ok((
-                Value::Num {
-                    start: i,
-                    end: i + length,
-                },
-                i + length,
-            ))
+            let end = number_end(b, i);
+            Ok((Value::Num { start: i, end }, end))
         }
         Some(b't') => literal(b"true", Value::Bool(true)),
         Some(b'f') => literal(b"false", Value::Bool(false)),
@@ -950,6 +941,25 @@ fn scan_value(b: &[u8], i: usize) -> DecodeResult<(Value, usize)> {
         }
         Some(b'{') => Ok((Value::Object, skip_nested(b, i)?)),
         _ => Err(DecodeError::InvalidJson),
+    }
+}
+
+/// The end of the number-like characters from `i` on (digits, signs, points, exponents):
+/// digits eight at a time where a whole word is left, as most of an epoch timestamp's are.
+#[inline]
+fn number_end(b: &[u8], mut i: usize) -> usize {
+    loop {
+        if let Some(word) = load_word(b, i) {
+            let digits = leading_digits(word);
+            i += digits;
+            if digits == 8 {
+                continue;
+            }
+        }
+        match b.get(i) {
+            Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') => i += 1,
+            _ => return i,
+        }
     }
 }
 
@@ -1048,6 +1058,25 @@ mod tests {
 
     fn decoder() -> JsonDecoder {
         JsonDecoder::new(vibration_schema(), Some("ts"), DecodeOptions::default()).expect("decoder")
+    }
+
+    #[test]
+    fn a_number_ends_where_its_characters_end_in_a_word_or_at_the_end() {
+        let cases = [
+            ("1700000000123,", 13),
+            ("17000000001234567,\"x\":1", 17),
+            ("12345678", 8),
+            ("-0.1234}", 7),
+            ("1.5e-3]", 6),
+            ("-12345678.87654321E+12 ", 22),
+            ("0", 1),
+            ("7}                 ", 1),
+        ];
+        for (text, end) in cases {
+            assert_eq!(number_end(text.as_bytes(), 0), end, "{text}");
+            let shifted = format!("[{text}");
+            assert_eq!(number_end(shifted.as_bytes(), 1), end + 1, "{shifted}");
+        }
     }
 
     fn rejection(record: &str) -> String {

@@ -794,7 +794,7 @@ const POW10_INT: [u64; 8] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_0
 
 /// The eight bytes at `at` as a little-endian word (first byte lowest), if there are eight.
 #[inline(always)]
-fn load_word(text: &[u8], at: usize) -> Option<u64> {
+pub(crate) fn load_word(text: &[u8], at: usize) -> Option<u64> {
     let bytes = text.get(at..at.checked_add(8)?)?;
     Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }

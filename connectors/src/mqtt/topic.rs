@@ -80,14 +80,22 @@ impl TopicPattern {
         if self.captures.is_empty() {
             return true;
         }
-        let mut levels = topic.split('/').enumerate();
-        for (wanted, _) in &self.captures {
-            match levels.by_ref().find(|(index, _)| index == wanted) {
-                Some((_, level)) => out.push(level),
-                None => return false,
+        // Byte positions, not `str::split`: this runs once per message, and a `/` is ASCII,
+        // so the slices between them are whole characters.
+        let mut wanted = self.captures.iter().map(|(index, _)| *index).peekable();
+        let (mut level, mut start) = (0, 0);
+        let ends = topic.bytes().enumerate().filter(|(_, b)| *b == b'/');
+        for end in ends.map(|(i, _)| i).chain([topic.len()]) {
+            if wanted.next_if_eq(&level).is_some() {
+                out.push(&topic[start..end]);
+                if wanted.peek().is_none() {
+                    return true;
+                }
             }
+            level += 1;
+            start = end + 1;
         }
-        true
+        false
     }
 }
 
@@ -225,6 +233,14 @@ mod tests {
         assert!(pattern.capture("plant1/s-07/vibration/x/y", &mut values));
         assert_eq!(values, ["plant1", "s-07"]);
         assert!(!pattern.capture("plant1", &mut values));
+        assert!(pattern.capture("/s-08/vibration", &mut values));
+        assert_eq!(values, ["", "s-08"]);
+        let last = TopicPattern::parse("plant1/{sensor}", &schema()).expect("ok");
+        assert!(last.capture("plant1/s-09", &mut values));
+        assert_eq!(values, ["s-09"]);
+        assert!(last.capture("plant1/", &mut values));
+        assert_eq!(values, [""]);
+        assert!(!last.capture("plant1", &mut values));
         let plain = TopicPattern::parse("plant1/+/vibration", &schema()).expect("ok");
         assert_eq!(plain.filter, "plant1/+/vibration");
         assert!(plain.captures.is_empty());
